@@ -1,0 +1,33 @@
+"""fp8cookbook: FP8 inference of diffusion transformers with ModelOpt exports in SGLang's checkpoint format."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import Fp8CookbookError  # noqa: E402
+from .families import FAMILIES, Family, get_family  # noqa: E402
+
+
+def __getattr__(name: str):
+    # Heavy modules load on first use, so `import fp8cookbook` and the CLI's --help stay fast.
+    if name in ("load_fp8_transformer", "LoadReport"):
+        from . import loader
+
+        return getattr(loader, name)
+    if name in ("convert_checkpoint", "ConvertStats"):
+        from . import convert
+
+        return getattr(convert, name)
+    if name in ("inspect_checkpoint",):
+        from . import checkpoint
+
+        return checkpoint.inspect_checkpoint
+    if name in ("FP8Linear",):
+        from . import fp8linear
+
+        return fp8linear.FP8Linear
+    raise AttributeError(name)
+
+
+__all__ = ["Fp8CookbookError", "FAMILIES", "Family", "get_family", "load_fp8_transformer", "LoadReport",
+           "convert_checkpoint", "ConvertStats", "inspect_checkpoint", "FP8Linear", "__version__"]

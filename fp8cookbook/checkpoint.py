@@ -1,0 +1,355 @@
+"""The on-disk FP8 checkpoint SGLang loads (spec: fp8-checkpoint-format.md): reading, writing and checking it.
+
+Everything that knows a file name, a metadata key or a pattern rule lives here, so the converter, the loader
+and `inspect` agree by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+
+from .errors import Fp8CookbookError
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+WEIGHT_SCALE = "weight_scale"
+INPUT_SCALE = "input_scale"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+STATS_NAME = "fp8cookbook_conversion.json"
+
+# safetensors dtype names <-> torch dtypes (the subset diffusion checkpoints use)
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+# ------------------------------------------------------------------------------------------- ignore patterns
+@lru_cache(maxsize=4096)
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
+
+
+def ignored(module_name: str, patterns: list[str] | tuple[str, ...]) -> bool:
+    """Spec section 4: only `*` is special and a pattern must match the whole module name."""
+    return any(_pattern_regex(p).fullmatch(module_name) for p in patterns)
+
+
+def module_of(tensor_name: str) -> str:
+    return tensor_name.rsplit(".", 1)[0] if "." in tensor_name else ""
+
+
+# ------------------------------------------------------------------------------------- quantization config
+def quant_config(ignore: list[str], producer_version: str) -> dict[str, Any]:
+    """The flat `quantization_config` of spec section 2."""
+    group = {"dynamic": False, "num_bits": 8, "type": "float"}
+    return {
+        "quant_method": "modelopt",
+        "quant_algo": "FP8",
+        "quant_type": "FP8",
+        "ignore": sorted(set(ignore)),
+        "config_groups": {"group_0": {"weights": dict(group), "input_activations": dict(group), "targets": ["Linear"]}},
+        "producer": {"name": "fp8cookbook", "version": producer_version},
+    }
+
+
+@dataclass
+class QuantInfo:
+    """What a loader needs from a quantization config, whichever of the two accepted forms it came in."""
+
+    quant_algo: str | None
+    ignore: list[str]
+
+
+def read_quant_info(config: dict[str, Any], where: str) -> QuantInfo | None:
+    """Read the flat form (`quantization_config`) or the nested one (`{"quantization": {...}}`); None if absent."""
+    qc = config.get("quantization_config", config if "quantization" in config else None)
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise Fp8CookbookError(f"{where}: quantization_config must be an object, found {type(qc).__name__}")
+    if "quantization" in qc and isinstance(qc["quantization"], dict):
+        nested = qc["quantization"]
+        return QuantInfo(nested.get("quant_algo"), list(nested.get("exclude_modules") or nested.get("ignore") or []))
+    return QuantInfo(qc.get("quant_algo"), list(qc.get("ignore") or qc.get("exclude_modules") or []))
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """config.json of a diffusers model folder, with errors that name the file."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise Fp8CookbookError(f"{path}: missing (expected a diffusers transformer folder with config.json)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Fp8CookbookError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise Fp8CookbookError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+# ------------------------------------------------------------------------------------------ reading shards
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """Parse a safetensors header ourselves so a corrupt file gives an error that names it (and costs no I/O)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+        end = 8 + n
+        data_len = 0
+        for key, value in header.items():
+            if key == "__metadata__":
+                continue
+            start, stop = value["data_offsets"]
+            data_len = max(data_len, stop)
+            if value["dtype"] not in ST_DTYPES:
+                raise ValueError(f"tensor {key}: unsupported dtype {value['dtype']}")
+        if end + data_len > size:
+            raise ValueError(f"truncated: header promises {end + data_len} bytes, file has {size}")
+        return header
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Fp8CookbookError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """The shards of a model folder: those the index names, else every *.safetensors file."""
+    folder = Path(folder)
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise Fp8CookbookError(f"{indexes[0]}: invalid index ({e})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise Fp8CookbookError(f"{indexes[0]}: names shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise Fp8CookbookError(f"{folder}: no *.safetensors files")
+    return files
+
+
+def scan_tensors(folder: Path) -> dict[str, TensorInfo]:
+    """Name -> dtype/shape/file for every tensor of a folder, read from headers only."""
+    tensors: dict[str, TensorInfo] = {}
+    for path in shard_files(folder):
+        for name, value in _read_header(path).items():
+            if name == "__metadata__":
+                continue
+            if name in tensors:
+                raise Fp8CookbookError(f"{path}: tensor {name} also stored in {tensors[name].file}")
+            tensors[name] = TensorInfo(name, path, ST_DTYPES[value["dtype"]], tuple(value["shape"]))
+    return tensors
+
+
+class TensorReader:
+    """Reads one tensor at a time from a folder's shards, keeping the files open (memory-mapped, not loaded)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.index = scan_tensors(self.folder)
+        self._handles: dict[Path, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.index[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            try:
+                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise Fp8CookbookError(f"{info.file}: cannot open ({e})") from None
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise Fp8CookbookError(f"{info.file}: cannot read tensor {name} ({e})") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------ writing shards
+class StreamingShardWriter:
+    """Writes one safetensors file tensor by tensor: the header is known up front, so no shard is held in memory."""
+
+    def __init__(self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        self._expected: list[tuple[str, torch.dtype, tuple[int, ...]]] = list(layout)
+        for name, dtype, shape in layout:
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+        self.total_bytes = offset
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(blob)))
+        self._file.write(blob)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, want_dtype, want_shape = self._expected[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (want_name, want_dtype, want_shape):
+            raise RuntimeError(f"shard writer: expected {want_name} {want_dtype} {want_shape}, "
+                               f"got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._expected):
+            raise RuntimeError(f"shard writer: {len(self._expected) - self._next} tensors were never written")
+        self._file.close()
+
+
+def shard_metadata(qconfig: dict[str, Any]) -> dict[str, str]:
+    text = json.dumps(qconfig, sort_keys=True)
+    return {"format": "pt", "quantization_config": text, "_quantization_metadata": text}
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------- inspect
+@dataclass
+class InspectReport:
+    """A checkpoint summary; `problems` empty means SGLang and our loader can both load it."""
+
+    folder: str
+    class_name: str | None
+    quant_algo: str | None
+    dtypes: dict[str, int] = field(default_factory=dict)
+    fp8_layers: int = 0
+    bf16_linear_weights: int = 0
+    ignore_patterns: int = 0
+    ignored_modules: int = 0
+    weight_scale_range: tuple[float, float] | None = None
+    input_scale_range: tuple[float, float] | None = None
+    total_bytes: int = 0
+    shards: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        def rng(r: tuple[float, float] | None) -> str:
+            return "-" if r is None else f"{r[0]:.3e} .. {r[1]:.3e}"
+
+        out = [
+            f"checkpoint       {self.folder}",
+            f"class            {self.class_name}",
+            f"quant_algo       {self.quant_algo}",
+            f"shards           {self.shards} ({self.total_bytes / 1e9:.3f} GB)",
+            "dtypes           " + ", ".join(f"{k}: {v}" for k, v in sorted(self.dtypes.items())),
+            f"FP8 layers       {self.fp8_layers}",
+            f"BF16 2-D weights {self.bf16_linear_weights}",
+            f"ignore           {self.ignore_patterns} patterns covering {self.ignored_modules} modules with weights",
+            f"weight_scale     {rng(self.weight_scale_range)}",
+            f"input_scale      {rng(self.input_scale_range)}",
+        ]
+        out += [f"PROBLEM          {p}" for p in self.problems] or ["status           consistent"]
+        return out
+
+
+def _scale_problem(name: str, t: torch.Tensor) -> str | None:
+    if t.numel() != 1 or t.dim() > 1:
+        return f"{name}: scale must be 0-d or [1], found shape {list(t.shape)}"
+    v = float(t.float().reshape(()))
+    if not math.isfinite(v) or v <= 0:
+        return f"{name}: scale must be finite and positive, found {v}"
+    return None
+
+
+def inspect_checkpoint(folder: str | Path) -> InspectReport:
+    """Summarize a checkpoint and list every inconsistency (all at once, each naming its tensor)."""
+    folder = Path(folder)
+    config = read_config(folder)
+    info = read_quant_info(config, str(folder / "config.json"))
+    report = InspectReport(str(folder), config.get("_class_name"), info.quant_algo if info else None)
+    ignore = info.ignore if info else []
+    report.ignore_patterns = len(ignore)
+    tensors = scan_tensors(folder)
+    report.shards = len({t.file for t in tensors.values()})
+    report.total_bytes = sum(t.nbytes for t in tensors.values())
+    if info is not None and info.quant_algo != "FP8":
+        report.problems.append(f"{folder / 'config.json'}: quant_algo is {info.quant_algo!r}, expected 'FP8'")
+    ws: list[float] = []
+    xs: list[float] = []
+    with TensorReader(folder) as reader:
+        for name, t in tensors.items():
+            report.dtypes[str(t.dtype).replace("torch.", "")] = report.dtypes.get(str(t.dtype).replace("torch.", ""), 0) + 1
+            if "_quantizer." in name:
+                report.problems.append(f"{name}: ModelOpt quantizer leftover (SGLang cannot load it)")
+            module = module_of(name)
+            if name.endswith(".weight") and len(t.shape) == 2 and ignored(module, ignore):
+                report.ignored_modules += 1
+            if name.endswith(".weight") and t.dtype == FP8_DTYPE:
+                report.fp8_layers += 1
+                if ignored(module, ignore):
+                    report.problems.append(f"{name}: FP8 weight in a module that `ignore` keeps BF16")
+                for scale in (WEIGHT_SCALE, INPUT_SCALE):
+                    key = f"{module}.{scale}"
+                    if key not in tensors:
+                        report.problems.append(f"{name}: FP8 weight without {key}")
+                    elif tensors[key].file != t.file:
+                        report.problems.append(f"{key}: stored in {tensors[key].file.name}, weight in {t.file.name}")
+                if len(t.shape) != 2 or t.shape[0] % 16 or t.shape[1] % 16:
+                    report.problems.append(f"{name}: FP8 weight of shape {list(t.shape)}; K and N must be multiples of 16")
+            elif name.endswith(".weight") and len(t.shape) == 2 and t.dtype != FP8_DTYPE:
+                report.bf16_linear_weights += 1
+                if not ignored(module, ignore) and info is not None:
+                    report.problems.append(f"{name}: {t.dtype} weight not covered by `ignore` (SGLang would build an FP8 layer)")
+            if name.endswith((f".{WEIGHT_SCALE}", f".{INPUT_SCALE}")):
+                problem = _scale_problem(name, reader.get(name))
+                if problem:
+                    report.problems.append(problem)
+                else:
+                    (ws if name.endswith(WEIGHT_SCALE) else xs).append(float(reader.get(name).float().reshape(())))
+                if f"{module}.weight" in tensors and tensors[f"{module}.weight"].dtype != FP8_DTYPE:
+                    report.problems.append(f"{name}: scale beside a {tensors[f'{module}.weight'].dtype} weight")
+    report.weight_scale_range = (min(ws), max(ws)) if ws else None
+    report.input_scale_range = (min(xs), max(xs)) if xs else None
+    return report

@@ -1,0 +1,382 @@
+"""Convert a ModelOpt diffusers export into the FP8 checkpoint SGLang loads (spec sections 3-5).
+
+Streaming by design: the plan is made from safetensors headers alone, then each output tensor is read,
+transformed and written before the next is touched, so memory holds one model tensor plus the amax table.
+Output goes to a temporary folder beside the target, is checked with `inspect_checkpoint`, and is renamed into
+place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint import (FP8_DTYPE, FP8_MAX, INDEX_NAME, INPUT_SCALE, STATS_NAME, WEIGHT_SCALE, StreamingShardWriter,
+                         TensorInfo, TensorReader, inspect_checkpoint, module_of, quant_config, read_config,
+                         read_quant_info, shard_metadata, write_json_atomic)
+from .errors import Fp8CookbookError
+from .families import Family, family_for_class, get_family
+from .fp8linear import quantize_fp8
+
+ATTENTION_SCALES_NAME = "fp8cookbook_attention_scales.json"  # side file SGLang never reads (not in the index)
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+@dataclass
+class ConvertStats:
+    """What the converter did; saved as JSON in the output and printed at the end."""
+
+    export_dir: str
+    output_dir: str
+    family: str | None
+    quantized_weights: int = 0  # FP8 layers in the output
+    quantized_from_state_file: int = 0  # of those, quantized here from BF16 weights and state-file amaxes
+    bf16_fallback_weights: int = 0  # family profile or --keep-bf16, taken from the base transformer
+    preserved_ignored_weights: int = 0  # weights that had no scales and stay as exported
+    scale_tensors: int = 0
+    dropped_quantizer_tensors: int = 0
+    attention_scales: int = 0
+    shards: int = 0
+    total_bytes: int = 0
+    ignore: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    dry_run: bool = False
+
+    def lines(self) -> list[str]:
+        gbps = self.total_bytes / 1e9 / self.seconds if self.seconds else 0.0
+        return [
+            f"quantized weights (FP8)       {self.quantized_weights}"
+            + (f" ({self.quantized_from_state_file} from state-file amaxes)" if self.quantized_from_state_file else ""),
+            f"BF16-fallback weights         {self.bf16_fallback_weights}",
+            f"preserved ignored weights     {self.preserved_ignored_weights}",
+            f"scale tensors                 {self.scale_tensors}",
+            f"dropped _quantizer. tensors   {self.dropped_quantizer_tensors}",
+            f"attention scales (side file)  {self.attention_scales}",
+            f"ignore patterns               {len(self.ignore)}",
+            f"output shards                 {self.shards} ({self.total_bytes / 1e9:.3f} GB)",
+        ] + ([] if self.dry_run else [f"time                          {self.seconds:.2f} s ({gbps:.2f} GB/s), peak RSS {self.peak_rss_mb:.0f} MB"])
+
+
+@dataclass
+class _Out:
+    """One planned output tensor and how to produce it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+
+def resolve_export_dir(path: str | Path) -> Path:
+    """Accept the transformer folder itself or a pipeline export holding exactly one transformer."""
+    path = Path(path)
+    if not path.exists():
+        raise Fp8CookbookError(f"{path}: export folder does not exist")
+    if (path / "config.json").is_file():
+        return path
+    subs = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name.startswith("transformer") and (p / "config.json").is_file())
+    if len(subs) == 1:
+        return path / subs[0]
+    if len(subs) > 1:
+        raise Fp8CookbookError(f"{path}: holds several transformers ({', '.join(subs)}); convert each folder separately")
+    raise Fp8CookbookError(f"{path / 'config.json'}: missing (expected a ModelOpt diffusers export)")
+
+
+def load_amax_table(state_file: str | Path) -> dict[str, float]:
+    """`M.weight_quantizer` / `M.input_quantizer` amaxes from an `mto.save` file, read without running pickled code."""
+    path = Path(state_file)
+    if not path.is_file():
+        raise Fp8CookbookError(f"{path}: state file does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # UnpicklingError for code, RuntimeError for corrupt zip files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise Fp8CookbookError(f"{path}: refused as a ModelOpt state file (weights_only load failed: {first})") from None
+    sd = state.get("model_state_dict", state) if isinstance(state, dict) else None
+    if not isinstance(sd, dict):
+        raise Fp8CookbookError(f"{path}: expected a dict with 'model_state_dict', found {type(state).__name__}")
+    table: dict[str, float] = {}
+    for key, value in sd.items():
+        if not (isinstance(key, str) and key.endswith("_quantizer._amax")):
+            continue
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            continue  # per-channel amaxes are not per-tensor FP8; such layers stay BF16
+        table[key] = float(value.float().reshape(()))
+    del state, sd
+    return table
+
+
+def _check_scale(name: str, value: float, where: Path | str) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise Fp8CookbookError(f"{where}: {name} is {value}; scales and amaxes must be finite and positive")
+    return value
+
+
+def _fp8_shape_ok(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % 16 == 0
+
+
+def _peak_rss_mb() -> float:
+    try:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kb / 1024 if sys.platform != "darwin" else kb / 1024**2
+    except ImportError:  # Windows
+        return 0.0
+
+
+def convert_checkpoint(
+    export_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    state_file: str | Path | None = None,
+    base_transformer: str | Path | None = None,
+    family: str = "auto",
+    keep_bf16: Iterable[str] = (),
+    overwrite: bool = False,
+    dry_run: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = True,
+) -> ConvertStats:
+    """Write `output_dir` in SGLang's FP8 format from a ModelOpt export; see the module docstring."""
+    t0 = time.perf_counter()
+    export_dir = resolve_export_dir(export_dir)
+    output_dir = Path(output_dir)
+    if output_dir.resolve() in (export_dir.resolve(), Path(base_transformer).resolve() if base_transformer else None):
+        raise Fp8CookbookError(f"{output_dir}: the output must not be one of the inputs")
+    if output_dir.exists() and not overwrite and not dry_run:
+        raise Fp8CookbookError(f"{output_dir}: already exists (pass --overwrite to replace it)")
+    try:
+        user_rules = [re.compile(p) for p in keep_bf16]
+    except re.error as e:
+        raise Fp8CookbookError(f"--keep-bf16: invalid regex ({e})") from None
+
+    config_path = export_dir / "config.json"
+    config = read_config(export_dir)
+    info = read_quant_info(config, str(config_path))
+    if info is None:
+        raise Fp8CookbookError(f"{config_path}: no quantization_config; is this a ModelOpt export?")
+    if info.quant_algo != "FP8":
+        raise Fp8CookbookError(f"{config_path}: quant_algo is {info.quant_algo!r}; only 'FP8' can be converted")
+    fam = _pick_family(family, config.get("_class_name"), config_path)
+
+    export = TensorReader(export_dir)
+    base = TensorReader(Path(base_transformer)) if base_transformer else None
+    if base is not None:
+        base_class = read_config(base.folder).get("_class_name")
+        if base_class != config.get("_class_name"):
+            raise Fp8CookbookError(f"{base.folder / 'config.json'}: _class_name {base_class!r} differs from the export's "
+                                   f"{config.get('_class_name')!r}")
+        for name, t in export.index.items():
+            b = base.index.get(name)
+            if b is not None and b.shape != t.shape:
+                raise Fp8CookbookError(f"{name}: shape {list(t.shape)} in {t.file} but {list(b.shape)} in {b.file}")
+    amax = load_amax_table(state_file) if state_file else {}
+    for key, value in amax.items():
+        _check_scale(key, value, state_file)  # type: ignore[arg-type]
+
+    stats = ConvertStats(str(export_dir), str(output_dir), fam.name if fam else None, dry_run=dry_run)
+    plan, ignore, attention = _plan(export, base, amax, fam, user_rules, info.ignore, stats, Path(state_file) if state_file else None)
+    if stats.quantized_weights == 0:
+        hint = "" if state_file else " (a BF16 export needs --state-file with the ModelOpt amaxes)"
+        raise Fp8CookbookError(f"{export_dir}: no layer would be FP8{hint}")
+    ignore = sorted(set(ignore) | set(info.ignore))
+    stats.ignore = ignore
+    qconfig = quant_config(ignore, __version__)
+    shards = _assign_shards(plan, max_shard_bytes)
+    stats.shards = len(shards)
+    stats.total_bytes = sum(math.prod(o.shape) * o.dtype.itemsize for o in plan)
+    if dry_run:
+        export.close()
+        return stats
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        _write(tmp, shards, qconfig, config, stats, attention, progress)
+        report = inspect_checkpoint(tmp)
+        if report.problems:
+            raise Fp8CookbookError(f"{output_dir}: converted checkpoint is inconsistent: {report.problems[0]}"
+                                   + (f" (+{len(report.problems) - 1} more)" if len(report.problems) > 1 else ""))
+        stats.seconds = time.perf_counter() - t0
+        stats.peak_rss_mb = _peak_rss_mb()
+        write_json_atomic(tmp / STATS_NAME, asdict(stats))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        export.close()
+        if base is not None:
+            base.close()
+    return stats
+
+
+def _pick_family(family: str, class_name: str | None, config_path: Path) -> Family | None:
+    if family == "none":
+        return None
+    if family == "auto":
+        return family_for_class(class_name)
+    fam = get_family(family)
+    if class_name is not None and fam.class_name != class_name:
+        raise Fp8CookbookError(f"{config_path}: _class_name is {class_name!r}, but family {fam.name} expects {fam.class_name!r}")
+    return fam
+
+
+def _plan(export: TensorReader, base: TensorReader | None, amax: dict[str, float], fam: Family | None,
+          user_rules: list[re.Pattern[str]], export_ignore: list[str], stats: ConvertStats,
+          state_file: Path | None) -> tuple[list[_Out], list[str], dict[str, float]]:
+    """Decide, per module, FP8 (kept or quantized here), BF16 fallback, or preserved; return the output tensors."""
+    index = export.index
+    modules = sorted({module_of(n) for n in index if n.endswith(".weight")})
+    attention: dict[str, float] = {}
+    for n in index:
+        if "_quantizer." in n:
+            stats.dropped_quantizer_tensors += 1
+            if n.endswith("_bmm_quantizer._amax"):
+                attention[n.removesuffix("._amax")] = float(export.get(n).float().reshape(()))
+    stats.attention_scales = len(attention)
+
+    fp8: dict[str, tuple[Callable[[], torch.Tensor], float, float]] = {}  # module -> (weight maker, w_scale, x_scale)
+    from_base: set[str] = set()
+    ignore: list[str] = []
+    for m in modules:
+        w = index[f"{m}.weight"]
+        fallback = (fam is not None and fam.is_fallback(m)) or any(r.fullmatch(m) for r in user_rules)
+        if fallback:
+            if base is not None and f"{m}.weight" in base:
+                from_base.add(m)
+            elif w.dtype == FP8_DTYPE:
+                raise Fp8CookbookError(f"{m}.weight: BF16-fallback layer is FP8 in the export; pass --base-transformer "
+                                       "so it can be taken from the original BF16 weights")
+            stats.bf16_fallback_weights += 1
+            ignore += [m] + (fam.sglang_aliases(m) if fam else [])
+            continue
+        ws_name, xs_name = f"{m}.{WEIGHT_SCALE}", f"{m}.{INPUT_SCALE}"
+        if w.dtype == FP8_DTYPE:
+            if ws_name not in index:
+                raise Fp8CookbookError(f"{w.file}: FP8 weight {m}.weight has no {ws_name}")
+            ws = _check_scale(ws_name, float(export.get(ws_name).float().reshape(-1)[0]), w.file)
+            if xs_name in index:
+                xs = _check_scale(xs_name, float(export.get(xs_name).float().reshape(-1)[0]), w.file)
+            elif f"{m}.input_quantizer._amax" in amax:
+                xs = amax[f"{m}.input_quantizer._amax"] / FP8_MAX
+            else:
+                raise Fp8CookbookError(f"{w.file}: FP8 weight {m}.weight has no {xs_name}")
+            if not _fp8_shape_ok(w.shape):
+                raise Fp8CookbookError(f"{w.file}: FP8 weight {m}.weight has shape {list(w.shape)}; K and N must be "
+                                       "multiples of 16 (add it to --keep-bf16 with --base-transformer)")
+            fp8[m] = (lambda n=f"{m}.weight": export.get(n), ws, xs)
+            continue
+        wa, xa = amax.get(f"{m}.weight_quantizer._amax"), amax.get(f"{m}.input_quantizer._amax")
+        if wa is not None and xa is not None and _fp8_shape_ok(w.shape) and w.dtype.is_floating_point:
+            ws = wa / FP8_MAX
+            # The scale is float32 amax/448, exactly what ModelOpt writes; saturation guards bf16 rounding of amax.
+            fp8[m] = (lambda n=f"{m}.weight", s=ws: quantize_fp8(export.get(n), torch.tensor(s, dtype=torch.float32)), ws, xa / FP8_MAX)
+            stats.quantized_from_state_file += 1
+            continue
+        stats.preserved_ignored_weights += 1
+        ignore += [m] + (fam.sglang_aliases(m) if fam else [])
+    stats.quantized_weights = len(fp8)
+    stats.scale_tensors = 2 * len(fp8)
+
+    plan: list[_Out] = []
+    for name in sorted(index):
+        if "_quantizer." in name or name.endswith((f".{WEIGHT_SCALE}", f".{INPUT_SCALE}")) and module_of(name) not in fp8:
+            continue
+        m = module_of(name)
+        if m in fp8 and name.endswith((f".{WEIGHT_SCALE}", f".{INPUT_SCALE}")):
+            continue  # re-emitted below as [1] fp32, beside the weight
+        if m in fp8 and name == f"{m}.weight":
+            make, ws, xs = fp8[m]
+            shape = index[name].shape
+            plan.append(_Out(name, FP8_DTYPE, shape, make))
+            for suffix, value in ((WEIGHT_SCALE, ws), (INPUT_SCALE, xs)):
+                plan.append(_Out(f"{m}.{suffix}", torch.float32, (1,), lambda v=value: torch.tensor([v], dtype=torch.float32)))
+            continue
+        if m in from_base and name in base.index:  # type: ignore[union-attr]
+            info = base.index[name]  # type: ignore[union-attr]
+            plan.append(_Out(name, info.dtype, info.shape, lambda n=name: base.get(n)))  # type: ignore[union-attr]
+            continue
+        info = index[name]
+        plan.append(_Out(name, info.dtype, info.shape, lambda n=name: export.get(n)))
+    return plan, ignore, attention
+
+
+def _assign_shards(plan: list[_Out], max_bytes: int) -> list[list[_Out]]:
+    """Split into shards by module, so a weight and its scales always share a shard."""
+    shards: list[list[_Out]] = [[]]
+    size = 0
+    i = 0
+    while i < len(plan):
+        m = module_of(plan[i].name)
+        group = [plan[i]]
+        i += 1
+        while i < len(plan) and module_of(plan[i].name) == m:
+            group.append(plan[i])
+            i += 1
+        nbytes = sum(math.prod(o.shape) * o.dtype.itemsize for o in group)
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].extend(group)
+        size += nbytes
+    return shards
+
+
+def _write(folder: Path, shards: list[list[_Out]], qconfig: dict, config: dict, stats: ConvertStats,
+           attention: dict[str, float], progress: bool) -> None:
+    n = len(shards)
+    names = ["diffusion_pytorch_model.safetensors"] if n == 1 else [
+        f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map: dict[str, str] = {}
+    meta = shard_metadata(qconfig)
+    total = sum(len(s) for s in shards)
+    with tqdm(total=total, desc="convert", unit="tensor", disable=not progress) as bar:
+        for fname, shard in zip(names, shards):
+            writer = StreamingShardWriter(folder / fname, [(o.name, o.dtype, o.shape) for o in shard], meta)
+            try:
+                for o in shard:
+                    t = o.make()
+                    writer.write(o.name, t)
+                    del t
+                    weight_map[o.name] = fname
+                    bar.update(1)
+            finally:
+                writer._file.close()
+            writer.close()
+    write_json_atomic(folder / INDEX_NAME, {"metadata": {"total_size": stats.total_bytes}, "weight_map": weight_map})
+    out_config = {k: v for k, v in config.items() if k != "quantization_config"}
+    out_config["quantization_config"] = qconfig
+    write_json_atomic(folder / "config.json", out_config)
+    if attention:
+        write_json_atomic(folder / ATTENTION_SCALES_NAME, {"format": "amax", "amax": attention})
+    (folder / "README.md").write_text(_model_card(config, stats))
+
+
+def _model_card(config: dict, stats: ConvertStats) -> str:
+    return (
+        f"# FP8 transformer ({config.get('_class_name')})\n\n"
+        "Static per-tensor FP8 (E4M3) weights and activations, converted by fp8cookbook from a NVIDIA ModelOpt export.\n"
+        "Load it in SGLang with `sglang generate --model-path <base model> --transformer-path <this folder>`; keep DiT "
+        "CPU offload and layer-wise offload off.\n\n"
+        f"- FP8 layers: {stats.quantized_weights}\n- BF16 fallback layers: {stats.bf16_fallback_weights}\n"
+        f"- other BF16 weights: {stats.preserved_ignored_weights}\n- family profile: {stats.family}\n"
+    )

@@ -1,0 +1,152 @@
+"""Load an FP8 checkpoint (SGLang's format) into the real diffusers transformer class, with our FP8 layers.
+
+The model is built with empty weights, every Linear that `ignore` does not name becomes an FP8Linear (SGLang's
+rule, so both runtimes agree on which layers are FP8), and tensors are read one at a time from the shards.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import (FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, TensorReader, ignored, inspect_checkpoint, read_config,
+                         read_quant_info)
+from .errors import Fp8CookbookError
+from .fp8linear import FP8Linear, fp8_modules
+
+OFFLOAD_WARNING = ("{what} disabled for the FP8 transformer: offload rebuilds weights contiguously and loses the "
+                   "column-major FP8 weight view that torch._scaled_mm needs; text-encoder and VAE offload stay allowed")
+
+
+@dataclass
+class LoadReport:
+    """What was loaded: layer counts and bytes, so a caller can see the checkpoint really is FP8."""
+
+    path: str
+    class_name: str
+    fp8_layers: int = 0
+    bf16_linear_layers: int = 0
+    fp8_bytes: int = 0
+    other_bytes: int = 0
+    seconds: float = 0.0
+    offload_disabled: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [
+            f"loaded           {self.path} ({self.class_name}) in {self.seconds:.2f} s",
+            f"FP8 layers       {self.fp8_layers} ({self.fp8_bytes / 1e9:.3f} GB)",
+            f"BF16 Linear      {self.bf16_linear_layers}",
+            f"other tensors    {self.other_bytes / 1e9:.3f} GB",
+        ] + [f"offload off      {w}" for w in self.offload_disabled]
+
+
+def refuse_dit_offload(dit_cpu_offload: bool, dit_layerwise_offload: bool) -> list[str]:
+    """Turn the two DiT offload modes off with a warning that says why; returns what was turned off."""
+    off = []
+    for flag, what in ((dit_cpu_offload, "DiT CPU offload"), (dit_layerwise_offload, "DiT layer-wise offload")):
+        if flag:
+            warnings.warn(OFFLOAD_WARNING.format(what=what), UserWarning, stacklevel=3)
+            off.append(what)
+    return off
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        raise KeyError(name)
+
+
+def _keep_fp32(model: nn.Module, name: str) -> bool:
+    patterns = getattr(model, "_keep_in_fp32_modules", None) or []
+    return any(p in name.split(".") for p in patterns)
+
+
+def load_fp8_transformer(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    dit_cpu_offload: bool = False,
+    dit_layerwise_offload: bool = False,
+) -> tuple[nn.Module, LoadReport]:
+    """Build the transformer named by config.json and load the FP8 checkpoint into it; refuse inconsistent ones."""
+    t0 = time.perf_counter()
+    path = Path(path)
+    config = read_config(path)
+    info = read_quant_info(config, str(path / "config.json"))
+    if info is None:
+        raise Fp8CookbookError(f"{path / 'config.json'}: no quantization_config; not an FP8 checkpoint")
+    if info.quant_algo != "FP8":
+        raise Fp8CookbookError(f"{path / 'config.json'}: quant_algo is {info.quant_algo!r}, expected 'FP8'")
+    problems = inspect_checkpoint(path).problems
+    if problems:
+        more = f" (+{len(problems) - 1} more; run `fp8cookbook inspect {path}`)" if len(problems) > 1 else ""
+        raise Fp8CookbookError(f"{path}: {problems[0]}{more}")
+    class_name = config.get("_class_name")
+    import diffusers
+    from accelerate import init_empty_weights
+
+    cls = getattr(diffusers, str(class_name), None)
+    if cls is None:
+        raise Fp8CookbookError(f"{path / 'config.json'}: unknown _class_name {class_name!r} (not a diffusers model class)")
+    report = LoadReport(str(path), class_name, offload_disabled=refuse_dit_offload(dit_cpu_offload, dit_layerwise_offload))
+    init_config = {k: v for k, v in config.items() if k != "quantization_config"}
+    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # from_config warns about keys it does not know (e.g. _diffusers_version)
+        model = cls.from_config(init_config)
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and not ignored(name, info.ignore):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            with torch.device("meta"):
+                setattr(parent, child, FP8Linear(module.in_features, module.out_features, module.bias is not None, dtype=dtype))
+        elif isinstance(module, nn.Linear):
+            report.bf16_linear_layers += 1
+    fp8 = fp8_modules(model)
+    expected = dict(model.named_parameters())
+    expected.update(dict(model.named_buffers()))
+    loaded: set[str] = set()
+    with TensorReader(path) as reader:
+        for name, tinfo in reader.index.items():
+            if name not in expected:
+                raise Fp8CookbookError(f"{tinfo.file}: tensor {name} does not exist in {class_name}")
+            module_name = name.rpartition(".")[0]
+            t = reader.get(name)
+            if module_name in fp8:
+                if name.endswith(".weight") and t.dtype != FP8_DTYPE:
+                    raise Fp8CookbookError(f"{tinfo.file}: {name} is {t.dtype}, but `ignore` does not cover it")
+                if name.endswith((WEIGHT_SCALE, INPUT_SCALE)):
+                    t = t.float().reshape(1)
+                elif name.endswith(".bias"):
+                    t = t.to(dtype)
+            elif t.is_floating_point():
+                t = t.to(torch.float32 if _keep_fp32(model, name) else dtype)
+            want = expected[name]
+            if tuple(want.shape) != tuple(t.shape):
+                raise Fp8CookbookError(f"{tinfo.file}: {name} has shape {list(t.shape)}, the model expects {list(want.shape)}")
+            _set_tensor(model, name, t.to(device))
+            loaded.add(name)
+            if module_name in fp8:
+                report.fp8_bytes += t.numel() * t.element_size()
+            else:
+                report.other_bytes += t.numel() * t.element_size()
+    missing = [n for n, p in model.named_parameters() if n not in loaded]
+    if missing:
+        raise Fp8CookbookError(f"{path}: checkpoint lacks {len(missing)} tensor(s) of {class_name}, e.g. {missing[0]}")
+    model.to(device)  # buffers built at init; FP8Linear keeps its dtypes through this
+    model.eval().requires_grad_(False)
+    report.fp8_layers = len(fp8)
+    report.seconds = time.perf_counter() - t0
+    model.fp8_load_report = report
+    return model, report
