@@ -182,6 +182,12 @@ class TensorReader:
         self.folder = Path(folder)
         self.index = scan_tensors(self.folder)
         self._handles: dict[Path, Any] = {}
+        indexes = sorted(self.folder.glob("*.safetensors.index.json"))
+        self.index_name: str | None = indexes[0].name if indexes else None
+
+    def metadata(self, file_name: str) -> dict[str, str]:
+        """A shard's header metadata (SGLang keeps the source's keys)."""
+        return dict(_read_header(self.folder / file_name).get("__metadata__") or {})
 
     def __contains__(self, name: str) -> bool:
         return name in self.index

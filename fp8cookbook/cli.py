@@ -33,8 +33,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     stats = convert_checkpoint(args.export_dir, args.output_dir, state_file=args.state_file,
                                base_transformer=args.base_transformer, family=args.family, keep_bf16=args.keep_bf16,
-                               overwrite=args.overwrite, dry_run=args.dry_run,
-                               max_shard_bytes=int(args.max_shard_gb * 1024**3), progress=not args.quiet)
+                               overwrite=args.overwrite, dry_run=args.dry_run, progress=not args.quiet)
     head = "plan (dry run, nothing written)" if args.dry_run else f"wrote {args.output_dir}"
     print(head)
     for line in stats.lines():
@@ -115,10 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-transformer", type=Path, help="original BF16 transformer folder (diffusers layout), for fallback layers")
     p.add_argument("--family", default="auto", help="fallback profile: a family name, 'auto' (from _class_name) or 'none'")
     p.add_argument("--keep-bf16", action="append", default=[], metavar="REGEX",
-                   help="also keep modules whose full name matches REGEX in BF16 (repeatable)")
+                   help="also keep modules whose name matches REGEX (re.search, as SGLang's --keep-bf16-pattern) in BF16; repeatable")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
-    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard size in GiB (default 5)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("inspect", help="summarize an FP8 checkpoint; exit 1 if inconsistent",

@@ -25,14 +25,13 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import (FP8_DTYPE, FP8_MAX, INDEX_NAME, INPUT_SCALE, STATS_NAME, WEIGHT_SCALE, StreamingShardWriter,
-                         TensorInfo, TensorReader, inspect_checkpoint, module_of, quant_config, read_config,
+                         TensorReader, ignored, inspect_checkpoint, module_of, quant_config, read_config,
                          read_quant_info, shard_metadata, write_json_atomic)
 from .errors import Fp8CookbookError
 from .families import Family, family_for_class, get_family
 from .fp8linear import quantize_fp8
 
 ATTENTION_SCALES_NAME = "fp8cookbook_attention_scales.json"  # side file SGLang never reads (not in the index)
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
 @dataclass
@@ -79,6 +78,7 @@ class _Out:
     dtype: torch.dtype
     shape: tuple[int, ...]
     make: Callable[[], torch.Tensor]
+    shard: str  # output shard file: the export's shard that held the tensor (SGLang keeps the export's layout)
 
 
 def resolve_export_dir(path: str | Path) -> Path:
@@ -150,7 +150,6 @@ def convert_checkpoint(
     keep_bf16: Iterable[str] = (),
     overwrite: bool = False,
     dry_run: bool = False,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
 ) -> ConvertStats:
     """Write `output_dir` in SGLang's FP8 format from a ModelOpt export; see the module docstring."""
@@ -161,7 +160,7 @@ def convert_checkpoint(
         raise Fp8CookbookError(f"{output_dir}: the output must not be one of the inputs")
     if output_dir.exists() and not overwrite and not dry_run:
         raise Fp8CookbookError(f"{output_dir}: already exists (pass --overwrite to replace it)")
-    try:
+    try:  # searched anywhere in the module name, like SGLang's --keep-bf16-pattern
         user_rules = [re.compile(p) for p in keep_bf16]
     except re.error as e:
         raise Fp8CookbookError(f"--keep-bf16: invalid regex ({e})") from None
@@ -197,8 +196,10 @@ def convert_checkpoint(
         raise Fp8CookbookError(f"{export_dir}: no layer would be FP8{hint}")
     ignore = sorted(set(ignore) | set(info.ignore))
     stats.ignore = ignore
-    qconfig = quant_config(ignore, __version__)
-    shards = _assign_shards(plan, max_shard_bytes)
+    qconfig = output_quant_config(config["quantization_config"] if "quantization_config" in config else {}, ignore)
+    shards: dict[str, list[_Out]] = {}
+    for o in plan:
+        shards.setdefault(o.shard, []).append(o)
     stats.shards = len(shards)
     stats.total_bytes = sum(math.prod(o.shape) * o.dtype.itemsize for o in plan)
     if dry_run:
@@ -208,7 +209,7 @@ def convert_checkpoint(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
-        _write(tmp, shards, qconfig, config, stats, attention, progress)
+        _write(tmp, shards, qconfig, config, stats, attention, progress, export)
         report = inspect_checkpoint(tmp)
         if report.problems:
             raise Fp8CookbookError(f"{output_dir}: converted checkpoint is inconsistent: {report.problems[0]}"
@@ -259,13 +260,14 @@ def _plan(export: TensorReader, base: TensorReader | None, amax: dict[str, float
     ignore: list[str] = []
     for m in modules:
         w = index[f"{m}.weight"]
-        fallback = (fam is not None and fam.is_fallback(m)) or any(r.fullmatch(m) for r in user_rules)
+        fallback = (fam is not None and fam.is_fallback(m)) or any(r.search(m) for r in user_rules)
         if fallback:
-            if base is not None and f"{m}.weight" in base:
-                from_base.add(m)
-            elif w.dtype == FP8_DTYPE:
-                raise Fp8CookbookError(f"{m}.weight: BF16-fallback layer is FP8 in the export; pass --base-transformer "
-                                       "so it can be taken from the original BF16 weights")
+            if base is None:
+                raise Fp8CookbookError(f"{m}: BF16-fallback layer (family profile or --keep-bf16) needs --base-transformer, "
+                                       "the original BF16 weights (the export may hold it as FP8 or FP16)")
+            if f"{m}.weight" not in base:
+                raise Fp8CookbookError(f"{base.folder}: base transformer lacks {m}.weight")
+            from_base.add(m)
             stats.bf16_fallback_weights += 1
             ignore += [m] + (fam.sglang_aliases(m) if fam else [])
             continue
@@ -286,7 +288,9 @@ def _plan(export: TensorReader, base: TensorReader | None, amax: dict[str, float
             fp8[m] = (lambda n=f"{m}.weight": export.get(n), ws, xs)
             continue
         wa, xa = amax.get(f"{m}.weight_quantizer._amax"), amax.get(f"{m}.input_quantizer._amax")
-        if wa is not None and xa is not None and _fp8_shape_ok(w.shape) and w.dtype.is_floating_point:
+        # ModelOpt disables filtered layers after calibration, so their amaxes remain: the export's ignore decides.
+        if (wa is not None and xa is not None and _fp8_shape_ok(w.shape) and w.dtype.is_floating_point
+                and not ignored(m, export_ignore)):
             ws = wa / FP8_MAX
             # The scale is float32 amax/448, exactly what ModelOpt writes; saturation guards bf16 rounding of amax.
             fp8[m] = (lambda n=f"{m}.weight", s=ws: quantize_fp8(export.get(n), torch.tensor(s, dtype=torch.float32)), ws, xa / FP8_MAX)
@@ -307,50 +311,45 @@ def _plan(export: TensorReader, base: TensorReader | None, amax: dict[str, float
         if m in fp8 and name == f"{m}.weight":
             make, ws, xs = fp8[m]
             shape = index[name].shape
-            plan.append(_Out(name, FP8_DTYPE, shape, make))
+            shard = index[name].file.name
+            plan.append(_Out(name, FP8_DTYPE, shape, make, shard))
             for suffix, value in ((WEIGHT_SCALE, ws), (INPUT_SCALE, xs)):
-                plan.append(_Out(f"{m}.{suffix}", torch.float32, (1,), lambda v=value: torch.tensor([v], dtype=torch.float32)))
+                plan.append(_Out(f"{m}.{suffix}", torch.float32, (1,), lambda v=value: torch.tensor([v], dtype=torch.float32), shard))
             continue
+        shard = index[name].file.name
         if m in from_base and name in base.index:  # type: ignore[union-attr]
             info = base.index[name]  # type: ignore[union-attr]
-            plan.append(_Out(name, info.dtype, info.shape, lambda n=name: base.get(n)))  # type: ignore[union-attr]
+            plan.append(_Out(name, info.dtype, info.shape, lambda n=name: base.get(n), shard))  # type: ignore[union-attr]
             continue
         info = index[name]
-        plan.append(_Out(name, info.dtype, info.shape, lambda n=name: export.get(n)))
+        plan.append(_Out(name, info.dtype, info.shape, lambda n=name: export.get(n), shard))
     return plan, ignore, attention
 
 
-def _assign_shards(plan: list[_Out], max_bytes: int) -> list[list[_Out]]:
-    """Split into shards by module, so a weight and its scales always share a shard."""
-    shards: list[list[_Out]] = [[]]
-    size = 0
-    i = 0
-    while i < len(plan):
-        m = module_of(plan[i].name)
-        group = [plan[i]]
-        i += 1
-        while i < len(plan) and module_of(plan[i].name) == m:
-            group.append(plan[i])
-            i += 1
-        nbytes = sum(math.prod(o.shape) * o.dtype.itemsize for o in group)
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].extend(group)
-        size += nbytes
-    return shards
+def output_quant_config(export_qc: dict, ignore: list[str]) -> dict:
+    """The export's flat config as SGLang's converter writes it: `quant_type` added, `ignore` replaced, and
+    `kv_cache_scheme` dropped (spec section 3); ModelOpt's `producer` is kept."""
+    qc = {k: v for k, v in export_qc.items() if k != "kv_cache_scheme"}
+    defaults = quant_config(ignore, __version__)
+    for key in ("quant_method", "quant_algo", "config_groups", "producer"):
+        qc.setdefault(key, defaults[key])
+    qc["quant_type"] = "FP8"
+    qc["ignore"] = sorted(set(ignore))
+    return dict(sorted(qc.items()))
 
 
-def _write(folder: Path, shards: list[list[_Out]], qconfig: dict, config: dict, stats: ConvertStats,
-           attention: dict[str, float], progress: bool) -> None:
-    n = len(shards)
-    names = ["diffusion_pytorch_model.safetensors"] if n == 1 else [
-        f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+def _write(folder: Path, shards: dict[str, list[_Out]], qconfig: dict, config: dict, stats: ConvertStats,
+           attention: dict[str, float], progress: bool, export: TensorReader) -> None:
     weight_map: dict[str, str] = {}
-    meta = shard_metadata(qconfig)
-    total = sum(len(s) for s in shards)
+    out_config = {k: v for k, v in config.items() if k != "quantization_config"}
+    out_config["quantization_config"] = qconfig
+    out_config = dict(sorted(out_config.items()))
+    total = sum(len(s) for s in shards.values())
     with tqdm(total=total, desc="convert", unit="tensor", disable=not progress) as bar:
-        for fname, shard in zip(names, shards):
+        for fname, shard in shards.items():
+            meta = dict(export.metadata(fname))
+            meta.update(shard_metadata(qconfig))
+            meta.update({"_class_name": str(config.get("_class_name")), "config": json.dumps(out_config, sort_keys=True)})
             writer = StreamingShardWriter(folder / fname, [(o.name, o.dtype, o.shape) for o in shard], meta)
             try:
                 for o in shard:
@@ -362,9 +361,8 @@ def _write(folder: Path, shards: list[list[_Out]], qconfig: dict, config: dict, 
             finally:
                 writer._file.close()
             writer.close()
-    write_json_atomic(folder / INDEX_NAME, {"metadata": {"total_size": stats.total_bytes}, "weight_map": weight_map})
-    out_config = {k: v for k, v in config.items() if k != "quantization_config"}
-    out_config["quantization_config"] = qconfig
+    index_name = export.index_name or INDEX_NAME
+    write_json_atomic(folder / index_name, {"metadata": {"total_size": stats.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
     write_json_atomic(folder / "config.json", out_config)
     if attention:
         write_json_atomic(folder / ATTENTION_SCALES_NAME, {"format": "amax", "amax": attention})
