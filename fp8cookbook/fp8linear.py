@@ -68,12 +68,12 @@ class FP8Linear(nn.Module):
         return layer
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
-        keep = {n: getattr(self, n) for n in ("weight", "weight_scale", "input_scale")}
+        keep = {n: getattr(self, n).data for n in ("weight", "weight_scale", "input_scale")}
         super()._apply(fn, recurse)
         for name, old in keep.items():
             # Learn where fn sends tensors from an empty probe, then move without changing dtype.
             device = fn(torch.empty(0, device=old.device)).device
-            getattr(self, name).data = old.data.to(device)
+            getattr(self, name).data = old.to(device)
         return self
 
     def dequantized_weight(self) -> torch.Tensor:
