@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
 
 from .errors import Fp8CookbookError
 
@@ -108,6 +107,7 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0  # absolute byte offset of the data in the file
 
     @property
     def nbytes(self) -> int:
@@ -115,6 +115,10 @@ class TensorInfo:
 
 
 def _read_header(path: Path) -> dict[str, Any]:
+    return _read_header_and_size(path)[0]
+
+
+def _read_header_and_size(path: Path) -> tuple[dict[str, Any], int]:
     """Parse a safetensors header ourselves so a corrupt file gives an error that names it (and costs no I/O)."""
     try:
         size = path.stat().st_size
@@ -137,7 +141,7 @@ def _read_header(path: Path) -> dict[str, Any]:
                 raise ValueError(f"tensor {key}: unsupported dtype {value['dtype']}")
         if end + data_len > size:
             raise ValueError(f"truncated: header promises {end + data_len} bytes, file has {size}")
-        return header
+        return header, end
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise Fp8CookbookError(f"{path}: not a readable safetensors file ({e})") from None
 
@@ -166,22 +170,28 @@ def scan_tensors(folder: Path) -> dict[str, TensorInfo]:
     """Name -> dtype/shape/file for every tensor of a folder, read from headers only."""
     tensors: dict[str, TensorInfo] = {}
     for path in shard_files(folder):
-        for name, value in _read_header(path).items():
+        header, data_start = _read_header_and_size(path)
+        for name, value in header.items():
             if name == "__metadata__":
                 continue
             if name in tensors:
                 raise Fp8CookbookError(f"{path}: tensor {name} also stored in {tensors[name].file}")
-            tensors[name] = TensorInfo(name, path, ST_DTYPES[value["dtype"]], tuple(value["shape"]))
+            info = TensorInfo(name, path, ST_DTYPES[value["dtype"]], tuple(value["shape"]), data_start + value["data_offsets"][0])
+            if value["data_offsets"][1] - value["data_offsets"][0] != info.nbytes:
+                raise Fp8CookbookError(f"{path}: tensor {name}: {value['data_offsets']} does not hold {info.shape} {info.dtype}")
+            tensors[name] = info
     return tensors
 
 
 class TensorReader:
-    """Reads one tensor at a time from a folder's shards, keeping the files open (memory-mapped, not loaded)."""
+    """Reads one tensor at a time from a folder's shards with plain reads (no mmap), so memory holds only that tensor.
+
+    A memory map would keep every touched page of a multi-GB shard resident; a read does not.
+    """
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.index = scan_tensors(self.folder)
-        self._handles: dict[Path, Any] = {}
         indexes = sorted(self.folder.glob("*.safetensors.index.json"))
         self.index_name: str | None = indexes[0].name if indexes else None
 
@@ -194,19 +204,21 @@ class TensorReader:
 
     def get(self, name: str) -> torch.Tensor:
         info = self.index[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            try:
-                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise Fp8CookbookError(f"{info.file}: cannot open ({e})") from None
+        buf = bytearray(info.nbytes)
         try:
-            return handle.get_tensor(name)
-        except Exception as e:
+            with open(info.file, "rb", buffering=0) as f:
+                f.seek(info.offset)
+                got = f.readinto(buf)
+        except OSError as e:
             raise Fp8CookbookError(f"{info.file}: cannot read tensor {name} ({e})") from None
+        if got != info.nbytes:
+            raise Fp8CookbookError(f"{info.file}: tensor {name} truncated ({got} of {info.nbytes} bytes)")
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept so callers can use `with`."""
 
     def __enter__(self) -> "TensorReader":
         return self

@@ -10,11 +10,12 @@ and Mistral, a character Unigram for T5/UMT5), wrapped in the transformers class
 
 One substitution (FLUX.2): the real `tokenizer` component of FLUX.2-dev is a `PixtralProcessor`. That class needs
 torchvision (transformers replaces it with a placeholder otherwise), which the CPU environment does not have. The
-tiny pipeline therefore stores the processor's inner tokenizer class, `PreTrainedTokenizerFast`, carrying a
-Mistral-style chat template. `Flux2Pipeline` only calls `tokenizer.apply_chat_template(...)` for text prompts,
-which the bare tokenizer implements with the same arguments and result; only the image-conditioned prompt
-upsampling path (`caption_upsample_temperature` with images) would need the processor. The text encoder is the real
-`Mistral3ForConditionalGeneration` (30 tiny layers, so the pipeline's default hidden-state layers (10, 20, 30) exist).
+tiny pipeline therefore stores the processor's inner tokenizer class, `PreTrainedTokenizerFast` (saved under its
+transformers-5 name `TokenizersBackend`), carrying a Mistral-style chat template. For text prompts `Flux2Pipeline`
+only calls `tokenizer.apply_chat_template(...)`, which the bare tokenizer implements with the same arguments and
+result; only prompt upsampling with images (`caption_upsample_temperature` + `image`) would need the processor.
+The text encoder is the real `Mistral3ForConditionalGeneration`, with 30 tiny layers so that the pipeline's default
+hidden-state layers (10, 20, 30) exist.
 """
 
 from __future__ import annotations
@@ -85,10 +86,8 @@ def _mistral_tokenizer(model_max_length: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from tokenizers.pre_tokenizers import ByteLevel
-
     vocab = {tok: i for i, tok in enumerate(_MISTRAL_SPECIALS)}
-    for s in sorted(ByteLevel.alphabet()):
+    for s in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[s] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -184,12 +183,11 @@ def _build_wan(family: Family):
     # What the diffusers conversion script ships: UniPC on flow sigmas, shift 3 (A14B) or 5 (TI2V-5B).
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=3.0 if two_experts else 5.0)
-    extra: dict[str, Any] = {}
-    if two_experts:
+    if two_experts:  # high-noise `transformer`, low-noise `transformer_2`: same config, different weights
         extra = dict(transformer_2=build_transformer(family, seed=SEED + 1, dtype=torch.float32),
                      boundary_ratio=family.boundary_ratio)
     else:
-        extra = dict(expand_timesteps=True)
+        extra = dict(expand_timesteps=True)  # TI2V-5B: per-token timesteps
     return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                        transformer=build_transformer(family, seed=SEED, dtype=torch.float32), **extra)
 
@@ -202,7 +200,14 @@ def build_tiny_pipeline(family_name: str):
     family = get_family(family_name)
     if family.name not in _BUILDERS:
         raise Fp8CookbookError(f"no tiny pipeline recipe for family {family.name!r}")
-    return _BUILDERS[family.name](family).to(torch.bfloat16)
+    import diffusers
+
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # silence "keep in float32" advice: from_pretrained applies it
+    try:
+        return _BUILDERS[family.name](family).to(torch.bfloat16)
+    finally:
+        diffusers.utils.logging.set_verbosity(level)
 
 
 # ------------------------------------------------------------------------------------------------- caching
@@ -215,10 +220,12 @@ def _is_current(folder: Path, family: Family) -> bool:
     """A cached tiny pipeline is reused only if complete and built from today's tiny_config."""
     try:
         config = json.loads((folder / "transformer" / "config.json").read_text())
-        json.loads((folder / "model_index.json").read_text())
+        index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         return False
-    return all(config.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in family.tiny_config.items())
+    wanted = json.loads(json.dumps(family.tiny_config))  # tuples -> lists, as config.json stores them
+    return (all(config.get(k) == v for k, v in wanted.items())
+            and index.get("boundary_ratio", family.boundary_ratio) == family.boundary_ratio)
 
 
 def tiny_pipeline_dir(family_name: str, cache_dir: str | Path | None = None) -> Path:
@@ -236,8 +243,12 @@ def tiny_pipeline_dir(family_name: str, cache_dir: str | Path | None = None) -> 
     try:
         build_tiny_pipeline(family.name).save_pretrained(tmp)
         if final.exists() and not _is_current(final, family):  # stale (tiny_config changed): move it aside
-            shutil.rmtree(final.rename(Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
-                                       / "old"), ignore_errors=True)
+            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+            try:
+                final.rename(trash / "old")
+            except FileNotFoundError:  # another caller moved it first
+                pass
+            shutil.rmtree(trash, ignore_errors=True)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -256,7 +267,8 @@ def load_pipeline(family_name: str, model_path: str | Path | None = None, *, dty
                   device: str | torch.device = "cpu"):
     """The family's diffusers pipeline from a local folder or hub id; None means the tiny test pipeline.
 
-    Tiny and real take the same `from_pretrained` path, so what the tests exercise is what users run.
+    Tiny and real take the same `from_pretrained` path, so what the tests exercise is what users run. The
+    per-step progress bar is off (re-enable with `pipe.set_progress_bar_config(disable=False)`).
     """
     import diffusers
 
@@ -279,8 +291,8 @@ def load_pipeline(family_name: str, model_path: str | Path | None = None, *, dty
         raise Fp8CookbookError(f"{source}: no such folder (and not a hub id like {family.hub_id})")
     cls = getattr(diffusers, family.pipeline_class)
     try:
-        pipe = cls.from_pretrained(source, torch_dtype=dtype)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        pipe = cls.from_pretrained(source, dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - whatever the hub or a broken folder raises, say which path failed
         raise Fp8CookbookError(f"cannot load {family.title} pipeline from {source}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -293,7 +305,7 @@ def transformer_names(pipe) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- generation
 # Tiny defaults: small enough for CPU tests, and for A14B 4 steps whose timesteps fall on both sides of the
-# boundary (1000, 900 >= 875 go to `transformer`; 750, 500 to `transformer_2`).
+# boundary (UniPC, shift 3: timesteps 999, 900 >= 875 go to `transformer`; 750, 500 to `transformer_2`).
 _TINY_SETTINGS = {
     "flux1": dict(height=64, width=64, num_frames=None, num_inference_steps=3, guidance_scale=3.5),
     "flux2": dict(height=64, width=64, num_frames=None, num_inference_steps=3, guidance_scale=4.0),
