@@ -131,6 +131,14 @@ def _fp8_shape_ok(shape: tuple[int, ...]) -> bool:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork and exec, so a
+    converter started from a big parent would report the parent's footprint."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     try:
         import resource
 

@@ -15,17 +15,31 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import fastpath
 from .checkpoint import FP8_DTYPE, FP8_MAX
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Q(x / scale): round to nearest E4M3 after saturating (a plain cast would turn overflow into NaN)."""
-    return (x.float() / scale.float()).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    y = x.to(torch.float32, copy=True)  # one float32 buffer, then in place: this runs over multi-GB exports
+    return y.div_(scale.float()).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def fp8_gemm_supported(device: torch.device) -> bool:
     """`torch._scaled_mm` with E4M3 needs an Ada or Hopper (or newer) GPU."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+_FP8_GEMM_OK: dict[int, bool] = {}
+
+
+def _cuda_fp8_ok(device: torch.device) -> bool:
+    """`fp8_gemm_supported` for a CUDA device, asked once per device (it runs on every forward)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _FP8_GEMM_OK.get(index)
+    if ok is None:
+        ok = _FP8_GEMM_OK[index] = fp8_gemm_supported(device)
+    return ok
 
 
 class FP8Linear(nn.Module):
@@ -82,10 +96,17 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.is_cuda and fp8_gemm_supported(x2.device):
-            y = torch._scaled_mm(quantize_fp8(x2, self.input_scale), self.weight.t(), scale_a=self.input_scale,
-                                 scale_b=self.weight_scale, bias=self.bias, out_dtype=x.dtype,
-                                 use_fast_accum=self.use_fast_accum)
+        if x2.is_cuda and _cuda_fp8_ok(x2.device):
+            # The fast path (fastpath.py) changes how, not what: one-pass quantisation in eager mode (under
+            # torch.compile the torch ops below are fused into the producer by Inductor) and fast accumulation.
+            fast = fastpath.CONFIG.enabled
+            if fast and fastpath.CONFIG.triton_quant and not torch.compiler.is_compiling() and fastpath.triton_available():
+                xq = fastpath.triton_quantize_fp8(x2, self.input_scale)
+            else:
+                xq = quantize_fp8(x2, self.input_scale)
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
+                                 bias=self.bias, out_dtype=x.dtype,
+                                 use_fast_accum=self.use_fast_accum or (fast and fastpath.CONFIG.fast_accum))
         else:
             xq = quantize_fp8(x2, self.input_scale).float() * self.input_scale
             y = xq @ self.dequantized_weight().t()

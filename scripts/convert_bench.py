@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -77,6 +76,7 @@ def main() -> int:
     ap.add_argument("--gb", type=float, default=4.0, help="size of the export's weights in GB")
     ap.add_argument("--flavour", choices=["bf16", "fp8"], default="bf16")
     ap.add_argument("--work", type=Path, default=Path("/tmp/fp8cookbook-convert-bench"))
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic export and the output")
     args = ap.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     t = time.perf_counter()
@@ -88,11 +88,13 @@ def main() -> int:
     t = time.perf_counter()
     subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - t
-    rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    # the converter's own VmHWM (ru_maxrss of a child would include this parent's footprint at fork time)
+    rss_mb = json.loads((args.work / "out" / "fp8cookbook_conversion.json").read_text())["peak_rss_mb"]
     out_bytes = sum(p.stat().st_size for p in (args.work / "out").glob("*.safetensors"))
     print(f"convert: {out_bytes / 1e9:.2f} GB written in {seconds:.1f} s = {out_bytes / 1e9 / seconds:.2f} GB/s "
           f"(read {export_bytes / 1e9 / seconds:.2f} GB/s), peak RSS of the converter {rss_mb:.0f} MB")
-    shutil.rmtree(args.work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(args.work, ignore_errors=True)
     return 0
 
 
