@@ -267,9 +267,10 @@ def shard_metadata(qconfig: dict[str, Any]) -> dict[str, str]:
     return {"format": "pt", "quantization_config": text, "_quantization_metadata": text}
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any, sort_keys: bool = False) -> None:
+    """Write JSON through a temporary file in the same folder, so readers never see half a file."""
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
     os.replace(tmp, path)
 
 

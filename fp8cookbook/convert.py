@@ -343,7 +343,7 @@ def output_quant_config(export_qc: dict, ignore: list[str]) -> dict:
         qc.setdefault(key, defaults[key])
     qc["quant_type"] = "FP8"
     qc["ignore"] = sorted(set(ignore))
-    return dict(sorted(qc.items()))
+    return qc
 
 
 def _write(folder: Path, shards: dict[str, list[_Out]], qconfig: dict, config: dict, stats: ConvertStats,
@@ -351,7 +351,6 @@ def _write(folder: Path, shards: dict[str, list[_Out]], qconfig: dict, config: d
     weight_map: dict[str, str] = {}
     out_config = {k: v for k, v in config.items() if k != "quantization_config"}
     out_config["quantization_config"] = qconfig
-    out_config = dict(sorted(out_config.items()))
     total = sum(len(s) for s in shards.values())
     with tqdm(total=total, desc="convert", unit="tensor", disable=not progress) as bar:
         for fname, shard in shards.items():
@@ -370,8 +369,9 @@ def _write(folder: Path, shards: dict[str, list[_Out]], qconfig: dict, config: d
                 writer._file.close()
             writer.close()
     index_name = export.index_name or INDEX_NAME
-    write_json_atomic(folder / index_name, {"metadata": {"total_size": stats.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
-    write_json_atomic(folder / "config.json", out_config)
+    # sorted keys at every level, as SGLang's converter writes them
+    write_json_atomic(folder / index_name, {"metadata": {"total_size": stats.total_bytes}, "weight_map": weight_map}, sort_keys=True)
+    write_json_atomic(folder / "config.json", out_config, sort_keys=True)
     if attention:
         write_json_atomic(folder / ATTENTION_SCALES_NAME, {"format": "amax", "amax": attention})
     (folder / "README.md").write_text(_model_card(config, stats))
