@@ -6,6 +6,7 @@ Errors a user can fix (bad file, tensor, option) print as one line on stderr and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import warnings
@@ -142,6 +143,344 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _EXTRA_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+# ------------------------------------------------------------------------------------------------- bench
+@_command("bench")
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchSettings, _log_stderr, run_bench, summary_lines
+
+    settings = BenchSettings(
+        family=args.family, synthetic=args.synthetic, model_path=args.model_path, fp8_path=args.fp8,
+        height=args.height, width=args.width, num_frames=args.frames, steps=args.steps, runs=args.runs,
+        warmup=args.warmup, text_len=args.text_len, compile=args.compile, cuda_graphs=args.cuda_graphs,
+        fast=False if args.plain else None, levers=args.levers, include_fallback=args.include_fallback,
+        attention_backend=args.attention_backend, device=args.device)
+    report = run_bench(settings, output=args.output, log=_log_stderr if args.verbose else (lambda m: None))
+    print("\n".join(summary_lines(report)))
+    if args.output:
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    import textwrap
+
+    p = sub.add_parser(
+        "bench", help="time BF16 vs FP8 denoising in one process (synthetic weights or a real pipeline)",
+        description=textwrap.fill("Time the denoising loop in BF16 and in FP8 in one process, on the same inputs and with the same "
+                    "compile setting: warm-up loops, then timed loops (median, min/max, quartiles, per-step times; "
+                    "CUDA events on a GPU), peak GPU memory of each side, and the number of FP8 layers that really "
+                    "ran. A loop is STEPS transformer forwards: one per step for FLUX (guidance-distilled), two for "
+                    "Wan2.2 (classifier-free guidance), and Wan2.2 A14B runs its high-noise expert above the "
+                    "boundary and its low-noise expert below it. BF16 is timed first, then the model is turned into "
+                    "FP8 in place, so models whose BF16 and FP8 copies do not fit together are timed the same way. "
+                    "The FP8 fast path (one-pass Triton activation quantisation, fast accumulation, fused Q/K/V) is "
+                    "on by default on CUDA; --plain or FP8COOKBOOK_PLAIN=1 times the plain path.", 100),
+        epilog="examples:\n"
+               "  fp8cookbook bench --family flux1 --synthetic tiny --device cpu      # seconds, any machine\n"
+               "  fp8cookbook bench --family flux1 --synthetic full --steps 10 --compile --output flux1.json\n"
+               "  fp8cookbook bench --family wan22 --synthetic full --steps 2 --runs 2 --levers\n"
+               "  fp8cookbook bench --family flux1 --model-path black-forest-labs/FLUX.1-dev --fp8 flux1-fp8/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", required=True, help="model family: flux1, flux2, wan22 (= wan22-a14b), wan22-ti2v-5b")
+    p.add_argument("--synthetic", choices=["full", "tiny"],
+                   help="random weights of the family's transformer: 'full' size (timing) or 'tiny' (CPU, seconds)")
+    p.add_argument("--model-path", help="instead of --synthetic: a BF16 diffusers pipeline (folder or hub id)")
+    p.add_argument("--fp8", help="with --model-path: FP8 checkpoint folder (or one holding transformer/, "
+                                 "transformer_2/); without it the pipeline's transformer is quantised in-process")
+    p.add_argument("--height", help="image/video height (default: the family's, 64 with --synthetic tiny)")
+    p.add_argument("--width", help="image/video width (default: the family's, 64 with --synthetic tiny)")
+    p.add_argument("--frames", help="video frames, 4k+1 (Wan2.2 only; default 81 or 121, 5 with tiny)")
+    p.add_argument("--steps", help="denoising steps per loop (default: the family's 28/50/40; 3 with tiny); a "
+                                   "subset of the real count is fine, the report also extrapolates to the full count")
+    p.add_argument("--runs", help="timed loops per side (default 3; 2 with tiny)")
+    p.add_argument("--warmup", help="untimed warm-up loops per side (default 1)")
+    p.add_argument("--text-len", help="text tokens (default 512; 8 with tiny)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both sides (diffusers' compile_repeated_blocks(fullgraph=True))")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay each forward as a CUDA graph, on both sides")
+    p.add_argument("--levers", action="store_true",
+                   help="also time each fast-path lever as its own FP8 side (plain, +Triton quantisation, "
+                        "+fast accumulation, +fused projections)")
+    p.add_argument("--plain", action="store_true", help="time the plain FP8 path (no fast path)")
+    p.add_argument("--include-fallback", action="store_true",
+                   help="synthetic only: also put the family's BF16-fallback layers (e.g. FLUX.1's double-block "
+                        "feed-forwards) in FP8, as measurements that quantise every block Linear do")
+    p.add_argument("--attention-backend", metavar="NAME",
+                   help="diffusers attention backend on both sides, e.g. _native_cudnn, _native_flash "
+                        "(default: torch SDPA's own choice)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--output", type=Path, metavar="JSON", help="write the full report here (atomically)")
+    p.add_argument("--verbose", action="store_true", help="progress on stderr")
+
+
+_EXTRA_PARSERS.append(_bench_parser)
+
+
+# ------------------------------------------------------------------------------------------------ compare
+@_command("compare")
+def _compare(args: argparse.Namespace) -> int:
+    import torch
+
+    from .compare import Thresholds, compare_trajectories, load_transformer, write_outputs
+    from .families import get_family
+    from .pipelines import default_tiny_settings, load_pipeline
+
+    family = get_family(args.family)
+    if "transformer_2" not in family.experts and (args.candidate_2 or args.reference_2):
+        raise Fp8CookbookError(f"{family.title} has one transformer; --candidate-2/--reference-2 apply to Wan2.2 A14B")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    load_to = "cpu" if args.offload_idle else device
+    # Transformers first: a bad path fails before the pipeline is loaded.
+    candidate = {name: load_transformer(path, device=load_to)
+                 for name, path in (("transformer", args.candidate), ("transformer_2", args.candidate_2)) if path}
+    reference = {name: load_transformer(path, device=load_to)
+                 for name, path in (("transformer", args.reference), ("transformer_2", args.reference_2)) if path}
+    pipe = load_pipeline(family.name, args.model_path, device=device)
+    tiny = default_tiny_settings(family.name) if args.model_path is None else {}
+    pick = lambda value, key: tiny.get(key) if value is None else value  # noqa: E731
+    report = compare_trajectories(
+        pipe, reference, candidate, family=family, prompt=args.prompt, seed=args.seed,
+        height=pick(args.height, "height"), width=pick(args.width, "width"), num_frames=pick(args.frames, "num_frames"),
+        steps=pick(args.steps, "num_inference_steps"), guidance_scale=pick(args.guidance, "guidance_scale"),
+        progress=not args.quiet, offload_idle=args.offload_idle)
+    thresholds = Thresholds(min_cosine=args.min_cosine, min_step_cosine=args.min_step_cosine,
+                            max_rel_l2=args.max_rel_l2, min_psnr=args.min_psnr, min_ssim=args.min_ssim)
+    paths = write_outputs(report, args.output_dir, thresholds)
+    print("\n".join(report.summary_lines()))
+    print("wrote   " + ", ".join(str(p) for p in paths))
+    failures = report.failures(thresholds)
+    for line in failures:
+        print(f"fp8cookbook compare: threshold missed: {line}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="run reference and candidate transformers through one pipeline; compare",
+                       description="Run the reference transformer(s) (default: the pipeline's own BF16 ones) and the "
+                                   "candidate ones through the same pipeline with identical prompt, seed, scheduler, "
+                                   "steps, guidance and size. Compares the latents after every step and the decoded "
+                                   "frames; writes compare.json (docs/compare-report-schema.md), compare_metrics.png "
+                                   "and compare_images.png. Exits 1 when a threshold is missed, naming it. Without "
+                                   "--model-path the tiny test pipeline and its small settings are used.")
+    p.add_argument("--family", required=True, help="model family (see `fp8cookbook families`)")
+    p.add_argument("--model-path", help="base pipeline folder or hub id (default: the tiny test pipeline)")
+    p.add_argument("--candidate", required=True, type=Path, help="transformer folder to test (FP8 checkpoint or BF16)")
+    p.add_argument("--candidate-2", type=Path, help="Wan2.2 A14B: folder for transformer_2 (default: the pipeline's)")
+    p.add_argument("--reference", type=Path, help="transformer folder to compare against (default: the pipeline's)")
+    p.add_argument("--reference-2", type=Path, help="Wan2.2 A14B: reference transformer_2 (default: the pipeline's)")
+    p.add_argument("--prompt", default="a photo of a red house")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, help="default: the family's (tiny pipeline: its small size)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--frames", type=int, help="video families: frame count")
+    p.add_argument("--steps", type=int, help="denoising steps")
+    p.add_argument("--guidance", type=float, help="guidance scale")
+    p.add_argument("--min-cosine", type=float, help="fail if the final latents' cosine is below this")
+    p.add_argument("--min-step-cosine", type=float, help="fail if any step's latent cosine is below this")
+    p.add_argument("--max-rel-l2", type=float, help="fail if the final latents' relative L2 is above this")
+    p.add_argument("--min-psnr", type=float, help="fail if the PSNR (dB) of any frame set is below this")
+    p.add_argument("--min-ssim", type=float, help="fail if the SSIM of any frame set is below this")
+    p.add_argument("--output-dir", required=True, type=Path)
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--offload-idle", action="store_true",
+                   help="keep the side that is not running on the CPU (BF16 and FP8 copies of a big model never share the GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+_EXTRA_PARSERS.append(_compare_parser)
+
+
+# ----------------------------------------------------------------------------------------------- quantize
+@_command("quantize")
+def _quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from .families import get_family
+    from .pipelines import load_pipeline
+    from .quantize import _modelopt, calibration_prompts, quantize_pipeline
+
+    # Everything a user can get wrong is checked before the (possibly minutes-long) pipeline load.
+    family = get_family(args.family)
+    prompts = calibration_prompts(args.prompts_file) if args.prompts_file else None
+    if args.frames is not None and not family.is_video:
+        raise Fp8CookbookError(f"{family.title} makes images: --frames applies to the Wan2.2 families")
+    if args.output_dir.exists() and not args.overwrite:
+        raise Fp8CookbookError(f"{args.output_dir}: already exists (pass --overwrite to replace it)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script inside ModelOpt's import
+        _modelopt()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Fp8CookbookError(f"--device {device}: CUDA is not available here (use --device cpu)")
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+             "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+
+    with _progress_bars(not args.quiet):
+        pipe = load_pipeline(family.name, args.model_path, dtype=dtype, device=device)
+    result = quantize_pipeline(
+        family.name, pipe, args.output_dir, prompts=prompts, num_prompts=args.num_prompts,
+        num_inference_steps=args.calib_steps, seed=args.seed, height=args.height, width=args.width,
+        num_frames=args.frames, guidance_scale=args.guidance, quantize_mha=args.quantize_mha,
+        overwrite=args.overwrite, progress=not args.quiet)
+    print("\n".join(result.lines()))
+    fp8 = {name: p["fp8"] for name, p in result.paths.items()}
+    for name, path in fp8.items():
+        print(f"FP8 checkpoint   {name}: {path}")
+    flags = " ".join(f"--{'candidate' if n == 'transformer' else 'candidate-2'} {p}" for n, p in fp8.items())
+    model = f" --model-path {args.model_path}" if args.model_path else ""
+    print(f"next             fp8cookbook compare --family {family.name}{model} {flags} --output-dir compare/")
+    return 0
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool):
+    """diffusers' and transformers' loading bars off for --quiet, restored afterwards (main() may run in-process)."""
+    if enabled:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    states = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in states:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was_enabled in states:
+            if was_enabled:
+                lib.enable_progress_bar()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def _quantize_parser(sub: argparse._SubParsersAction) -> None:
+    import textwrap
+
+    p = sub.add_parser(
+        "quantize", help="ModelOpt FP8 quantization calibrated on the real pipeline, then SGLang FP8 checkpoint(s)",
+        description=textwrap.fill("Quantize the family's transformer(s) to FP8 with NVIDIA ModelOpt and write SGLang FP8 "
+                    "checkpoints. Recipe: per-tensor E4M3 weights and static inputs on nn.Linear layers, `max` "
+                    "calibration, the family's sensitive layers left in BF16 (optionally FP8 attention Q/K/V with "
+                    "--quantize-mha). Calibration runs the whole pipeline (text encoders and every denoising step) "
+                    "over the prompts, prompt i with seed SEED+i. Wan2.2 A14B: both experts are quantized in the "
+                    "same runs, each calibrated by the steps on its side of the boundary; a quantizer left without "
+                    "an amax (e.g. too few steps to reach transformer_2) stops the run, naming it. Writes into a "
+                    "temporary folder and renames it to OUTPUT_DIR at the end, so a failure leaves nothing behind. "
+                    "Without --model-path the tiny test pipeline and its small settings are used.", 100),
+        epilog="output layout (NAME = transformer, and transformer_2 for Wan2.2 A14B):\n"
+               "  OUTPUT_DIR/NAME.pt        ModelOpt state (mto.save): quantizer config, amaxes, weights\n"
+               "  OUTPUT_DIR/export/NAME/   ModelOpt export (export_hf_checkpoint)\n"
+               "  OUTPUT_DIR/fp8/NAME/      SGLang FP8 checkpoint: pass it to SGLang's --transformer-path\n"
+               "  OUTPUT_DIR/base/NAME/     BF16 weights, only if the pipeline's own transformer folder is not local BF16\n"
+               "  OUTPUT_DIR/quantize.json  settings, calibration record, conversion stats, time, peak memory\n\n"
+               "examples:\n"
+               "  fp8cookbook quantize --family flux1 --output-dir /tmp/flux1-tiny     # tiny pipeline, seconds on CPU\n"
+               "  fp8cookbook quantize --family flux1 --model-path black-forest-labs/FLUX.1-dev --output-dir flux1-fp8\n"
+               "  fp8cookbook quantize --family wan22 --model-path Wan-AI/Wan2.2-T2V-A14B-Diffusers \\\n"
+               "      --num-prompts 8 --calib-steps 20 --frames 33 --output-dir wan22-fp8",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", required=True, help="model family: flux1, flux2, wan22 (= wan22-a14b), wan22-ti2v-5b")
+    p.add_argument("--model-path", help="BF16 diffusers pipeline: local folder or hub id (default: the tiny test pipeline)")
+    p.add_argument("--prompts-file", type=Path, metavar="FILE",
+                   help="calibration prompts, one per line ('#' lines and blank lines skipped); default: the "
+                        "64 prompts shipped in fp8cookbook/data/calibration_prompts.txt")
+    p.add_argument("--num-prompts", type=_positive_int, metavar="N",
+                   help="use the first N prompts (default: all of --prompts-file; of the shipped file 64 for "
+                        "images, 16 for video, 4 for the tiny pipeline)")
+    p.add_argument("--calib-steps", type=_positive_int, metavar="N",
+                   help="denoising steps per calibration run (default: 20; the tiny pipeline's 3 or 4). Wan2.2 "
+                        "A14B needs enough steps for the schedule to cross the boundary")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses SEED+i (default 0)")
+    p.add_argument("--height", type=_positive_int, help="image/video height (default: the family's)")
+    p.add_argument("--width", type=_positive_int, help="image/video width (default: the family's)")
+    p.add_argument("--frames", type=_positive_int, help="video frames, 4k+1 (Wan2.2 only; default: the family's)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the family's)")
+    p.add_argument("--quantize-mha", action="store_true",
+                   help="also quantize attention Q/K/V inputs (ModelOpt --quantize-mha; needs `onnx`). SGLang "
+                        "keeps attention in BF16: the scales go to a side file")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="dtype the pipeline runs calibration in; auto = bfloat16 on CUDA, float32 on CPU "
+                        "(CPU BF16 matmuls are slow). The base and output checkpoints are BF16/FP8 either way")
+    p.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--output-dir", required=True, type=Path, help="folder to create (see the layout below)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists (only once all succeeded)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+_EXTRA_PARSERS.append(_quantize_parser)
+
+
+# ---------------------------------------------------------------------------------------------------- run
+@_command("run")
+def _run(args: argparse.Namespace) -> int:
+    from .notebook import find_notebook, notebook_parameters, parse_value, run_notebook
+
+    if args.help_notebook:
+        path, preset = find_notebook(args.notebook)
+        print(f"parameters of {path} (set with -p NAME VALUE):")
+        for name, p in notebook_parameters(path).items():
+            default = preset.get(name, p["default"])
+            print(f"  {name:24s} {default!s:32s} {p.get('help') or ''}".rstrip())
+        return 0
+    params = {}
+    for name, value in args.parameters:
+        if not name.isidentifier():
+            raise Fp8CookbookError(f"-p {name}: not a parameter name")
+        params[name] = parse_value(value)
+    result = run_notebook(args.notebook, params, progress=not args.quiet and sys.stderr.isatty())
+    print("\n".join(result.lines()))
+    if not result.passed:
+        print(f"fp8cookbook run: checks missed (see {result.report_path})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run a cookbook notebook (quantize -> ... -> serve command) through papermill",
+        description="Execute a cookbook notebook with papermill: quantize, convert, inspect, load with offload "
+                    "disabled, compare BF16 and FP8 trajectories, time denoising, write report.json and print the "
+                    "`sglang generate` command. The executed notebook, report.json and the FP8 checkpoint go to the "
+                    "notebook's output_dir (default outputs/NAME under the current directory). Without "
+                    "-p model_path the tiny offline pipeline runs on the CPU in about a minute. Exits 1 when a "
+                    "threshold was missed.",
+        epilog="examples:\n"
+               "  fp8cookbook run flux1                                   # tiny FLUX.1, CPU, no network\n"
+               "  fp8cookbook run flux1 -p seed 3 -p output_dir /tmp/f1  # papermill -p overrides\n"
+               "  fp8cookbook run wan22 -p family wan22-ti2v-5b           # or: fp8cookbook run wan22-ti2v-5b\n"
+               "  fp8cookbook run flux1 -p model_path black-forest-labs/FLUX.1-dev -p prompts '[\"a red fox\"]'\n"
+               "  fp8cookbook run flux1 --help-notebook                   # list the parameters",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("notebook", metavar="NOTEBOOK",
+                   help="flux1, flux2, wan22 (also wan22-a14b, wan22-ti2v-5b), or a path to an .ipynb / jupytext .py")
+    p.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", default=[],
+                   metavar=("NAME", "VALUE"),
+                   help="set a notebook parameter; VALUE reads like papermill's -p (True/False/None, numbers, "
+                        "else text) and JSON/YAML for [lists] and {mappings}; repeatable")
+    p.add_argument("--help-notebook", action="store_true", help="list the notebook's parameters and defaults, run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+_EXTRA_PARSERS.append(_run_parser)
 
 
 def main(argv: list[str] | None = None) -> int:

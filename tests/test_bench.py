@@ -1,0 +1,281 @@
+"""Benchmark harness and FP8 fast path: report schema, FP8 layers really ran, atomic JSON, failure paths, and the
+fast path computing the plain path's function. No timing assertions: performance is never a unit test.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fp8cookbook import fastpath
+from fp8cookbook.bench import (SCHEMA, BenchSettings, fp8_candidates, plan_sides, quantize_in_place,
+                               record_input_amax, resolve_settings, run_bench, schedule, write_json_atomic)
+from fp8cookbook.cli import main
+from fp8cookbook.errors import Fp8CookbookError
+from fp8cookbook.families import FAMILIES, build_transformer, get_family
+from fp8cookbook.fp8linear import FP8Linear, count_fp8_calls, fp8_gemm_supported, fp8_modules, quantize_fp8
+
+ALL = sorted(FAMILIES)
+needs_fp8_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and fp8_gemm_supported(torch.device("cuda"))),
+                                   reason="needs a CUDA GPU with compute capability >= 8.9")
+
+
+def _bench_cli(tmp_path, *extra: str) -> tuple[int, dict | None]:
+    out = tmp_path / "report.json"
+    rc = main(["bench", "--synthetic", "tiny", "--device", "cpu", "--output", str(out), *extra])
+    return rc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+# ------------------------------------------------------------------------------------------- report schema
+@pytest.mark.parametrize("family", ALL)
+def test_tiny_synthetic_report(tmp_path, capsys, family):
+    rc, report = _bench_cli(tmp_path, "--family", family)
+    assert rc == 0
+    fam = get_family(family)
+    assert report["schema"] == SCHEMA and report["family"] == fam.name and report["mode"] == "synthetic"
+    assert report["synthetic"] == "tiny" and "random weights" in report["synthetic_note"]
+    env = report["environment"]
+    for key in ("torch", "diffusers", "fp8cookbook", "python", "gpu"):
+        assert key in env, f"environment lacks {key}"
+    settings = report["settings"]
+    for key in ("height", "width", "steps", "runs", "warmup", "compile", "cuda_graphs", "device", "fast",
+                "forwards_per_step", "text_len"):
+        assert key in settings, f"settings lack {key}"
+    assert settings["forwards_per_step"] == (2 if fam.is_video else 1)
+    steps, runs = settings["steps"], settings["runs"]
+    assert [x["name"] for x in report["sides"]] == ["bf16", "fp8"] and not report["failed_sides"]
+    for side in report["sides"]:
+        loop = side["loop_s"]
+        assert loop["n"] == runs and len(loop["all"]) == runs and all(t > 0 for t in loop["all"])
+        assert loop["min"] <= loop["q1"] <= loop["median"] <= loop["q3"] <= loop["max"]
+        assert len(side["step_s_median"]) == steps and all(t > 0 for t in side["step_s_median"])
+        assert all(len(r) == steps for r in side["step_s_all"])
+        assert side["estimated_full_loop_s"] > 0 and side["output_finite"]
+        assert side["peak_memory_gb"] is None  # CPU: no CUDA allocator to ask
+    fp8 = report["sides"][1]
+    assert fp8["fp8_layers"] > 0 and fp8["fp8_layers_ran"] == fp8["fp8_layers"], \
+        f"{fp8['fp8_layers_ran']} of {fp8['fp8_layers']} FP8 layers ran"
+    assert report["fp8_layers_ran"] == report["fp8_layers"] == fp8["fp8_layers"]
+    assert report["quantized_linears"] == report["quantized_linears_planned"] >= fp8["fp8_layers"]
+    assert fp8["model_bytes"] < report["sides"][0]["model_bytes"]
+    assert report["speedup"] > 0
+    experts = {x["expert"] for x in report["schedule"]}
+    assert experts == set(fam.experts), f"schedule uses {experts}"
+    assert f"{fp8['fp8_layers_ran']}/{fp8['fp8_layers']}" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"], "temporary files left behind"
+
+
+def test_plain_and_levers(tmp_path):
+    rc, plain = _bench_cli(tmp_path, "--family", "flux1", "--plain", "--steps", "1", "--runs", "1", "--warmup", "0")
+    assert rc == 0
+    fp8 = plain["sides"][1]
+    assert fp8["levers"] == {"fast": False, "triton_quant": False, "fast_accum": False, "fused": False,
+                             "cuda_graphs": False}
+    assert fp8["fp8_layers"] == fp8["fp8_layers_ran"] == plain["quantized_linears"], "plain path fuses nothing"
+    rc, levers = _bench_cli(tmp_path, "--family", "flux1", "--levers", "--steps", "1", "--runs", "1")
+    assert rc == 0
+    names = [x["name"] for x in levers["sides"]]
+    assert names == ["bf16", "fp8-plain", "fp8+triton-quant", "fp8+fast-accum", "fp8+fused"]
+    assert levers["fp8"] == "fp8+fused" and levers["bf16"] == "bf16"
+    assert levers["sides"][-1]["fp8_layers"] < levers["sides"][1]["fp8_layers"], "fusion must merge layers"
+
+
+def test_plan_sides_order():
+    _, s = resolve_settings(BenchSettings(family="flux1", synthetic="tiny", device="cpu", levers=True, compile=True))
+    names = [x.name for x in plan_sides(s)]
+    assert names == ["bf16", "fp8-plain", "fp8+fast-accum", "fp8+fused"], "no Triton side under torch.compile"
+    assert plan_sides(s)[-1].fuse and not any(x.fuse for x in plan_sides(s)[:-1]), "fusion is structural: last"
+
+
+def test_a14b_schedule_uses_both_experts():
+    fam = get_family("wan22-a14b")
+    full = schedule(fam, fam.num_steps)
+    high = [st for st in full if st.expert == "transformer"]
+    assert 0 < len(high) < len(full) and all(st.timestep >= 875 for st in high)
+    assert all(st.timestep < 875 for st in full if st.expert == "transformer_2")
+    assert [st.expert for st in schedule(fam, 2)] == ["transformer", "transformer_2"]
+
+
+def test_json_written_atomically(tmp_path):
+    path = tmp_path / "r.json"
+    write_json_atomic(path, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"a": object()})  # fails halfway through serialising
+    assert json.loads(path.read_text()) == {"a": 1}, "a failed write must leave the old report intact"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+# ------------------------------------------------------------------------------------------- failure paths
+@pytest.mark.parametrize("argv, words", [
+    (["--family", "sdxl", "--synthetic", "tiny"], ["unknown model family", "sdxl"]),
+    (["--family", "flux1", "--synthetic", "tiny", "--steps", "0"], ["--steps", ">= 1"]),
+    (["--family", "flux1", "--synthetic", "tiny", "--steps", "abc"], ["--steps", "integer"]),
+    (["--family", "flux1", "--synthetic", "tiny", "--runs", "-3"], ["--runs"]),
+    (["--family", "flux1", "--synthetic", "tiny", "--height", "100"], ["--height", "multiple of 16"]),
+    (["--family", "wan22", "--synthetic", "tiny", "--frames", "6"], ["--frames", "4k+1"]),
+    (["--family", "flux1", "--synthetic", "tiny", "--frames", "5"], ["--frames", "video"]),
+    (["--family", "flux1"], ["--synthetic", "--model-path"]),
+    (["--family", "flux1", "--synthetic", "tiny", "--device", "npu:7"], ["--device"]),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, words):
+    out = tmp_path / "r.json"
+    rc = main(["bench", *argv, "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("fp8cookbook bench: error:"), err
+    for w in words:
+        assert w in err, f"{w!r} not in {err!r}"
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_requested_without_cuda(capsys):
+    assert main(["bench", "--family", "flux1", "--synthetic", "tiny", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_resolve_rejects_bad_settings():
+    with pytest.raises(Fp8CookbookError, match="synthetic"):
+        resolve_settings(BenchSettings(family="flux1", synthetic="huge"))
+    with pytest.raises(Fp8CookbookError, match="--fp8 needs --model-path"):
+        resolve_settings(BenchSettings(family="flux1", fp8_path="x"))
+
+
+# ------------------------------------------------------------------------------- fast path = same function
+def _tiny_fp8(family: str, seed: int = 0):
+    """A tiny transformer quantised the benchmark's way, its inputs, and the plain-path output."""
+    fam = get_family(family)
+    model = build_transformer(fam, "tiny", seed=seed)
+    config = dict(model.config)
+    inputs = fam.make_inputs(config, height=64, width=64, num_frames=5 if fam.is_video else None, text_len=8,
+                             generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad(), record_input_amax(model, fp8_candidates(model, fam)) as amax:
+        model(**inputs)
+    quantize_in_place(model, amax)
+    return model, inputs
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_fused_fast_path_matches_plain(family):
+    model, inputs = _tiny_fp8(family)
+    n_plain = len(fp8_modules(model))
+    with torch.no_grad(), fastpath.fast_path(False):
+        plain = model(**inputs)[0]
+    old = fastpath.set_fast_path()
+    report = fastpath.apply_fast_path(model, fast=True, device="cpu")
+    try:
+        assert report.enabled and report.fused, f"nothing fused in {family}"
+        assert len(fp8_modules(model)) < n_plain
+        with torch.no_grad(), count_fp8_calls(model) as calls:
+            fast = model(**inputs)[0]
+    finally:
+        fastpath.restore_fast_path(old)
+    assert len(calls) == len(fp8_modules(model)), "every FP8 layer, fused ones included, must run"
+    cos = _cos(fast, plain)
+    assert cos >= 0.999, f"{family}: fused FP8 vs plain FP8 cosine {cos:.6f}"
+    assert torch.isfinite(fast).all()
+
+
+def test_fusion_requantizes_to_the_largest_scale():
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(64, 32).to(torch.bfloat16) for _ in range(3)]
+    with torch.no_grad():
+        lins[1].weight.mul_(4)  # a shard with a 4x larger weight scale
+    x = torch.randn(7, 64, dtype=torch.bfloat16)
+    layers = [FP8Linear.quantize(lin, x.abs().max()) for lin in lins]
+    fused = fastpath._fuse_layers(layers)
+    assert float(fused.weight_scale) == max(float(m.weight_scale) for m in layers)
+    assert torch.equal(fused.weight[32:64], layers[1].weight), "the shard that sets the scale keeps its bytes"
+    ref = torch.cat([m(x) for m in layers], dim=-1)
+    out = fused(x)
+    assert out.shape == (7, 96)
+    assert _cos(out, ref) > 0.999
+    # the other shards were requantised, not rescaled bytes: Q(W*s_old/s_new)
+    w0 = quantize_fp8(layers[0].weight.float() * layers[0].weight_scale, fused.weight_scale)
+    assert torch.equal(fused.weight[:32].view(torch.uint8), w0.view(torch.uint8))
+
+
+def test_plain_env_switch(monkeypatch):
+    monkeypatch.setenv("FP8COOKBOOK_PLAIN", "1")
+    assert fastpath._env_plain()
+    monkeypatch.setenv("FP8COOKBOOK_PLAIN", "0")
+    assert not fastpath._env_plain()
+    old = fastpath.set_fast_path(False)
+    try:
+        model, _ = _tiny_fp8("flux1")
+        n = len(fp8_modules(model))
+        report = fastpath.apply_fast_path(model)  # follows the process default: plain
+        assert not report.enabled and not report.fused and len(fp8_modules(model)) == n
+    finally:
+        fastpath.restore_fast_path(old)
+
+
+# --------------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_gpu_triton_quantization_is_bit_exact():
+    assert fastpath.triton_available(), fastpath._TRITON.get("error")
+    for shape, scale in (((4608, 3072), 0.01), ((333, 12288), 0.5), ((1, 16), 3.0)):
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 40
+        s = torch.tensor([scale], device="cuda")
+        ref = quantize_fp8(x, s).view(torch.uint8)
+        got = fastpath.triton_quantize_fp8(x, s).view(torch.uint8)
+        mismatches = int((ref != got).sum())
+        assert mismatches == 0, f"{shape}: {mismatches} bytes differ"
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_gpu_fast_path_matches_plain_and_cpu():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3072, 12288).to(torch.bfloat16)
+    x = torch.randn(4096, 3072, dtype=torch.bfloat16)
+    fp8 = FP8Linear.quantize(lin, x.abs().max())
+    cpu = fp8(x).float()
+    gpu_layer, xg = fp8.to("cuda"), x.cuda()
+    with torch.no_grad():
+        with fastpath.fast_path(False):
+            plain = gpu_layer(xg).float().cpu()
+        with fastpath.fast_path(True):
+            fast = gpu_layer(xg).float().cpu()
+    for name, out in (("plain", plain), ("fast", fast)):
+        rel = float((out - cpu).norm() / cpu.norm())
+        assert rel < 4e-3, f"{name} CUDA path vs CPU math: relative L2 {rel:.2e}"
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_gpu_fused_model_and_cuda_graph_match():
+    model, inputs = _tiny_fp8("flux1")
+    model = model.to("cuda")
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with torch.no_grad(), fastpath.fast_path(False):
+        plain = model(**inputs)[0]
+    fastpath.apply_fast_path(model, fast=True)
+    with torch.no_grad():
+        eager = model(**inputs)[0]
+        graphed = fastpath.CudaGraphForward(model)
+        replay = graphed(**inputs)
+        replay2 = graphed(**dict(inputs, hidden_states=inputs["hidden_states"] * 2))
+        eager2 = model(**dict(inputs, hidden_states=inputs["hidden_states"] * 2))[0]
+    assert _cos(eager, plain) >= 0.999
+    torch.testing.assert_close(replay, eager)
+    torch.testing.assert_close(replay2, eager2)
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_gpu_tiny_bench_runs(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["bench", "--family", "wan22", "--synthetic", "tiny", "--device", "cuda", "--cuda-graphs",
+                 "--levers", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert not report["failed_sides"], report["failed_sides"]
+    assert report["environment"]["gpu"] and report["sides"][0]["peak_memory_gb"] > 0
+    assert report["fp8_layers_ran"] == report["fp8_layers"] > 0

@@ -1,0 +1,247 @@
+"""`quantize_pipeline` and `fp8cookbook quantize`: calibration on the real (tiny) pipelines, end to end to SGLang
+FP8 folders, for every family; the A14B experts; failures that leave nothing on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("modelopt.torch.quantization")
+
+from fp8cookbook.checkpoint import STATS_NAME, TensorReader, inspect_checkpoint, scan_tensors  # noqa: E402
+from fp8cookbook.cli import main  # noqa: E402
+from fp8cookbook.convert import load_amax_table  # noqa: E402
+from fp8cookbook.errors import Fp8CookbookError  # noqa: E402
+from fp8cookbook.families import FAMILIES, get_family  # noqa: E402
+from fp8cookbook.pipelines import build_tiny_pipeline, load_pipeline, tiny_pipeline_dir  # noqa: E402
+from fp8cookbook.quantize import PROMPTS_FILE, QuantizeResult, calibration_prompts, quantize_pipeline  # noqa: E402
+
+NAMES = sorted(FAMILIES)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny ops gain nothing from threads, and on a shared 2-core box two threads run 10-50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("fp8cookbook-cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(monkeypatch, cache):
+    monkeypatch.setenv("FP8COOKBOOK_CACHE", str(cache))
+
+
+def _pipe(name: str):
+    """A fresh float32 load (quantization consumes the pipeline; float32: bf16 matmuls are ~10x slower on CPU)."""
+    return load_pipeline(name, dtype=torch.float32)
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def _check_fp8_folders(result: QuantizeResult, family_name: str) -> None:
+    """Every expert has an FP8 folder that inspects clean, whose input scales are the state file's amaxes / 448."""
+    family = get_family(family_name)
+    assert list(result.paths) == list(family.experts)
+    for name, paths in result.paths.items():
+        assert set(paths) == {"base", "state", "export", "fp8"}
+        assert paths["state"] == result.output_dir / f"{name}.pt"
+        assert paths["export"] == result.output_dir / "export" / name
+        assert paths["fp8"] == result.output_dir / "fp8" / name
+        assert all(p.exists() for p in paths.values()), paths
+        report = inspect_checkpoint(paths["fp8"])
+        assert not report.problems, report.problems
+        stats = result.convert_stats[name]
+        assert report.fp8_layers == stats.quantized_weights > 0
+        assert result.calibration["forward_calls"][name] > 0
+        amax = load_amax_table(paths["state"])
+        with TensorReader(paths["fp8"]) as reader:
+            scales = {n: float(reader.get(n)) for n in reader.index if n.endswith(".input_scale")}
+        assert len(scales) == stats.quantized_weights
+        for n, scale in scales.items():
+            expected = amax[n.removesuffix("input_scale") + "input_quantizer._amax"] / 448
+            assert scale == pytest.approx(expected, rel=1e-6), n
+        conversion = json.loads((paths["fp8"] / STATS_NAME).read_text())
+        assert conversion["output_dir"] == str(paths["fp8"])  # final paths, not the temporary folder's
+    summary = json.loads((result.output_dir / "quantize.json").read_text())
+    assert summary["family"] == family.name
+    assert summary["paths"][family.experts[0]]["fp8"] == f"fp8/{family.experts[0]}"
+    assert summary["calibration"]["forward_calls"] == result.calibration["forward_calls"]
+    assert result.seconds > 0 and result.peak_memory_mb > 0
+    assert not _leftovers(result.output_dir.parent)
+
+
+def test_shipped_prompts():
+    prompts = calibration_prompts()
+    assert len(prompts) >= 60 and len(set(prompts)) == len(prompts)
+    assert all(p.isascii() and not p.startswith("#") and len(p) > 20 for p in prompts)
+    assert calibration_prompts(limit=5) == prompts[:5]
+    assert PROMPTS_FILE.is_file()
+    with pytest.raises(Fp8CookbookError, match=f"1000 calibration prompts asked for, the file has {len(prompts)}"):
+        calibration_prompts(limit=1000)
+    with pytest.raises(Fp8CookbookError, match="at least 1"):
+        calibration_prompts(limit=0)
+
+
+def test_prompts_file_forms_and_errors(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("# a comment\n\n  a red house  \nA cat\n\n# another\na dog\n")
+    assert calibration_prompts(good) == ["a red house", "A cat", "a dog"]
+    assert calibration_prompts(good, limit=2) == ["a red house", "A cat"]
+    cases = {
+        "missing.txt": (None, "does not exist"),
+        "folder": ("dir", "is a folder"),
+        "empty.txt": ("# only a comment\n\n", "no prompts"),
+        "latin1.txt": ("caf\xe9\n".encode("latin-1"), "not UTF-8"),
+        "nul.txt": (b"a\x00b\n", "NUL bytes"),
+    }
+    for fname, (content, message) in cases.items():
+        path = tmp_path / fname
+        if content == "dir":
+            path.mkdir()
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content)
+        with pytest.raises(Fp8CookbookError, match=message) as info:
+            calibration_prompts(path)
+        assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_quantize_pipeline_end_to_end(name, tmp_path):
+    family = get_family(name)
+    out = tmp_path / "out"
+    result = quantize_pipeline(name, _pipe(name), out, num_prompts=2, seed=5, progress=False)
+    assert result.output_dir == out and result.family == name
+    _check_fp8_folders(result, name)
+    cal = result.calibration
+    assert cal["prompts"] == calibration_prompts(limit=2) and cal["seed"] == 5 and cal["tiny"]
+    assert cal["dtype"] == "float32" and cal["device"] == "cpu"
+    # The tiny pipeline is a local BF16 folder: it is the converter's base, and nothing is saved under base/.
+    for expert in family.experts:
+        assert result.paths[expert]["base"] == (tiny_pipeline_dir(name) / expert).resolve()
+    assert not (out / "base").exists()
+    text = "\n".join(result.lines())
+    assert all(str(p["fp8"]) in text for p in result.paths.values())
+    if name == "wan22-a14b":  # one run calibrated both experts, each on its own side of the boundary
+        boundary = family.boundary_ratio * 1000
+        assert cal["forward_calls"]["transformer"] > 0 and cal["forward_calls"]["transformer_2"] > 0
+        assert cal["timesteps"]["transformer"] and min(cal["timesteps"]["transformer"]) >= boundary
+        assert cal["timesteps"]["transformer_2"] and max(cal["timesteps"]["transformer_2"]) < boundary
+        amax = [load_amax_table(result.paths[e]["state"]) for e in family.experts]
+        shared = [k for k in amax[0] if k.endswith("input_quantizer._amax")]
+        assert shared and any(amax[0][k] != amax[1][k] for k in shared)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cli_end_to_end(name, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# mine\na red house at night\n\na green tree under the sky\na third one, unused\n")
+    out = tmp_path / "cli-out"
+    rc = main(["quantize", "--family", name, "--prompts-file", str(prompts), "--num-prompts", "2", "--seed", "1",
+               "--output-dir", str(out), "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    experts = get_family(name).experts
+    for expert in experts:
+        assert f"FP8 checkpoint   {expert}: {out / 'fp8' / expert}" in captured.out
+        assert not inspect_checkpoint(out / "fp8" / expert).problems
+        assert (out / f"{expert}.pt").is_file() and (out / "export" / expert / "config.json").is_file()
+    summary = json.loads((out / "quantize.json").read_text())
+    assert summary["calibration"]["prompts"] == ["a red house at night", "a green tree under the sky"]
+    assert summary["calibration"]["dtype"] == "float32"  # --dtype auto on CPU
+    assert all(summary["calibration"]["forward_calls"][e] > 0 for e in experts)
+    assert "fp8cookbook compare --family" in captured.out
+
+
+def test_a14b_expert_without_calibration_names_quantizer_and_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "out"  # parents are created, and removed again on failure
+    rc = main(["quantize", "--family", "wan22", "--calib-steps", "1", "--num-prompts", "1", "--output-dir", str(out),
+               "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    errors = [line for line in err if line.startswith("fp8cookbook quantize: error:")]
+    assert len(errors) == 1 and errors[0] == err[-1]
+    assert "transformer_2: " in errors[0] and "blocks.3.attn1.to_q.input_quantizer" in errors[0]
+    assert "never ran" in errors[0] and "[999.0]" in errors[0]
+    assert not (tmp_path / "new").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_existing_output_refused_then_overwritten(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["quantize", "--family", "flux1", "--num-prompts", "1", "--calib-steps", "1", "--output-dir", str(out),
+            "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fp8cookbook quantize: error: {out}: already exists (pass --overwrite to replace it)"]
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(args + ["--overwrite"]) == 0
+    assert not (out / "keep.txt").exists()
+    assert not inspect_checkpoint(out / "fp8" / "transformer").problems
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00binary", b"# nothing but a comment\n"])
+def test_bad_prompts_file_is_one_line_exit_2(tmp_path, capsys, content):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(content)
+    out = tmp_path / "out"
+    assert main(["quantize", "--family", "flux1", "--prompts-file", str(bad), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fp8cookbook quantize: error: {bad}: "), err
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_base_saved_in_bf16_when_pipeline_has_no_local_folder(tmp_path):
+    pipe = build_tiny_pipeline("flux1").to(torch.float32)  # built in memory: no transformer folder to reuse
+    reference = {k: v.to(torch.bfloat16) for k, v in pipe.transformer.state_dict().items()}
+    result = quantize_pipeline("flux1", pipe, tmp_path / "out", num_prompts=1, progress=False)
+    base = result.paths["transformer"]["base"]
+    assert base == tmp_path / "out" / "base" / "transformer"
+    tensors = scan_tensors(base)
+    assert set(tensors) == set(reference)
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    with TensorReader(base) as reader:
+        assert all(torch.equal(reader.get(k), v) for k, v in reference.items())
+    _check_fp8_folders(result, "flux1")
+    assert result.convert_stats["transformer"].bf16_fallback_weights > 0
+
+
+def test_bad_arguments_refused_before_quantizing(tmp_path):
+    pipe = _pipe("flux1")
+    own = tiny_pipeline_dir("flux1")
+    with pytest.raises(Fp8CookbookError, match="holds the pipeline's own transformer weights"):
+        quantize_pipeline("flux1", pipe, own, overwrite=True)
+    with pytest.raises(Fp8CookbookError, match="num_frames"):
+        quantize_pipeline("flux1", pipe, tmp_path / "a", num_frames=5)
+    with pytest.raises(Fp8CookbookError, match="3 calibration prompts asked for, 2 available"):
+        quantize_pipeline("flux1", pipe, tmp_path / "b", prompts=["a", "b"], num_prompts=3)
+    with pytest.raises(Fp8CookbookError, match=r"has transformers \['transformer'\], but Wan2.2 T2V-A14B"):
+        quantize_pipeline("wan22-a14b", pipe, tmp_path / "c")
+    assert (own / "transformer" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert not any(True for n, _ in pipe.transformer.named_modules() if n.endswith("_quantizer"))
+
+
+def test_quantize_mha_adds_attention_scales(tmp_path):
+    result = quantize_pipeline("flux1", _pipe("flux1"), tmp_path / "out", num_prompts=1, quantize_mha=True,
+                               progress=False)
+    _check_fp8_folders(result, "flux1")
+    stats = result.convert_stats["transformer"]
+    assert stats.attention_scales > 0 and result.calibration["quantize_mha"]
+    assert (result.paths["transformer"]["fp8"] / "fp8cookbook_attention_scales.json").is_file()
