@@ -438,7 +438,7 @@ def _run(args: argparse.Namespace) -> int:
         path, preset = find_notebook(args.notebook)
         print(f"parameters of {path} (set with -p NAME VALUE):")
         for name, p in notebook_parameters(path).items():
-            default = preset.get(name, p["default"])
+            default = repr(preset[name]) if name in preset else p["default"]
             print(f"  {name:24s} {default!s:32s} {p.get('help') or ''}".rstrip())
         return 0
     params = {}
@@ -455,14 +455,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_parser(sub: argparse._SubParsersAction) -> None:
+    import textwrap
+
     p = sub.add_parser(
         "run", help="run a cookbook notebook (quantize -> ... -> serve command) through papermill",
-        description="Execute a cookbook notebook with papermill: quantize, convert, inspect, load with offload "
+        description=textwrap.fill("Execute a cookbook notebook with papermill: quantize, convert, inspect, load with offload "
                     "disabled, compare BF16 and FP8 trajectories, time denoising, write report.json and print the "
                     "`sglang generate` command. The executed notebook, report.json and the FP8 checkpoint go to the "
                     "notebook's output_dir (default outputs/NAME under the current directory). Without "
                     "-p model_path the tiny offline pipeline runs on the CPU in about a minute. Exits 1 when a "
-                    "threshold was missed.",
+                    "threshold was missed.", 100),
         epilog="examples:\n"
                "  fp8cookbook run flux1                                   # tiny FLUX.1, CPU, no network\n"
                "  fp8cookbook run flux1 -p seed 3 -p output_dir /tmp/f1  # papermill -p overrides\n"

@@ -312,32 +312,35 @@ def family_for_class(class_name: str | None) -> Family | None:
 
 def build_transformer(family: Family, size: str = "tiny", *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                       device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A transformer of the family's real class with random weights: `tiny` for CPU tests, `full` for timing."""
-    config = {"tiny": family.tiny_config, "full": family.full_config}[size]
+    """A transformer of the family's real class with random weights: `tiny` for CPU tests, `full` for timing.
+
+    `full` is built on the meta device, cast there (so FLUX.2 never exists in float32: that would be 128 GB), with
+    `_keep_in_fp32_modules` kept float32 as `from_pretrained` keeps them, and its values drawn on `device`:
+    N(0, 1/fan_in) for matrices, N(0, 0.02) elsewhere, 1 + N(0, 0.02) for norm weights.
+    """
+    if size not in ("tiny", "full"):
+        raise Fp8CookbookError(f"unknown size {size!r}; use 'tiny' or 'full'")
     cls = family.transformer_class()
-    if size == "full":
-        with torch.device("meta"):
-            model = cls(**config)
-        model = model.to_empty(device=device).to(dtype)
-        _init_random_(model, seed)
-        return model.eval().requires_grad_(False)
-    torch.manual_seed(seed)
-    return cls(**config).to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def _init_random_(model: torch.nn.Module, seed: int) -> None:
-    """Cheap, deterministic random init on any device: N(0, 1/fan_in) for matrices, small values elsewhere."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if not p.is_floating_point():
-            continue
-        if p.dim() >= 2:
-            fan_in = math.prod(p.shape[1:])
-            std = 1.0 / math.sqrt(fan_in)
-        else:
-            std = 0.02
-        cpu = torch.randn(p.shape, generator=g, dtype=torch.float32) * std
-        if p.dim() == 1 and ("norm" in name and name.endswith("weight")):
-            cpu = 1.0 + cpu
-        p.copy_(cpu.to(p.dtype))
+    if size == "tiny":
+        torch.manual_seed(seed)
+        return cls(**family.tiny_config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    with torch.device("meta"):
+        model = cls(**family.full_config)
+    model = model.to(dtype)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, p in model.named_parameters():
+        if any(k in name.split(".") for k in keep):
+            p.data = p.data.float()
+    model = model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                t.zero_()
+            elif t.dim() >= 2:
+                t.normal_(0.0, 1.0 / math.sqrt(math.prod(t.shape[1:])), generator=g)
+            else:
+                t.normal_(0.0, 0.02, generator=g)
+                if "norm" in name and name.endswith("weight"):
+                    t.add_(1.0)
+    return model.eval().requires_grad_(False)

@@ -290,13 +290,15 @@ class FastPathReport:
                 "triton_quant": self.triton_quant, "fast_accum": self.fast_accum, "note": self.note}
 
 
-def apply_fast_path(model: nn.Module, *, fast: bool | None = None, fuse: bool = True,
+def apply_fast_path(model: nn.Module, *, fast: bool | None = None, fuse: bool = False,
                     device: str | torch.device | None = None) -> FastPathReport:
-    """Make an FP8 model use the fast path: fuse shared-input FP8 layers (CUDA only unless `device` says otherwise).
+    """Switch an FP8 model to the fast path (or, with `fast=False`, to the plain path).
 
     `fast=None` follows the process default (on, unless FP8COOKBOOK_PLAIN=1). The element-wise levers (Triton
-    quantisation, fast accumulation) are process-wide switches read by `FP8Linear.forward`; this function turns the
-    master switch on or off to match `fast`.
+    quantisation, fast accumulation) are process-wide switches read by `FP8Linear.forward`; this function sets the
+    master switch to match `fast`. `fuse=True` also merges shared-input FP8 layers into one GEMM each (in place):
+    pass it when the model will run under torch.compile, where it pays; in eager mode it measured slower
+    (docs/benchmarks.md), because the fused output's strided Q/K/V views cost extra copies downstream.
     """
     if device is None:
         param = next(model.parameters(), None)

@@ -78,15 +78,23 @@ def test_plain_and_levers(tmp_path):
     assert rc == 0
     names = [x["name"] for x in levers["sides"]]
     assert names == ["bf16", "fp8-plain", "fp8+triton-quant", "fp8+fast-accum", "fp8+fused"]
-    assert levers["fp8"] == "fp8+fused" and levers["bf16"] == "bf16"
+    assert levers["fp8"] == "fp8+fast-accum" and levers["bf16"] == "bf16", "eager headline: unfused fast path"
     assert levers["sides"][-1]["fp8_layers"] < levers["sides"][1]["fp8_layers"], "fusion must merge layers"
 
 
 def test_plan_sides_order():
     _, s = resolve_settings(BenchSettings(family="flux1", synthetic="tiny", device="cpu", levers=True, compile=True))
-    names = [x.name for x in plan_sides(s)]
-    assert names == ["bf16", "fp8-plain", "fp8+fast-accum", "fp8+fused"], "no Triton side under torch.compile"
-    assert plan_sides(s)[-1].fuse and not any(x.fuse for x in plan_sides(s)[:-1]), "fusion is structural: last"
+    sides = plan_sides(s)
+    assert [x.name for x in sides] == ["bf16", "fp8-plain", "fp8+fast-accum", "fp8+fused"], \
+        "no Triton side under torch.compile"
+    assert sides[-1].fuse and not any(x.fuse for x in sides[:-1]), "fusion is structural: last"
+    assert [x.name for x in sides if x.headline] == ["fp8+fused"], "compiled: the fused fast path is the headline"
+    for compile_, fuse in ((False, False), (True, True)):
+        _, s = resolve_settings(BenchSettings(family="flux1", synthetic="tiny", device="cpu", compile=compile_))
+        fp8 = plan_sides(s)[1]
+        assert fp8.headline and fp8.fast and fp8.fuse is fuse, "fusion only where it pays: under torch.compile"
+    _, s = resolve_settings(BenchSettings(family="flux1", synthetic="tiny", device="cpu", fast=False))
+    assert not plan_sides(s)[1].fast
 
 
 def test_a14b_schedule_uses_both_experts():
@@ -168,7 +176,7 @@ def test_fused_fast_path_matches_plain(family):
     with torch.no_grad(), fastpath.fast_path(False):
         plain = model(**inputs)[0]
     old = fastpath.set_fast_path()
-    report = fastpath.apply_fast_path(model, fast=True, device="cpu")
+    report = fastpath.apply_fast_path(model, fast=True, fuse=True, device="cpu")
     try:
         assert report.enabled and report.fused, f"nothing fused in {family}"
         assert len(fp8_modules(model)) < n_plain
@@ -210,7 +218,7 @@ def test_plain_env_switch(monkeypatch):
     try:
         model, _ = _tiny_fp8("flux1")
         n = len(fp8_modules(model))
-        report = fastpath.apply_fast_path(model)  # follows the process default: plain
+        report = fastpath.apply_fast_path(model, fuse=True)  # follows the process default: plain
         assert not report.enabled and not report.fused and len(fp8_modules(model)) == n
     finally:
         fastpath.restore_fast_path(old)
@@ -257,7 +265,7 @@ def test_gpu_fused_model_and_cuda_graph_match():
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     with torch.no_grad(), fastpath.fast_path(False):
         plain = model(**inputs)[0]
-    fastpath.apply_fast_path(model, fast=True)
+    fastpath.apply_fast_path(model, fast=True, fuse=True)
     with torch.no_grad():
         eager = model(**inputs)[0]
         graphed = fastpath.CudaGraphForward(model)

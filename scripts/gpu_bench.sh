@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# GPU benchmark runs behind docs/benchmarks.md, one phase per device call (each fits in 10 minutes).
+#
+#   bash scripts/gpu_bench.sh PHASE [OUT]      PHASE: check | flux1 | flux2 | wan | graphs
+#
+# Needs: python3 with CUDA torch and Triton; diffusers (and importlib_metadata) as wheels in .whl/ when the machine
+# lacks them. Writes logs and JSON reports to OUT (default: $OUT, else ./outputs/bench).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+phase="${1:?phase: check | flux1 | flux2 | wan | graphs}"
+out="${2:-${OUT:-outputs/bench}}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import diffusers" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+bench="python3 -m fp8cookbook.cli bench --synthetic full --verbose"
+log="$out/$phase.log"
+{
+  nvidia-smi -L
+  python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'diffusers', diffusers.__version__)"
+  case "$phase" in
+    check)
+      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8linear.py tests/test_bench.py
+      timeout 60 python3 scripts/gemm_levers.py --output "$out/gemm-levers.json"
+      ;;
+    flux1)
+      timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8linear.py tests/test_bench.py
+      timeout 60 python3 scripts/gemm_levers.py --output "$out/gemm-levers.json"
+      timeout 150 $bench --family flux1 --steps 10 --levers --cuda-graphs --output "$out/flux1-eager.json"
+      timeout 220 $bench --family flux1 --steps 10 --compile --levers --output "$out/flux1-compiled.json"
+      ;;
+    flux2)
+      timeout 60 python3 scripts/gemm_levers.py --output "$out/gemm-levers.json"
+      timeout 170 $bench --family flux2 --steps 8 --levers --cuda-graphs --output "$out/flux2-eager.json"
+      timeout 170 $bench --family flux2 --steps 8 --compile --levers --output "$out/flux2-compiled.json"
+      timeout 60 python3 scripts/profile_step.py --family flux1 --output "$out/profile-flux1.json"
+      timeout 70 $bench --family flux1 --steps 10 --compile --attention-backend _native_cudnn --output "$out/flux1-compiled-cudnn.json"
+      timeout 60 $bench --family flux1 --steps 10 --compile --include-fallback --output "$out/flux1-compiled-allfp8.json"
+      ;;
+    wan)
+      timeout 300 $bench --family wan22 --steps 2 --runs 2 --levers --output "$out/wan22-a14b-eager.json"
+      timeout 260 $bench --family wan22 --steps 2 --runs 2 --compile --output "$out/wan22-a14b-compiled.json"
+      ;;
+    graphs)
+      timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8linear.py tests/test_bench.py
+      timeout 200 $bench --family flux1 --steps 10 --compile --levers --cuda-graphs --output "$out/flux1-compiled-graphs.json"
+      timeout 200 $bench --family flux2 --steps 8 --compile --cuda-graphs --output "$out/flux2-compiled-graphs.json"
+      ;;
+    *) echo "unknown phase $phase"; exit 2 ;;
+  esac
+} 2>&1 | tee "$log"
