@@ -26,8 +26,21 @@ def __getattr__(name: str):
         from . import fp8linear
 
         return fp8linear.FP8Linear
+    if name in ("quantize_pipeline",):
+        from . import quantize
+
+        return quantize.quantize_pipeline
+    if name in ("compare_trajectories",):
+        from . import compare
+
+        return compare.compare_trajectories
+    if name in ("load_pipeline",):
+        from . import pipelines
+
+        return pipelines.load_pipeline
     raise AttributeError(name)
 
 
 __all__ = ["Fp8CookbookError", "FAMILIES", "Family", "get_family", "load_fp8_transformer", "LoadReport",
-           "convert_checkpoint", "ConvertStats", "inspect_checkpoint", "FP8Linear", "__version__"]
+           "convert_checkpoint", "ConvertStats", "inspect_checkpoint", "FP8Linear", "quantize_pipeline",
+           "compare_trajectories", "load_pipeline", "__version__"]
