@@ -1,0 +1,262 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Wan2.2 in FP8: quantize both experts, check, time, serve
+#
+# This notebook takes Wan2.2's video transformers from BF16 to FP8 checkpoints that SGLang serves. Wan2.2 T2V-A14B
+# (the default) denoises with two experts: `transformer` takes the high-noise steps (timestep at or above the
+# boundary, 0.875 x 1000) and `transformer_2` the low-noise ones; both are calibrated in the same pipeline runs, each
+# on its own steps, and both become FP8. Set `family = "wan22-ti2v-5b"` for the single-transformer TI2V-5B. By
+# default the tiny offline pipeline (the real diffusers classes with random weights, 64x64, 5 frames) runs on the
+# CPU in about a minute; set `model_path` to run the real model on a GPU. Each step is one library call, and each
+# has a CLI twin, shown as it comes (`SKILL.md` lists them for agents).
+
+# %%
+from pathlib import Path
+
+from IPython.display import display
+
+from fp8cookbook import bench as benchmark  # the parameter `run_bench` below is a switch, not this function
+from fp8cookbook import notebook as nb
+from fp8cookbook.checkpoint import inspect_checkpoint
+from fp8cookbook.compare import Thresholds, compare_trajectories, write_outputs
+from fp8cookbook.convert import convert_checkpoint
+from fp8cookbook.families import get_family
+from fp8cookbook.offload import place_pipeline
+from fp8cookbook.pipelines import load_pipeline, tiny_pipeline_dir
+from fp8cookbook.plots import plot_images, plot_step_metrics
+from fp8cookbook.quantize import quantize_pipeline
+
+# %% tags=["parameters"]
+family = "wan22-a14b"  # "wan22-a14b" (T2V, two experts) or "wan22-ti2v-5b" (one transformer)
+model_path = None  # None: the tiny offline pipeline; or "Wan-AI/Wan2.2-T2V-A14B-Diffusers" or a local folder
+device = "auto"  # "auto": cuda when available, else cpu
+dtype = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU (CPU bfloat16 matmuls are ~10x slower)
+prompts = ["a fox walking through neon rain"]  # each is denoised by BF16 and by FP8 and compared
+calibration_prompts = None  # None: the shipped prompts; or a list, or a file with one prompt per line
+num_calibration_prompts = None  # None: 4 (tiny) or 16 (real)
+calibration_steps = None  # steps per calibration prompt; None: 4 (tiny A14B), 3 (tiny 5B) or 20; A14B needs both sides
+height = None  # None: 64 (tiny), 480 (A14B) or 704 (5B)
+width = None  # None: 64 (tiny), 832 (A14B) or 1280 (5B)
+num_frames = None  # 4k+1; None: 5 (tiny), 81 (A14B) or 121 (5B)
+steps = None  # denoising steps compared and timed; None: 4 (tiny A14B), 3 (tiny 5B), 40 (A14B) or 50 (5B)
+guidance_scale = None  # None: 4.0 (A14B) or 5.0 (5B)
+seed = 0  # noise seed of the comparison; calibration prompt i uses seed + i
+min_cosine = 0.95  # final latents: cosine(BF16, FP8) must be at least this
+min_step_cosine = 0.9  # the same, after every step
+max_rel_l2 = 0.3  # final latents: ||FP8 - BF16|| / ||BF16|| at most this
+min_psnr = 20.0  # decoded frames (first, middle, all), dB
+min_ssim = 0.7  # decoded frames
+keep_bf16 = []  # extra module regexes kept in BF16 (re-converts the exports), e.g. ["blocks\\.3\\.ffn"]
+text_encoder_cpu_offload = None  # park the text encoder on the CPU between uses; None: on for a real model
+output_dir = "outputs/wan22"  # checkpoints, comparison, bench.json and report.json
+run_bench = True  # time BF16 vs FP8 denoising (section 7)
+compile = False  # torch.compile both sides of the benchmark
+
+# %% [markdown]
+# ## 1. Load the BF16 pipeline
+#
+# `load_pipeline` reads a local folder or hub id (or, with `model_path=None`, builds the tiny pipeline once and
+# caches it). `place_pipeline` puts it on the device; text-encoder and VAE offload are fine at any time, DiT offload
+# is not (section 5).
+
+# %%
+fam = get_family(family)
+device, torch_dtype = nb.runtime(device, dtype, tiny=model_path is None)
+if text_encoder_cpu_offload is None:
+    text_encoder_cpu_offload = model_path is not None and device != "cpu"
+output_dir = Path(output_dir).expanduser().resolve()
+prompts = nb.as_prompts(prompts)
+calibration_prompts = nb.as_prompts(calibration_prompts, optional=True, files=True)
+base = str(model_path or tiny_pipeline_dir(fam.name))  # the BF16 pipeline: SGLang's --model-path
+gen = nb.generation_settings(fam, model_path, height=height, width=width, num_frames=num_frames, steps=steps,
+                             guidance_scale=guidance_scale)
+settings = dict(model_path=model_path, device=device, dtype=str(torch_dtype), prompts=prompts, seed=seed,
+                keep_bf16=keep_bf16, **gen)
+report = nb.NotebookReport("wan22", fam, output_dir, settings)
+pipe = load_pipeline(fam.name, model_path, dtype=torch_dtype)
+place_pipeline(pipe, device, text_encoder_cpu_offload=text_encoder_cpu_offload)
+print(f"{fam.title}: {type(pipe).__name__} from {base}, experts {list(fam.experts)}"
+      + (f", boundary {fam.boundary_ratio}" if fam.boundary_ratio else ""))
+print(f"comparison settings {gen}")
+
+# %% [markdown]
+# ## 2. Quantize with ModelOpt
+#
+# `quantize_pipeline` inserts FP8 quantizers into every transformer (per-tensor E4M3 weights and static inputs on
+# every `nn.Linear`, except ModelOpt's sensitive Wan layers: the patch embedding, the condition embedders, `proj_out`
+# and the first and last three blocks), runs the whole pipeline over the calibration prompts, and writes per expert
+# the ModelOpt state, the ModelOpt export and the converted SGLang checkpoint. The forward calls below show that each
+# A14B expert saw its own steps: an expert that never ran would stop the run, naming it.
+# CLI twin: `fp8cookbook quantize --family wan22 --output-dir DIR`.
+
+# %%
+result = quantize_pipeline(fam.name, pipe, output_dir / "checkpoint", prompts=calibration_prompts,
+                           num_prompts=num_calibration_prompts, num_inference_steps=calibration_steps, seed=seed,
+                           height=height, width=width, num_frames=num_frames, guidance_scale=guidance_scale,
+                           overwrite=True, progress=model_path is not None)
+report.quantize(result)
+print("\n".join(result.lines()))
+print("calibration timesteps:", result.calibration["timesteps"])
+
+# %% [markdown]
+# ## 3. Convert to SGLang's FP8 format
+#
+# The converter turned each export into the folder SGLang loads: FP8 weights with float32 `weight_scale` and
+# `input_scale` (amax / 448), and the layers calibration left alone listed in `ignore` (Wan has no extra BF16
+# fallback profile: ModelOpt's filter already keeps its sensitive layers in BF16). With `keep_bf16` set, the exports
+# are converted again with those extra layers in BF16 (what to try when the comparison below misses a threshold).
+
+# %%
+for name, p in result.paths.items():
+    if keep_bf16:
+        result.convert_stats[name] = convert_checkpoint(p["export"], p["fp8"], state_file=p["state"],
+                                                        base_transformer=p["base"], family=fam.name,
+                                                        keep_bf16=keep_bf16, overwrite=True, progress=False)
+    stats = result.convert_stats[name]
+    print(f"{name}: {p['export']} -> {p['fp8']}")
+    print("\n".join("  " + line for line in stats.lines()))
+    print("  kept in BF16 (ignore):", ", ".join(stats.ignore))
+    print(f"  CLI twin: fp8cookbook convert {p['export']} {p['fp8']} --state-file {p['state']} "
+          f"--base-transformer {p['base']}" + "".join(f" --keep-bf16 '{k}'" for k in keep_bf16) + " --overwrite")
+report.convert(result.convert_stats)
+
+# %% [markdown]
+# ## 4. Inspect the checkpoints
+#
+# `inspect_checkpoint` reads only the headers and scales: dtypes, FP8 layer count, which modules `ignore` keeps in
+# BF16, and scale ranges. "consistent" means SGLang and fp8cookbook's loader agree on every layer.
+# CLI twin: `fp8cookbook inspect DIR` (exit status 1 when inconsistent).
+
+# %%
+for name, p in result.paths.items():
+    info = inspect_checkpoint(p["fp8"])
+    report.inspect(name, info)
+    print("\n".join(info.lines()))
+
+# %% [markdown]
+# ## 5. Load the FP8 transformers, offload disabled
+#
+# Quantization left the pipeline's transformers holding export weights, so the BF16 pipeline is loaded again as the
+# reference. Each FP8 checkpoint is loaded into `WanTransformer3DModel` with every non-ignored Linear an
+# `FP8Linear`. The loader is asked for DiT CPU offload and layer-wise offload, as a serving config might (SGLang may
+# even turn layer-wise offload on by itself for Wan): both are turned off, with the warnings below, because offload
+# rebuilds weights contiguously and loses the column-major FP8 weight view the FP8 GEMM needs. SGLang needs the same:
+# `--dit-cpu-offload false --dit-layerwise-offload false`.
+
+# %%
+del pipe
+nb.release_memory()
+pipe = load_pipeline(fam.name, model_path, dtype=torch_dtype)
+place_pipeline(pipe, device, text_encoder_cpu_offload=text_encoder_cpu_offload)
+offload_idle = model_path is not None  # real models: the side not running waits on the CPU
+fp8, load_reports, offload_warnings = nb.load_fp8_transformers(result.paths, device="cpu" if offload_idle else device,
+                                                               dtype=torch_dtype)
+report.load(load_reports, offload_warnings)
+for message in offload_warnings:
+    print("warning:", message)
+for load_report in load_reports.values():
+    print("\n".join(load_report.lines()))
+
+# %% [markdown]
+# ## 6. Compare the BF16 and FP8 trajectories
+#
+# Each prompt is denoised twice through the same pipeline object, with the same noise, scheduler and settings: once
+# with the BF16 experts, once with the FP8 ones. The latents are compared after every step (the expert column shows
+# the A14B handover) and the decoded frames at the end (first, middle, all: PSNR, SSIM); the thresholds from the
+# parameters decide pass or fail. CLI twin: `fp8cookbook compare --family wan22 --candidate DIR --candidate-2 DIR
+# --output-dir DIR`.
+
+# %%
+thresholds = Thresholds(min_cosine=min_cosine, min_step_cosine=min_step_cosine, max_rel_l2=max_rel_l2,
+                        min_psnr=min_psnr, min_ssim=min_ssim)
+comparisons = []
+for i, prompt in enumerate(prompts):
+    with nb.record_latents(pipe, gen["height"], gen["width"], steps=gen["steps"]) as latents:
+        comparison = compare_trajectories(pipe, {}, fp8, family=fam, prompt=prompt, seed=seed, **gen,
+                                          progress=False, offload_idle=offload_idle)
+    files = write_outputs(comparison, output_dir / "compare" / f"prompt{i}", thresholds)
+    report.compare(comparison, thresholds, files)
+    comparisons.append((comparison, latents))
+    print(f"prompt {i}: {prompt!r}")
+    print("\n".join(comparison.summary_lines()))
+    print("\n".join(f"MISSED: {line}" for line in comparison.failures(thresholds)) or "all thresholds met")
+
+# %%
+comparison, latents = comparisons[0]
+nb.show(plot_step_metrics(comparison, thresholds))
+nb.show(plot_images(comparison))
+
+# %% [markdown]
+# Step by step: the slider (live in Jupyter) shows the BF16 and FP8 latents of the middle latent frame after any
+# step and where they differ; the strip below is the static view of the same, which is what an executed notebook
+# keeps.
+
+# %%
+strip = nb.step_viewer(*latents.pair(), comparison, save_to=output_dir / "compare" / "prompt0" / "steps.png")
+
+# %% [markdown]
+# ## 7. Time denoising
+#
+# BF16 and FP8 denoising loops in one process, same inputs, same compile setting: the pipeline's BF16 experts first,
+# then the FP8 checkpoints in their place; median of several loops after warm-up, and how many FP8 layers ran. Wan2.2
+# runs two forwards per step (classifier-free guidance). CPU numbers of the tiny model say nothing about GPU speed:
+# run with a real `model_path` on an H100/H200 for those. CLI twin: `fp8cookbook bench --family wan22 --model-path
+# PIPELINE --fp8 DIR`.
+
+# %%
+del fp8, pipe
+nb.release_memory()
+if run_bench:
+    bench_settings = benchmark.BenchSettings(family=fam.name, model_path=base, fp8_path=str(result.output_dir / "fp8"),
+                                             height=gen["height"], width=gen["width"], num_frames=gen["num_frames"],
+                                             steps=gen["steps"], compile=compile, device=device)
+    bench = benchmark.run_bench(bench_settings, output=output_dir / "bench.json")
+    report.bench(bench, output_dir / "bench.json")
+    print("\n".join(benchmark.summary_lines(bench)))
+else:
+    print("skipped (run_bench=False)")
+
+# %% [markdown]
+# ## 8. Results
+#
+# The table sums up every step; `report.json` in `output_dir` holds the same by name (settings, calibration,
+# conversion, inspection, load, per-prompt metrics, timing, the serve command, `passed`), for scripts and tests.
+
+# %%
+serve = nb.sglang_command(fam, base, report.data["checkpoint"], prompt=prompts[0],
+                          height=gen["height"], width=gen["width"], num_frames=gen["num_frames"], steps=gen["steps"],
+                          guidance_scale=gen["guidance_scale"], seed=seed, output_path=output_dir / "sglang")
+report.serve(serve)
+if model_path is None:
+    report.note(f"the tiny pipeline has random weights: it shows the workflow, not {fam.title} quality or speed; "
+                f"run `fp8cookbook run wan22 -p family {fam.name} -p model_path {fam.hub_id}` on a GPU for the "
+                "real model")
+if fam.name == "wan22-ti2v-5b":
+    report.note("TI2V-5B FP8 is not in SGLang's validated ModelOpt matrix (FLUX.1, FLUX.2, Wan2.2-T2V-A14B): check "
+                "the served output against this notebook's comparison")
+display(report.table())
+print("wrote", report.write())
+
+# %% [markdown]
+# ## 9. Serve with SGLang
+#
+# The FP8 expert folders go to `--transformer-path` and, for A14B, `--transformer-2-path`; everything else (text
+# encoder, VAE, scheduler) comes from the BF16 base in `--model-path`. A14B runs on 4 GPUs with Ulysses sequence
+# parallelism (`--num-gpus 4 --ulysses-degree 4`), its text encoder parked on the CPU. DiT offload stays off for FP8.
+# Run it where SGLang is installed (`pip install 'fp8cookbook[sglang]'`, CUDA GPUs with FP8: Ada, Hopper or newer):
+
+# %%
+print(serve)

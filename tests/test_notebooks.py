@@ -1,0 +1,250 @@
+"""The cookbook notebooks and `fp8cookbook run`.
+
+nbval (`pytest --nbval-lax tests notebooks`) executes every notebook on its defaults; these tests check what nbval
+cannot: each .py/.ipynb pair says the same, the .ipynb files carry no outputs, every notebook has the template's
+shape and the parameters papermill needs, and `fp8cookbook run` works end to end with `-p` overrides (read back
+from report.json, the notebook's results recorded by name).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+jupytext = pytest.importorskip("jupytext")
+papermill = pytest.importorskip("papermill")
+nbformat = pytest.importorskip("nbformat")
+
+from fp8cookbook import notebook as nb  # noqa: E402
+from fp8cookbook.checkpoint import inspect_checkpoint  # noqa: E402
+from fp8cookbook.cli import main  # noqa: E402
+from fp8cookbook.errors import Fp8CookbookError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ["flux1", "flux2", "wan22"]
+PARAMETERS = {"model_path", "device", "dtype", "prompts", "calibration_prompts", "num_calibration_prompts",
+              "calibration_steps", "height", "width", "steps", "guidance_scale", "seed", "min_cosine",
+              "min_step_cosine", "max_rel_l2", "min_psnr", "min_ssim", "keep_bf16", "output_dir", "run_bench",
+              "compile"}
+
+
+def _cells(notebook) -> list[tuple[str, str, tuple[str, ...]]]:
+    return [(c.cell_type, c.source.strip(), tuple(c.metadata.get("tags", ()))) for c in notebook.cells]
+
+
+# ------------------------------------------------------------------------------------------ the notebook files
+def test_jupytext_pairing_config():
+    config = (ROOT / "notebooks" / "jupytext.toml").read_text()
+    assert re.search(r'^formats\s*=\s*"ipynb,py:percent"', config, re.M), config
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_pair_in_sync(name):
+    """The .py (reviewed, edited) and the .ipynb (executed) hold the same cells; fix with `jupytext --sync`."""
+    py = jupytext.read(ROOT / "notebooks" / f"{name}.py")
+    ipynb = jupytext.read(ROOT / "notebooks" / f"{name}.ipynb")
+    a, b = _cells(py), _cells(ipynb)
+    assert len(a) == len(b), f"{name}: {len(a)} cells in .py, {len(b)} in .ipynb: run `jupytext --sync notebooks/{name}.py`"
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x == y, f"{name}: cell {i} differs between .py and .ipynb: run `jupytext --sync notebooks/{name}.py`"
+    assert ipynb.metadata["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_ipynb_committed_without_outputs(name):
+    notebook = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    dirty = [i for i, c in enumerate(notebook.cells)
+             if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count") is not None)]
+    assert not dirty, f"{name}.ipynb: cells {dirty} carry outputs; clear them (jupytext --to ipynb notebooks/{name}.py)"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_template_shape(name):
+    """Title and intent, imports, the parameters cell, numbered sections, results, and the serve command last."""
+    cells = jupytext.read(ROOT / "notebooks" / f"{name}.py").cells
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# "), f"{name}: no title first"
+    assert len(cells[0].source.split("\n\n")) >= 2, f"{name}: the title cell needs a paragraph of intent"
+    assert cells[1].cell_type == "code" and "import" in cells[1].source, f"{name}: imports come second"
+    assert cells[2].metadata.get("tags") == ["parameters"], f"{name}: the third cell must be tagged `parameters`"
+    sections = [m.group(1, 2) for c in cells if c.cell_type == "markdown"
+                for m in re.finditer(r"^## (\d+)\. (.+)$", c.source, re.M)]
+    numbers = [int(n) for n, _ in sections]
+    assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) >= 8, f"{name}: sections {sections}"
+    titles = " / ".join(t for _, t in sections).lower()
+    for word in ("quantize", "convert", "inspect", "load", "compare", "time", "results", "serve"):
+        assert word in titles, f"{name}: no section about {word!r}: {titles}"
+    assert "sglang_command" in cells[-3].source + cells[-1].source or "print(serve)" in cells[-1].source
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_parameters(name):
+    params = papermill.inspect_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"))
+    missing = (PARAMETERS | ({"num_frames", "family"} if name == "wan22" else set())) - set(params)
+    assert not missing, f"{name}: parameters cell lacks {sorted(missing)}"
+    defaults = {k: p["default"] for k, p in params.items()}
+    assert defaults["model_path"] == "None", "the default must be the tiny offline pipeline"
+    assert defaults["run_bench"] == "True" and defaults["compile"] == "False"
+    assert defaults["output_dir"] == f'"outputs/{name}"'
+    assert all(p["help"] for p in params.values()), f"{name}: every parameter needs a `# help` comment"
+
+
+# ----------------------------------------------------------------------------------------- helpers of `run`
+@pytest.mark.parametrize("text, value", [
+    ("3", 3), ("-2", -2), ("0.5", 0.5), ("1e-3", 1e-3), ("True", True), ("False", False), ("None", None),
+    ("outputs/x", "outputs/x"), ("a red fox", "a red fox"), ("true", "true"),
+    ('["a cat", "a dog"]', ["a cat", "a dog"]), ("[1, 2]", [1, 2]), ("{min_cosine: 0.9}", {"min_cosine": 0.9}),
+    ('["^blocks\\\\.0\\\\."]', ["^blocks\\.0\\."]),
+])
+def test_parse_value_like_papermill(text, value):
+    assert nb.parse_value(text) == value
+
+
+def test_parse_value_bad_list():
+    with pytest.raises(Fp8CookbookError, match="JSON/YAML"):
+        nb.parse_value('["unclosed"')
+
+
+def test_find_notebook():
+    path, preset = nb.find_notebook("flux1")
+    assert path == ROOT / "notebooks" / "flux1.ipynb" and preset == {}
+    path, preset = nb.find_notebook("wan22-ti2v-5b")
+    assert path.name == "wan22.ipynb" and preset == {"family": "wan22-ti2v-5b", "output_dir": "outputs/wan22-ti2v-5b"}
+    assert nb.find_notebook(str(ROOT / "notebooks" / "flux2.py"))[0].name == "flux2.py"
+    with pytest.raises(Fp8CookbookError, match="known: flux1, flux2, wan22"):
+        nb.find_notebook("flux3")
+    with pytest.raises(Fp8CookbookError, match="no such notebook file"):
+        nb.find_notebook("missing/flux1.ipynb")
+
+
+def test_notebooks_not_found_says_why(monkeypatch, tmp_path):
+    monkeypatch.setattr(nb, "notebooks_dir", lambda: tmp_path / "notebooks")
+    with pytest.raises(Fp8CookbookError, match=r"pip install -e \."):
+        nb.find_notebook("flux1")
+
+
+def test_run_refuses_unknown_parameter(capsys):
+    assert main(["run", "flux1", "-p", "sed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown parameter(s) sed" in err and "seed" in err and err.count("\n") == 1, err
+
+
+def test_help_notebook(capsys):
+    assert main(["run", "wan22-ti2v-5b", "--help-notebook"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"family\s+'wan22-ti2v-5b'", out) and re.search(r"num_frames\s+None", out), out
+
+
+def test_sglang_command_per_family():
+    flux1 = nb.sglang_command("flux1", "black-forest-labs/FLUX.1-dev", {"transformer": "out/fp8/transformer"},
+                              prompt="a red house", height=1024, width=1024, steps=28, guidance_scale=3.5, seed=0)
+    assert flux1.startswith("sglang generate --model-path black-forest-labs/FLUX.1-dev")
+    assert "--transformer-path out/fp8/transformer" in flux1 and "--transformer-2-path" not in flux1
+    assert "--dit-cpu-offload false --dit-layerwise-offload false" in flux1
+    assert "--prompt 'a red house'" in flux1 and "--num-frames" not in flux1 and "--num-gpus" not in flux1
+    a14b = nb.sglang_command("wan22", "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+                             {"transformer": "w/transformer", "transformer_2": "w/transformer_2"},
+                             prompt="a fox", height=480, width=832, num_frames=81, steps=40)
+    for flag in ("--transformer-path w/transformer", "--transformer-2-path w/transformer_2", "--num-gpus 4",
+                 "--ulysses-degree 4", "--dit-cpu-offload false --dit-layerwise-offload false", "--num-frames 81"):
+        assert flag in a14b, (flag, a14b)
+    five = nb.sglang_command("wan22-ti2v-5b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", {"transformer": "t"}, prompt="x")
+    assert "--num-gpus" not in five and "--transformer-2-path" not in five
+    assert "--text-encoder-cpu-offload true" in nb.sglang_command("flux2", "m", {"transformer": "t"}, prompt="x")
+    with pytest.raises(Fp8CookbookError, match="transformer, transformer_2"):
+        nb.sglang_command("wan22", "m", {"transformer_3": "t"}, prompt="x")
+
+
+def test_as_prompts(tmp_path):
+    assert nb.as_prompts("a cat") == ["a cat"]
+    assert nb.as_prompts(["a", "b"]) == ["a", "b"]
+    assert nb.as_prompts(None, optional=True) is None
+    (tmp_path / "p.txt").write_text("# mine\na cat\n\na dog\n")
+    assert nb.as_prompts(str(tmp_path / "p.txt"), files=True) == ["a cat", "a dog"]
+    with pytest.raises(Fp8CookbookError, match="non-empty"):
+        nb.as_prompts([])
+
+
+# ------------------------------------------------------------------------------------- `run`, end to end
+_SMALL = '''# %% [markdown]
+# # A small notebook
+
+# %% tags=["parameters"]
+values = [1]  # numbers
+fail = False  # raise on purpose
+output_dir = "outputs/small"  # where report.json goes
+
+# %%
+import json, pathlib
+if fail:
+    raise ValueError("asked to fail")
+pathlib.Path(output_dir).mkdir(parents=True, exist_ok=True)
+pathlib.Path(output_dir, "report.json").write_text(json.dumps(
+    {"passed": sum(values) > 0, "values": values, "summary": [{"what": "sum", "result": str(sum(values))}]}))
+'''
+
+
+def test_run_a_jupytext_file(tmp_path, monkeypatch, capsys):
+    """A .py path runs too; -p lists arrive as lists; output_dir defaults under the current directory."""
+    source = tmp_path / "small.py"
+    source.write_text(_SMALL)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(source), "-p", "values", "[2, 3]", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "outputs" / "small" / "report.json").read_text())
+    assert report["values"] == [2, 3]
+    assert (tmp_path / "outputs" / "small" / "small.ipynb").is_file()
+    assert "executed" in out and re.search(r"^sum\s+5$", out, re.M), out
+    assert main(["run", str(source), "-p", "values", "[-1]", "--quiet"]) == 1  # report says not passed
+    assert main(["run", str(source), "-p", "fail", "True", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "stopped in cell" in err and "ValueError: asked to fail" in err and err.count("\n") <= 2, err
+
+
+def test_run_flux1_with_overrides(tmp_path, capsys):
+    """README's main command with papermill overrides: seed and keep_bf16 reach every step; output_dir holds all."""
+    out_dir = tmp_path / "flux1 run"
+    keep = r'["^single_transformer_blocks\\."]'
+    assert main(["run", "flux1", "-p", "output_dir", str(out_dir), "-p", "seed", "3", "-p", "keep_bf16", keep,
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["schema"] == nb.REPORT_SCHEMA and report["passed"] is True, report["failures"]
+    assert report["settings"]["seed"] == 3 and report["quantize"]["calibration"]["seed"] == 3
+    assert [c["settings"]["seed"] for c in report["compare"]["prompts"]] == [3]
+    assert report["settings"]["keep_bf16"] == ["^single_transformer_blocks\\."]
+    stats = report["convert"]["transformer"]
+    assert stats["bf16_fallback_weights"] > 7, stats  # FLUX.1's 7 fallbacks plus the single block's layers
+    assert any(p.startswith("single_transformer_blocks.0.attn.to_q") for p in stats["ignore"]), stats["ignore"]
+    checkpoint = Path(report["checkpoint"]["transformer"])
+    assert checkpoint == out_dir / "checkpoint" / "fp8" / "transformer"
+    assert not inspect_checkpoint(checkpoint).problems
+    assert len(report["load"]["warnings"]) == 2 and "offload disabled" in report["load"]["warnings"][0]
+    assert report["bench"]["fp8_layers_ran"] == report["bench"]["fp8_layers"] > 0
+    assert f"--transformer-path '{checkpoint}'" in report["serve"]  # quoted: the folder name has a space
+    assert "--dit-cpu-offload false --dit-layerwise-offload false" in report["serve"] and "--seed 3" in report["serve"]
+    for line in (f"executed             {out_dir / 'flux1.ipynb'}", f"report               {out_dir / 'report.json'}",
+                 f"checkpoint           transformer: {checkpoint}", "serve with SGLang:", "  sglang generate"):
+        assert line in printed, (line, printed)
+    executed = nbformat.read(out_dir / "flux1.ipynb", as_version=4)
+    assert not [o for c in executed.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    images = [o for c in executed.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 3  # step metrics, decoded images, the static steps strip
+    assert (out_dir / "compare" / "prompt0" / "steps.png").is_file() and (out_dir / "bench.json").is_file()
+
+
+def test_run_wan22_ti2v_5b(tmp_path, capsys):
+    """TI2V-5B through the wan22 notebook, chosen by name (the `family` parameter), without the benchmark."""
+    out_dir = tmp_path / "w"
+    assert main(["run", "wan22-ti2v-5b", "-p", "output_dir", str(out_dir), "-p", "run_bench", "False", "--quiet"]) == 0
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["family"] == "wan22-ti2v-5b" and report["bench"] is None and report["passed"] is True
+    assert list(report["checkpoint"]) == ["transformer"] and "--num-frames 5" in report["serve"]
+    capsys.readouterr()
+
+
+def test_outputs_folder_is_ignored():
+    """nbval runs the notebooks inside notebooks/, whose default output_dir is outputs/NAME there."""
+    assert "outputs/" in (ROOT / "notebooks" / ".gitignore").read_text().split()

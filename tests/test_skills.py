@@ -1,0 +1,138 @@
+"""The agent skills cannot rot: front matter is valid, and every shell command in every SKILL.md runs.
+
+Each SKILL.md's ```bash blocks run in order, as one script, in a fresh working folder, on the tiny built-in
+pipelines on the CPU; a failing command fails the test with its output. Blocks fenced ```bash gpu need real
+checkpoints and a CUDA GPU: they are skipped with that reason, but every `fp8cookbook` command in them (and in the
+CPU blocks) must still parse with the real CLI parser, so a renamed flag breaks the test either way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fp8cookbook.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+SKILLS = [ROOT / "SKILL.md"] + sorted((ROOT / "skills").glob("*/SKILL.md"))
+FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
+MAX_LINES = 110  # "about 100 lines": long skills stop being read
+
+
+def _id(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def front_matter(path: Path) -> dict:
+    text = path.read_text()
+    m = re.match(r"---\n(.*?)\n---\n", text, re.S)
+    assert m, f"{_id(path)}: no YAML front matter (--- name/description ---) at the top"
+    return yaml.safe_load(m.group(1))
+
+
+def blocks(path: Path) -> list[tuple[str, str]]:
+    """(info string, dedented body) of every fenced bash block."""
+    out = []
+    for m in FENCE.finditer(path.read_text()):
+        info = m.group("info").strip().split()
+        if info and info[0] in ("bash", "sh", "shell"):
+            body = "\n".join(line[len(m.group("indent")):] for line in m.group("body").splitlines())
+            out.append((" ".join(info[1:]), body))
+    return out
+
+
+def commands(script: str) -> list[list[str]]:
+    """argv of every simple command in a block: continuation lines and multi-line quotes joined, comments dropped,
+    pipelines and lists (`|`, `||`, `&&`, `;`) split."""
+    out: list[list[str]] = []
+    pending = ""
+    for line in script.splitlines():
+        pending += line + "\n"
+        if line.endswith("\\"):  # continued on the next line
+            continue
+        try:
+            lexer = shlex.shlex(pending.replace("\\\n", " "), posix=True, punctuation_chars=True)
+            lexer.whitespace_split = True
+            tokens = list(lexer)
+        except ValueError:  # an open quote: the command goes on on the next line
+            continue
+        pending = ""
+        argv: list[str] = []
+        for token in tokens + [";"]:
+            if token in ("|", "||", "&&", ";", "&"):
+                if argv:
+                    out.append(argv)
+                argv = []
+            else:
+                argv.append(token)
+    assert not pending.strip(), f"unbalanced quotes in: {pending}"
+    return out
+
+
+def test_skill_files_exist():
+    names = {p.parent.name for p in SKILLS[1:]}
+    assert {"quantize-to-fp8", "add-model-family", "debug-fp8-accuracy", "benchmark-denoising"} <= names, names
+
+
+@pytest.mark.parametrize("path", SKILLS, ids=_id)
+def test_front_matter_and_shape(path):
+    meta = front_matter(path)
+    assert set(meta) >= {"name", "description"}, f"{_id(path)}: front matter has {sorted(meta)}"
+    assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", meta["name"]), f"{_id(path)}: name {meta['name']!r} is not kebab-case"
+    if path.parent != ROOT:
+        assert meta["name"] == path.parent.name, f"{_id(path)}: name {meta['name']!r} != folder {path.parent.name!r}"
+    assert len(meta["description"]) >= 80, f"{_id(path)}: the description should say what it does and when to use it"
+    lines = path.read_text().count("\n")
+    assert lines <= MAX_LINES, f"{_id(path)}: {lines} lines, keep skills under {MAX_LINES}"
+    assert blocks(path), f"{_id(path)}: no ```bash block: a skill gives the exact commands"
+    assert re.search(r"^\s*1\. ", path.read_text(), re.M), f"{_id(path)}: no numbered steps"
+
+
+@pytest.mark.parametrize("path", SKILLS, ids=_id)
+def test_fp8cookbook_commands_parse(path):
+    """Every `fp8cookbook ...` command, GPU ones included, is accepted by the CLI parser."""
+    parser = build_parser()
+    found = 0
+    for _, body in blocks(path):
+        for argv in commands(body):
+            if argv[0] != "fp8cookbook":
+                continue
+            found += 1
+            try:
+                parser.parse_args(argv[1:])
+            except SystemExit:
+                pytest.fail(f"{_id(path)}: the CLI does not accept: {shlex.join(argv)}")
+    assert found, f"{_id(path)}: no fp8cookbook command"
+
+
+@pytest.mark.parametrize("path", SKILLS, ids=_id)
+def test_gpu_commands(path):
+    gpu = [body for info, body in blocks(path) if "gpu" in info.split()]
+    if not gpu:
+        pytest.skip("no GPU-only commands in this skill")
+    for body in gpu:
+        assert "--dit-cpu-offload false" in body or "sglang generate" not in body, \
+            f"{_id(path)}: an sglang generate command without --dit-cpu-offload false"
+    pytest.skip(f"{sum(len(commands(b)) for b in gpu)} GPU-only command(s): need real checkpoints and a CUDA GPU with FP8")
+
+
+@pytest.mark.parametrize("path", SKILLS, ids=_id)
+def test_skill_commands_run(path, tmp_path):
+    """The CPU blocks of one skill, in order, as one bash script in an empty folder."""
+    cpu = [body for info, body in blocks(path) if "gpu" not in info.split()]
+    script = "set -euo pipefail\n" + "\n".join(cpu)
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)  # `fp8cookbook` and `python` of this environment come first
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.setdefault("MPLBACKEND", "Agg")
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: a thread pool costs more than the arithmetic (CI time)
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (f"{_id(path)}: a command failed (exit {proc.returncode})\n--- script\n{script}\n"
+                                  f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
