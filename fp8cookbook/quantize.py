@@ -110,13 +110,7 @@ def _tensor_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def check_amaxes(model: nn.Module) -> None:
     """Every enabled quantizer needs a finite positive amax, or export fails (or writes garbage scales)."""
-    bad = []
-    for name, q in _tensor_quantizers(model):
-        if not q.is_enabled:
-            continue
-        amax = q.amax
-        if amax is None or not bool(torch.isfinite(amax).all()) or not bool((amax > 0).all()):
-            bad.append(f"{name} (amax={None if amax is None else amax.float().tolist()})")
+    bad = _missing_amaxes(model)
     if bad:
         raise Fp8CookbookError(
             f"{len(bad)} enabled quantizer(s) got no usable amax from calibration: {', '.join(bad)}. "
@@ -458,10 +452,8 @@ def _missing_amaxes(model: nn.Module) -> list[str]:
     """Enabled quantizers without a finite positive amax, by module name."""
     bad = []
     for name, q in _tensor_quantizers(model):
-        if not q.is_enabled:
-            continue
         amax = q.amax
-        if amax is None or not bool(torch.isfinite(amax).all()) or not bool((amax > 0).all()):
+        if q.is_enabled and (amax is None or not bool(torch.isfinite(amax).all()) or not bool((amax > 0).all())):
             bad.append(name)
     return bad
 

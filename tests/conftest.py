@@ -77,6 +77,27 @@ def handmade(tmp_path, _handmade_cache) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core box two threads run 10-50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fp8cookbook-cache")
+
+
+@pytest.fixture
+def tiny_cache_env(monkeypatch, tiny_cache) -> Path:
+    """Tiny pipelines built into a per-module cache, as on a new machine."""
+    monkeypatch.setenv("FP8COOKBOOK_CACHE", str(tiny_cache))
+    return tiny_cache
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file's bytes under a folder, to prove a command left its inputs alone."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -22,23 +22,7 @@ from fp8cookbook.pipelines import (
 NAMES = sorted(FAMILIES)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny ops gain nothing from threads, and on a shared 2-core box two threads run 10-50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("fp8cookbook-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(monkeypatch, cache):
-    monkeypatch.setenv("FP8COOKBOOK_CACHE", str(cache))
+pytestmark = pytest.mark.usefixtures("one_thread", "tiny_cache_env")
 
 
 _PIPES: dict[str, object] = {}
@@ -59,9 +43,9 @@ def _run(name: str, **overrides) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_tiny_dir_is_built_once_under_env_cache(name, cache):
+def test_tiny_dir_is_built_once_under_env_cache(name, tiny_cache):
     path = tiny_pipeline_dir(name)
-    assert path == cache / "tiny" / f"{name}-{TINY_VERSION}"
+    assert path == tiny_cache / "tiny" / f"{name}-{TINY_VERSION}"
     index = json.loads((path / "model_index.json").read_text())
     family = get_family(name)
     assert index["_class_name"] == family.pipeline_class

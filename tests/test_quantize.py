@@ -19,13 +19,7 @@ from fp8cookbook.families import build_transformer, get_family  # noqa: E402
 FAMILIES = ["flux1", "flux2", "wan22-a14b", "wan22-ti2v-5b"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: with the cores shared, OpenMP synchronisation costs 20x the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,23 +22,7 @@ from fp8cookbook.quantize import PROMPTS_FILE, QuantizeResult, calibration_promp
 NAMES = sorted(FAMILIES)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny ops gain nothing from threads, and on a shared 2-core box two threads run 10-50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("fp8cookbook-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(monkeypatch, cache):
-    monkeypatch.setenv("FP8COOKBOOK_CACHE", str(cache))
+pytestmark = pytest.mark.usefixtures("one_thread", "tiny_cache_env")
 
 
 def _pipe(name: str):

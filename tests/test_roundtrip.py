@@ -22,12 +22,7 @@ CASES = [("flux1", "transformer"), ("flux2", "transformer"), ("wan22-a14b", "tra
          ("wan22-a14b", "transformer_2"), ("wan22-ti2v-5b", "transformer")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
