@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fp8cookbook {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # `--help` lists the commands in the order a user runs them: quantize first, families last.
+    for extra in _EXTRA_PARSERS:
+        if extra.__name__ == "_quantize_parser":
+            extra(sub)
 
     p = sub.add_parser("convert", help="ModelOpt export -> SGLang FP8 checkpoint folder",
                        description="Convert a ModelOpt diffusers export (FP8 weights with scales, or BF16 weights plus "
@@ -134,11 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-forward", dest="forward", action="store_false", help="load only")
 
+    for extra in _EXTRA_PARSERS:
+        if extra.__name__ != "_quantize_parser":
+            extra(sub)
     sub.add_parser("families", help="list the supported model families",
                    description="List the model families, their transformer class, experts, default size and profile.")
-
-    for extra in _EXTRA_PARSERS:
-        extra(sub)
     return parser
 
 
