@@ -26,15 +26,11 @@ then timed loops; the median loop time with min/max and quartiles, per-step medi
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -42,6 +38,7 @@ import torch
 from torch import nn
 
 from . import __version__, fastpath
+from .checkpoint import write_json_atomic
 from .errors import Fp8CookbookError
 from .families import Family, build_transformer, get_family
 from .fp8linear import FP8Linear, count_fp8_calls, fp8_modules
@@ -216,23 +213,6 @@ def _gb(n: float | None) -> float | None:
 
 def _model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON through a temporary file in the same folder and `os.replace`, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ schedule

@@ -6,15 +6,17 @@ and `inspect` agree by construction.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import tempfile
 import re
 import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -267,11 +269,21 @@ def shard_metadata(qconfig: dict[str, Any]) -> dict[str, str]:
     return {"format": "pt", "quantization_config": text, "_quantization_metadata": text}
 
 
-def write_json_atomic(path: Path, obj: Any, sort_keys: bool = False) -> None:
-    """Write JSON through a temporary file in the same folder, so readers never see half a file."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
-    os.replace(tmp, path)
+def write_json_atomic(path: str | Path, obj: Any, sort_keys: bool = False) -> Path:
+    """Write JSON through a temporary file in the same folder and `os.replace`, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=sort_keys)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 # ------------------------------------------------------------------------------------------------- inspect

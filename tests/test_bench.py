@@ -11,7 +11,8 @@ import torch
 
 from fp8cookbook import fastpath
 from fp8cookbook.bench import (SCHEMA, BenchSettings, fp8_candidates, plan_sides, quantize_in_place,
-                               record_input_amax, resolve_settings, run_bench, schedule, write_json_atomic)
+                               record_input_amax, resolve_settings, schedule)
+from fp8cookbook.checkpoint import write_json_atomic
 from fp8cookbook.cli import main
 from fp8cookbook.errors import Fp8CookbookError
 from fp8cookbook.families import FAMILIES, build_transformer, get_family
