@@ -263,6 +263,15 @@ class StreamingShardWriter:
             raise RuntimeError(f"shard writer: {len(self._expected) - self._next} tensors were never written")
         self._file.close()
 
+    def __enter__(self) -> "StreamingShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()  # the caller removes the half-written folder
+
 
 def shard_metadata(qconfig: dict[str, Any]) -> dict[str, str]:
     text = json.dumps(qconfig, sort_keys=True)
@@ -351,7 +360,8 @@ def inspect_checkpoint(folder: str | Path) -> InspectReport:
     xs: list[float] = []
     with TensorReader(folder) as reader:
         for name, t in tensors.items():
-            report.dtypes[str(t.dtype).replace("torch.", "")] = report.dtypes.get(str(t.dtype).replace("torch.", ""), 0) + 1
+            dtype = str(t.dtype).removeprefix("torch.")
+            report.dtypes[dtype] = report.dtypes.get(dtype, 0) + 1
             if "_quantizer." in name:
                 report.problems.append(f"{name}: ModelOpt quantizer leftover (SGLang cannot load it)")
             module = module_of(name)
@@ -374,11 +384,12 @@ def inspect_checkpoint(folder: str | Path) -> InspectReport:
                 if not ignored(module, ignore) and info is not None:
                     report.problems.append(f"{name}: {t.dtype} weight not covered by `ignore` (SGLang would build an FP8 layer)")
             if name.endswith((f".{WEIGHT_SCALE}", f".{INPUT_SCALE}")):
-                problem = _scale_problem(name, reader.get(name))
+                scale = reader.get(name)
+                problem = _scale_problem(name, scale)
                 if problem:
                     report.problems.append(problem)
                 else:
-                    (ws if name.endswith(WEIGHT_SCALE) else xs).append(float(reader.get(name).float().reshape(())))
+                    (ws if name.endswith(WEIGHT_SCALE) else xs).append(float(scale.float().reshape(())))
                 if f"{module}.weight" in tensors and tensors[f"{module}.weight"].dtype != FP8_DTYPE:
                     report.problems.append(f"{name}: scale beside a {tensors[f'{module}.weight'].dtype} weight")
     report.weight_scale_range = (min(ws), max(ws)) if ws else None

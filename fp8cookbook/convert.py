@@ -130,7 +130,7 @@ def _fp8_shape_ok(shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % 16 == 0
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork and exec, so a
     converter started from a big parent would report the parent's footprint."""
     try:
@@ -198,7 +198,7 @@ def convert_checkpoint(
         _check_scale(key, value, state_file)  # type: ignore[arg-type]
 
     stats = ConvertStats(str(export_dir), str(output_dir), fam.name if fam else None, dry_run=dry_run)
-    plan, ignore, attention = _plan(export, base, amax, fam, user_rules, info.ignore, stats, Path(state_file) if state_file else None)
+    plan, ignore, attention = _plan(export, base, amax, fam, user_rules, info.ignore, stats)
     if stats.quantized_weights == 0:
         hint = "" if state_file else " (a BF16 export needs --state-file with the ModelOpt amaxes)"
         raise Fp8CookbookError(f"{export_dir}: no layer would be FP8{hint}")
@@ -223,7 +223,7 @@ def convert_checkpoint(
             raise Fp8CookbookError(f"{output_dir}: converted checkpoint is inconsistent: {report.problems[0]}"
                                    + (f" (+{len(report.problems) - 1} more)" if len(report.problems) > 1 else ""))
         stats.seconds = time.perf_counter() - t0
-        stats.peak_rss_mb = _peak_rss_mb()
+        stats.peak_rss_mb = peak_rss_mb()
         write_json_atomic(tmp / STATS_NAME, asdict(stats))
         if output_dir.exists():
             shutil.rmtree(output_dir)
@@ -250,8 +250,8 @@ def _pick_family(family: str, class_name: str | None, config_path: Path) -> Fami
 
 
 def _plan(export: TensorReader, base: TensorReader | None, amax: dict[str, float], fam: Family | None,
-          user_rules: list[re.Pattern[str]], export_ignore: list[str], stats: ConvertStats,
-          state_file: Path | None) -> tuple[list[_Out], list[str], dict[str, float]]:
+          user_rules: list[re.Pattern[str]], export_ignore: list[str],
+          stats: ConvertStats) -> tuple[list[_Out], list[str], dict[str, float]]:
     """Decide, per module, FP8 (kept or quantized here), BF16 fallback, or preserved; return the output tensors."""
     index = export.index
     modules = sorted({module_of(n) for n in index if n.endswith(".weight")})
@@ -357,17 +357,11 @@ def _write(folder: Path, shards: dict[str, list[_Out]], qconfig: dict, config: d
             meta = dict(export.metadata(fname))
             meta.update(shard_metadata(qconfig))
             meta.update({"_class_name": str(config.get("_class_name")), "config": json.dumps(out_config, sort_keys=True)})
-            writer = StreamingShardWriter(folder / fname, [(o.name, o.dtype, o.shape) for o in shard], meta)
-            try:
+            with StreamingShardWriter(folder / fname, [(o.name, o.dtype, o.shape) for o in shard], meta) as writer:
                 for o in shard:
-                    t = o.make()
-                    writer.write(o.name, t)
-                    del t
+                    writer.write(o.name, o.make())
                     weight_map[o.name] = fname
                     bar.update(1)
-            finally:
-                writer._file.close()
-            writer.close()
     index_name = export.index_name or INDEX_NAME
     # sorted keys at every level, as SGLang's converter writes them
     write_json_atomic(folder / index_name, {"metadata": {"total_size": stats.total_bytes}, "weight_map": weight_map}, sort_keys=True)

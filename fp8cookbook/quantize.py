@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .checkpoint import STATS_NAME, scan_tensors, write_json_atomic
-from .convert import ConvertStats, _peak_rss_mb, convert_checkpoint
+from .convert import ConvertStats, convert_checkpoint, peak_rss_mb
 from .errors import Fp8CookbookError
 from .families import Family, build_transformer, get_family
 from .pipelines import default_tiny_settings, generation_kwargs, transformer_names
@@ -679,7 +679,7 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
             write_json_atomic(tmp / "fp8" / n / STATS_NAME, asdict(s))
         result = QuantizeResult(family.name, output_dir, paths, stats, calibration, 0.0, 0.0)
         result.seconds = time.perf_counter() - t0
-        result.peak_memory_mb = _peak_rss_mb()
+        result.peak_memory_mb = peak_rss_mb()
         if first.device.type == "cuda":
             result.peak_cuda_memory_mb = torch.cuda.max_memory_allocated(first.device) / 2**20
         write_json_atomic(tmp / "quantize.json", _summary(result))
