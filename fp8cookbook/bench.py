@@ -30,14 +30,14 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from . import __version__, fastpath
+from . import __version__, fastpath, fp8attention
 from .checkpoint import write_json_atomic
 from .errors import Fp8CookbookError
 from .families import Family, build_transformer, get_family
@@ -75,6 +75,7 @@ class BenchSettings:
     levers: bool = False  # time each fast-path lever as its own FP8 side
     include_fallback: bool = False  # synthetic: also quantise the family's BF16-fallback layers (not SGLang's profile)
     attention_backend: str | None = None  # diffusers attention backend for both sides (e.g. "_native_cudnn")
+    fp8_attention: bool = False  # also time FP8 attention (static Q/K/V scales) on top of the FP8 side
     device: str | None = None
     seed: int = 0
     batch: int = 1
@@ -140,6 +141,9 @@ def resolve_settings(s: BenchSettings) -> tuple[Family, BenchSettings]:
         raise Fp8CookbookError("--cuda-graphs needs a CUDA device")
     if s.include_fallback and s.synthetic is None:
         raise Fp8CookbookError("--include-fallback is for --synthetic (a checkpoint decides its own FP8 layers)")
+    if s.fp8_attention and s.synthetic is None and s.fp8_path is None:
+        raise Fp8CookbookError("--fp8-attention with a pipeline needs --fp8 CHECKPOINT with Q/K/V scales "
+                               "(quantize with --quantize-mha); --synthetic calibrates its own")
     if s.cuda_graphs and s.synthetic is None:
         raise Fp8CookbookError("--cuda-graphs is for the synthetic benchmark (a pipeline's loop is not captured)")
     if s.fast is None:
@@ -302,11 +306,12 @@ class Side:
     fast_accum: bool = False
     fuse: bool = False
     cuda_graphs: bool = False
+    fp8_attention: bool = False
     headline: bool = False  # the FP8 side the report's `speedup` is about
 
     def levers(self) -> dict[str, bool]:
         return {"fast": self.fast, "triton_quant": self.triton_quant, "fast_accum": self.fast_accum,
-                "fused": self.fuse, "cuda_graphs": self.cuda_graphs}
+                "fused": self.fuse, "cuda_graphs": self.cuda_graphs, "fp8_attention": self.fp8_attention}
 
 
 def plan_sides(s: BenchSettings) -> list[Side]:
@@ -316,6 +321,16 @@ def plan_sides(s: BenchSettings) -> list[Side]:
     projections only under torch.compile, where they pay (in eager mode the strided Q/K/V views they produce cost
     more copies than the fused GEMM saves; docs/benchmarks.md has the numbers). `--plain` makes it the plain path.
     """
+    sides = _plan_gemm_sides(s)
+    if s.fp8_attention:  # the most complete FP8 side again, with FP8 attention on top; it becomes the headline
+        last = sides[-1]
+        sides.append(replace(last, name=f"{last.name}+fp8-attention", fp8_attention=True, headline=True))
+        for side in sides[:-1]:
+            side.headline = False
+    return sides
+
+
+def _plan_gemm_sides(s: BenchSettings) -> list[Side]:
     g, c = s.cuda_graphs, s.compile
     if not s.levers:
         fp8 = (Side("fp8", "fp8", fast=True, triton_quant=True, fast_accum=True, fuse=c, cuda_graphs=g, headline=True)
@@ -427,11 +442,17 @@ class _SyntheticRun:
     def calibrate(self) -> dict[str, list[str]]:
         """One forward per expert (its first step, conditional input) with input-amax hooks on the FP8 candidates."""
         self.amax: dict[str, dict[str, torch.Tensor]] = {}
+        self.attention_scales: dict[str, dict[str, tuple[float, float, float]]] = {}
         for expert, model in self.models.items():
             names = fp8_candidates(model, self.family, include_fallback=self.s.include_fallback)
-            with record_input_amax(model, names) as amax:
+            with record_input_amax(model, names) as amax, contextlib.ExitStack() as stack:
+                attn = stack.enter_context(fp8attention.record_attention_amax(model)) if self.s.fp8_attention else {}
                 model(**self.kwargs(self.first_step_of(expert), self.x0))
             self.amax[expert] = amax
+            if attn:
+                self.attention_scales[expert] = fp8attention.scales_from_amax(
+                    {n: {k: (v if bool(torch.isfinite(v)) else torch.ones_like(v)) for k, v in a.items()}
+                     for n, a in attn.items()})
         _sync(self.device)
         self.nonfinite_amax = 0
         for amax in self.amax.values():  # random weights can overflow; never time an all-zero activation
@@ -451,17 +472,28 @@ class _SyntheticRun:
 
     @torch.no_grad()
     def count_fp8(self) -> dict[str, Any]:
-        """One untimed step per expert under `count_fp8_calls`: how many FP8 layers really ran."""
-        layers = ran = calls = 0
+        """One untimed step per expert under `count_fp8_calls`: how many FP8 layers (and attentions) really ran."""
+        layers = ran = calls = attn_fp8 = attn_bf16 = 0
         for expert, model in self.models.items():
-            with count_fp8_calls(model) as counts:
+            with count_fp8_calls(model) as counts, fp8attention.count_fp8_attention_calls(model) as attn:
                 self.step(self.first_step_of(expert), self.x0)
             layers += len(fp8_modules(model))
             ran += len(counts)
             calls += sum(counts.values())
+            attn_fp8 += sum(c["fp8"] for c in attn.values())
+            attn_bf16 += sum(c["bf16"] for c in attn.values())
         _sync(self.device)
-        return {"fp8_layers": layers, "fp8_layers_ran": ran, "fp8_calls_counted": calls,
-                "count_steps": [self.first_step_of(e).index for e in self.models]}
+        out = {"fp8_layers": layers, "fp8_layers_ran": ran, "fp8_calls_counted": calls,
+               "count_steps": [self.first_step_of(e).index for e in self.models]}
+        if attn_fp8 or attn_bf16:
+            out.update(fp8_attention_calls=attn_fp8, fp8_attention_fallback_calls=attn_bf16)
+        return out
+
+    @torch.no_grad()
+    def first_forward(self) -> torch.Tensor:
+        """The first expert's output on the first step (eager, untimed): the quality probe of every side."""
+        st = self.steps[0]
+        return self.models[st.expert](**self.kwargs(st, self.x0))[0].float().flatten().cpu()
 
     def measure(self, side: Side) -> dict[str, Any]:
         s, dev = self.s, self.device
@@ -476,6 +508,15 @@ class _SyntheticRun:
             torch.cuda.reset_peak_memory_stats(dev)
             out["allocated_at_start_gb"] = _gb(torch.cuda.memory_allocated(dev))
         out["model_bytes"] = sum(_model_bytes(m) for m in self.models.values())
+        if side.fp8_attention:
+            out["fp8_attention_layers"] = sum(len(fp8attention.install_fp8_attention(self.models[e], sc))
+                                              for e, sc in self.attention_scales.items())
+        probe = self.first_forward()
+        if side.precision == "bf16" and not hasattr(self, "reference_output"):
+            self.reference_output = probe
+        elif hasattr(self, "reference_output"):
+            out["first_forward_cosine_vs_bf16"] = float(torch.nn.functional.cosine_similarity(
+                probe.double(), self.reference_output.double(), dim=0))
         if side.precision == "fp8":
             out.update(self.count_fp8())
             if side.triton_quant and dev.type == "cuda" and not fastpath.triton_available():
@@ -501,6 +542,7 @@ class _SyntheticRun:
             self.graphs = {}
             for m in self.models.values():
                 _uncompile(m)
+                fp8attention.remove_fp8_attention(m)
             if s.compile:
                 torch._dynamo.reset()
         loops = [sum(r) for r in per_run]
@@ -646,14 +688,17 @@ def run_pipeline(family: Family, s: BenchSettings, log: Callable[[str], None] = 
     try:
         sides = [measure("bf16", "bf16")]
         if s.fp8_path:
-            from .loader import load_fp8_transformer
+            from .loader import enable_fp8_attention, load_fp8_transformer
 
             for n in names:
                 setattr(pipe, n, None)  # free the BF16 weights before the FP8 ones arrive
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                model, _ = load_fp8_transformer(_fp8_folder_for(Path(s.fp8_path), n, len(names) == 1), device=device)
+                folder = _fp8_folder_for(Path(s.fp8_path), n, len(names) == 1)
+                model, _ = load_fp8_transformer(folder, device=device)
                 set_attention_backend(model, s.attention_backend)
+                if s.fp8_attention:
+                    report.setdefault("fp8_attention_layers", {})[n] = enable_fp8_attention(model, folder)
                 setattr(pipe, n, model)
             report["fp8_source"] = f"checkpoint {s.fp8_path}"
         else:
@@ -734,18 +779,19 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
              f"{', attention ' + s['attention_backend'] if s.get('attention_backend') else ''}"
              f"{', fallback layers in FP8' if s.get('include_fallback') else ''}, "
              f"{s['runs']} runs after {s['warmup']} warm-up, on {where}",
-             f"  {'side':18s} {'loop median':>11s} {'[min, max]':>19s} {'step':>8s} {'peak GB':>8s} "
-             f"{'FP8 ran':>9s} {'speedup':>8s}"]
+             f"  {'side':30s} {'loop median':>11s} {'[min, max]':>19s} {'step':>8s} {'peak GB':>8s} "
+             f"{'FP8 ran':>9s} {'speedup':>8s} {'cos vs BF16':>11s}"]
     for side in report["sides"]:
         if "error" in side:
-            lines.append(f"  {side['name']:18s} failed: {side['error']}")
+            lines.append(f"  {side['name']:30s} failed: {side['error']}")
             continue
         loop = side["loop_s"]
         peak = "-" if side.get("peak_memory_gb") is None else f"{side['peak_memory_gb']:.1f}"
         ran = f"{side['fp8_layers_ran']}/{side['fp8_layers']}" if "fp8_layers" in side else "-"
         speed = f"{side['speedup_vs_bf16']:.2f}x" if "speedup_vs_bf16" in side else "-"
-        lines.append(f"  {side['name']:18s} {loop['median']:10.3f}s [{loop['min']:8.3f}, {loop['max']:8.3f}] "
-                     f"{statistics.median(side['step_s_median']):7.3f}s {peak:>8s} {ran:>9s} {speed:>8s}")
+        cos = f"{side['first_forward_cosine_vs_bf16']:.6f}" if "first_forward_cosine_vs_bf16" in side else "-"
+        lines.append(f"  {side['name']:30s} {loop['median']:10.3f}s [{loop['min']:8.3f}, {loop['max']:8.3f}] "
+                     f"{statistics.median(side['step_s_median']):7.3f}s {peak:>8s} {ran:>9s} {speed:>8s} {cos:>11s}")
     ratio = report.get("peak_memory_ratio")
     lines.append(f"  FP8 ({report['fp8']}) vs BF16 ({report['bf16']}): {report['speedup']:.2f}x"
                  + (f", peak memory {100 * ratio:.0f}% of BF16" if ratio else ""))

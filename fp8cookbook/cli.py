@@ -65,20 +65,23 @@ def _load(args: argparse.Namespace) -> int:
     import torch
 
     from .families import family_for_class
+    from .fp8attention import count_fp8_attention_calls
     from .fp8linear import count_fp8_calls
     from .loader import load_fp8_transformer
 
-    model, report = load_fp8_transformer(args.checkpoint, device=args.device)
+    model, report = load_fp8_transformer(args.checkpoint, device=args.device, fp8_attention=args.fp8_attention)
     print("\n".join(report.lines()))
     family = family_for_class(report.class_name)
     if family is not None and args.forward:
         config = dict(model.config)
         inputs = family.make_inputs(config, height=64, width=64, num_frames=5 if family.is_video else None,
                                     text_len=8, device=args.device, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad(), count_fp8_calls(model) as calls:
+        with torch.no_grad(), count_fp8_calls(model) as calls, count_fp8_attention_calls(model) as attn:
             out = model(**inputs)[0]
-        print(f"forward          output {list(out.shape)}, {len(calls)}/{report.fp8_layers} FP8 layers ran, "
-              f"finite={bool(torch.isfinite(out).all())}")
+        ran_attn = sum(1 for c in attn.values() if c["fp8"])
+        print(f"forward          output {list(out.shape)}, {len(calls)}/{report.fp8_layers} FP8 layers ran"
+              + (f", {ran_attn}/{report.fp8_attention_layers} FP8 attentions ran" if report.fp8_attention_layers else "")
+              + f", finite={bool(torch.isfinite(out).all())}")
     return 0
 
 
@@ -137,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-forward", dest="forward", action="store_false", help="load only")
+    p.add_argument("--fp8-attention", action="store_true",
+                   help="also run attention in FP8 with the checkpoint's Q/K/V scales "
+                        "(fp8cookbook_attention_scales.json, written for --quantize-mha calibrations)")
 
     for extra in _EXTRA_PARSERS:
         if extra.__name__ != "_quantize_parser":
@@ -159,7 +165,7 @@ def _bench(args: argparse.Namespace) -> int:
         height=args.height, width=args.width, num_frames=args.frames, steps=args.steps, runs=args.runs,
         warmup=args.warmup, text_len=args.text_len, compile=args.compile, cuda_graphs=args.cuda_graphs,
         fast=False if args.plain else None, levers=args.levers, include_fallback=args.include_fallback,
-        attention_backend=args.attention_backend, device=args.device)
+        attention_backend=args.attention_backend, fp8_attention=args.fp8_attention, device=args.device)
     report = run_bench(settings, output=args.output, log=_log_stderr if args.verbose else (lambda m: None))
     print("\n".join(summary_lines(report)))
     if args.output:
@@ -214,6 +220,10 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention-backend", metavar="NAME",
                    help="diffusers attention backend on both sides, e.g. _native_cudnn, _native_flash "
                         "(default: torch SDPA's own choice)")
+    p.add_argument("--fp8-attention", action="store_true",
+                   help="also time FP8 attention (static Q/K/V scales; Triton kernel on CUDA) on top of the FP8 "
+                        "side: synthetic runs calibrate the scales, --fp8 needs a checkpoint quantised with "
+                        "--quantize-mha. Each side reports its first forward's cosine against BF16")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--output", type=Path, metavar="JSON", help="write the full report here (atomically)")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")

@@ -29,9 +29,8 @@ from .checkpoint import (FP8_DTYPE, FP8_MAX, INDEX_NAME, INPUT_SCALE, STATS_NAME
                          read_quant_info, shard_metadata, write_json_atomic)
 from .errors import Fp8CookbookError
 from .families import Family, family_for_class, get_family
+from .fp8attention import ATTENTION_SCALES_NAME  # side file SGLang never reads (not in the index)
 from .fp8linear import quantize_fp8
-
-ATTENTION_SCALES_NAME = "fp8cookbook_attention_scales.json"  # side file SGLang never reads (not in the index)
 
 
 @dataclass

@@ -189,8 +189,9 @@ def _fuse_attention(attn: nn.Module, groups: list[tuple[str, tuple[str, ...]]]) 
 def _flux1_single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                                 joint_attention_kwargs=None):
     """FluxSingleTransformerBlock.forward (diffusers 0.42) with Q, K, V and the MLP input as one FP8 GEMM."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
     from diffusers.models.embeddings import apply_rotary_emb
+
+    from .fp8attention import fp8_dispatch_attention_fn as dispatch_attention_fn  # diffusers' own, + FP8 attention
 
     if joint_attention_kwargs:
         raise NotImplementedError("fused FLUX.1 single block: joint_attention_kwargs (IP-Adapter) are not supported; "

@@ -17,6 +17,7 @@ from torch import nn
 from .checkpoint import (FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, TensorReader, ignored, inspect_checkpoint, read_config,
                          read_quant_info)
 from .errors import Fp8CookbookError
+from .fp8attention import ATTENTION_SCALES_NAME, install_fp8_attention, read_attention_scales
 from .fp8linear import FP8Linear, fp8_modules
 
 OFFLOAD_WARNING = ("{what} disabled for the FP8 transformer: offload rebuilds weights contiguously and loses the "
@@ -35,13 +36,19 @@ class LoadReport:
     other_bytes: int = 0
     seconds: float = 0.0
     offload_disabled: list[str] = field(default_factory=list)
+    attention_scales_available: bool = False  # the folder has the --quantize-mha side file
+    fp8_attention_layers: int = 0  # attention modules running FP8 attention
 
     def lines(self) -> list[str]:
+        attention = (f"FP8 ({self.fp8_attention_layers} modules, static Q/K/V scales)" if self.fp8_attention_layers
+                     else "BF16" + (" (Q/K/V scales present: fp8_attention=True uses them)"
+                                    if self.attention_scales_available else ""))
         return [
             f"loaded           {self.path} ({self.class_name}) in {self.seconds:.2f} s",
             f"FP8 layers       {self.fp8_layers} ({self.fp8_bytes / 1e9:.3f} GB)",
             f"BF16 Linear      {self.bf16_linear_layers}",
             f"other tensors    {self.other_bytes / 1e9:.3f} GB",
+            f"attention        {attention}",
         ] + [f"offload off      {w}" for w in self.offload_disabled]
 
 
@@ -53,6 +60,22 @@ def refuse_dit_offload(dit_cpu_offload: bool, dit_layerwise_offload: bool) -> li
             warnings.warn(OFFLOAD_WARNING.format(what=what), UserWarning, stacklevel=3)
             off.append(what)
     return off
+
+
+def enable_fp8_attention(model: nn.Module, path: str | Path) -> int:
+    """Run the model's attention in FP8 with the Q/K/V scales of the checkpoint's side file; returns the module count.
+
+    The side file comes from a `--quantize-mha` calibration (ModelOpt's q/k/v bmm amaxes, kept by the converter).
+    Call it after anything that sets diffusers' attention backend (`set_attention_backend` replaces it).
+    """
+    scales = read_attention_scales(path)
+    if scales is None:
+        raise Fp8CookbookError(f"{Path(path) / ATTENTION_SCALES_NAME} not found: FP8 attention needs the Q/K/V scales "
+                               "of a --quantize-mha calibration (fp8cookbook quantize --quantize-mha)")
+    try:
+        return len(install_fp8_attention(model, scales))
+    except Fp8CookbookError as e:
+        raise Fp8CookbookError(f"{Path(path) / ATTENTION_SCALES_NAME}: {e}") from None
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -78,8 +101,13 @@ def load_fp8_transformer(
     dtype: torch.dtype = torch.bfloat16,
     dit_cpu_offload: bool = False,
     dit_layerwise_offload: bool = False,
+    fp8_attention: bool = False,
 ) -> tuple[nn.Module, LoadReport]:
-    """Build the transformer named by config.json and load the FP8 checkpoint into it; refuse inconsistent ones."""
+    """Build the transformer named by config.json and load the FP8 checkpoint into it; refuse inconsistent ones.
+
+    `fp8_attention` also runs attention in FP8 with the checkpoint's Q/K/V scales (`enable_fp8_attention`); it is
+    off by default because it changes the numerics beyond what SGLang's runtime (BF16 attention) computes.
+    """
     t0 = time.perf_counter()
     path = Path(path)
     config = read_config(path)
@@ -147,6 +175,9 @@ def load_fp8_transformer(
     model.to(device)  # buffers built at init; FP8Linear keeps its dtypes through this
     model.eval().requires_grad_(False)
     report.fp8_layers = len(fp8)
+    report.attention_scales_available = (path / ATTENTION_SCALES_NAME).is_file()
+    if fp8_attention:
+        report.fp8_attention_layers = enable_fp8_attention(model, path)
     report.seconds = time.perf_counter() - t0
     model.fp8_load_report = report
     return model, report

@@ -1,0 +1,504 @@
+"""FP8 attention with static per-tensor Q/K/V scales: the lever FP8 linears leave untouched.
+
+After FP8 GEMMs, attention is most of a Wan2.2 step (70% per shared/spec/anchors.md) and a fifth of FLUX.1's.
+This module runs it with e4m3 inputs, as FlashAttention-3's FP8 mode does:
+
+    S = (s_q·Q(q/s_q)) (s_k·Q(k/s_k))ᵀ · sm_scale,   P = exp(S − max S),
+    O = (Q(P·256)/256) (s_v·Q(v/s_v)) / ΣP
+
+Q is round-to-nearest e4m3 saturating at ±448; the scales s = amax/448 are the static ones ModelOpt calibrates
+under `--quantize-mha` (`*.{q,k,v}_bmm_quantizer._amax`, the inputs of the attention matmuls, after norm and RoPE).
+The converter keeps them in the side file `fp8cookbook_attention_scales.json`, which SGLang never reads; the
+SGLang-format tensors and index do not change. P is scaled by 256 (exact, a power of two) before its e4m3 cast so
+that small probabilities stay out of e4m3's subnormal range; the row sum uses the unquantised P.
+
+On CUDA (compute capability ≥ 8.9) one Triton flash-attention kernel does it, with Q quantised inside the kernel and
+K/V quantised by one pass that also lays V out K-major, as FP8 tensor cores need. Elsewhere `fp8_attention_reference`
+computes the same formula in float32 (the CPU path, and the GPU kernel's test reference).
+
+How it plugs into diffusers: each attention processor passes `backend=self._attention_backend` to
+`dispatch_attention_fn`. `install_fp8_attention` sets that attribute to an `AttentionScales` holding the layer's
+scales, and points the `dispatch_attention_fn` name of the processor's module at `fp8_dispatch_attention_fn`, which
+runs FP8 attention for an `AttentionScales` backend and hands every other call to diffusers unchanged. Masked,
+causal, dropout or context-parallel calls always go to diffusers' BF16 attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .errors import Fp8CookbookError
+
+__all__ = ["E4M3_MAX", "P_SCALE", "ATTENTION_SCALES_NAME", "AttentionScales", "fp8_attention_reference",
+           "fp8_attention", "attention_modules", "install_fp8_attention", "remove_fp8_attention",
+           "record_attention_amax", "read_attention_scales", "count_fp8_attention_calls", "triton_attention_available"]
+
+E4M3_MAX = 448.0
+# Which CUDA kernel runs FP8 attention: "auto" (cuDNN's when its frontend package is installed, else Triton's),
+# "cudnn" or "triton". Read once from FP8COOKBOOK_ATTENTION_KERNEL; tests and benchmarks may change it.
+KERNEL = os.environ.get("FP8COOKBOOK_ATTENTION_KERNEL", "auto").strip().lower() or "auto"
+P_SCALE = 256.0
+ATTENTION_SCALES_NAME = "fp8cookbook_attention_scales.json"  # side file next to the index; SGLang never reads it
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(eq=False)
+class AttentionScales:
+    """One attention layer's FP8 state, set as its processor's `_attention_backend`.
+
+    `q`, `k`, `v` are dequantisation scales (amax/448, float32, shape [1]); `fallback` is the backend the processor
+    had before (None: diffusers' default), used for calls FP8 attention does not cover. With `record` set, calls
+    run the fallback and only record input amaxes (calibration).
+    """
+
+    name: str
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    fallback: Any = None
+    record: dict[str, torch.Tensor] | None = None
+    calls: int = 0
+    bf16_calls: int = 0
+
+
+# ------------------------------------------------------------------------------------------ the math
+def _quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.float() / scale.float()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor,
+                            k_scale: torch.Tensor, v_scale: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
+    """The module docstring's formula in float32. Layout (batch, seq, heads, head_dim) in and out, like diffusers."""
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    q8 = _quantize(q, q_scale).float()
+    k8 = _quantize(k, k_scale).float()
+    v8 = _quantize(v, v_scale).float()
+    s = torch.einsum("bqhd,bkhd->bhqk", q8, k8) * (q_scale.float() * k_scale.float() * sm_scale)
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    denom = p.sum(-1, keepdim=True)
+    p8 = (p * P_SCALE).to(torch.float8_e4m3fn).float()
+    o = torch.einsum("bhqk,bkhd->bhqd", p8, v8) * (v_scale.float() / P_SCALE) / denom
+    return o.transpose(1, 2).to(q.dtype).contiguous()
+
+
+# ------------------------------------------------------------------------------------- Triton kernel
+try:  # CUDA builds of torch ship Triton; the CPU wheels do not, and then the reference math runs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the torch build
+    triton = None
+
+_BLOCK_N = 128
+
+if triton is not None:
+    @triton.jit
+    def _quant_kv_kernel(K, V, K8, VT8, ks_ptr, vs_ptr, skb, skh, skn, svb, svh, svn, s8b, s8h, s8n, stb, sth, std,
+                         H, n_kv, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+        # K -> K8 (B, H, N, D); V -> VT8 (B, H, D, N): the P·V product needs V K-major in FP8.
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        rows = pid_n * BLOCK + tl.arange(0, BLOCK)
+        d = tl.arange(0, HEAD_DIM)
+        mask = rows[:, None] < n_kv
+        ks = tl.load(ks_ptr)
+        vs = tl.load(vs_ptr)
+        k = tl.load(K + b * skb + h * skh + rows[:, None] * skn + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        k8 = tl.clamp(k / ks, -448.0, 448.0).to(tl.float8e4nv)
+        tl.store(K8 + b * s8b + h * s8h + rows[:, None] * s8n + d[None, :], k8, mask=mask)
+        v = tl.load(V + b * svb + h * svh + rows[:, None] * svn + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        v8 = tl.trans(tl.clamp(v / vs, -448.0, 448.0).to(tl.float8e4nv))
+        tl.store(VT8 + b * stb + h * sth + d[:, None] * std + rows[None, :], v8, mask=rows[None, :] < n_kv)
+
+    @triton.jit
+    def _attn_tile(acc, l_i, m_i, q8, k_base, vt_base, skn, std, start_n, n_kv, qk_scale,
+                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, P_MUL: tl.constexpr):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        d = tl.arange(0, HEAD_DIM)
+        if MASK:
+            k = tl.load(k_base + cols[:, None] * skn + d[None, :], mask=cols[:, None] < n_kv, other=0.0)
+            vt = tl.load(vt_base + d[:, None] * std + cols[None, :], mask=cols[None, :] < n_kv, other=0.0)
+        else:
+            k = tl.load(k_base + cols[:, None] * skn + d[None, :])
+            vt = tl.load(vt_base + d[:, None] * std + cols[None, :])
+        qk = tl.dot(q8, tl.trans(k)) * qk_scale
+        if MASK:
+            qk = tl.where(cols[None, :] < n_kv, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot((p * P_MUL).to(tl.float8e4nv), tl.trans(vt), acc)
+        return acc, l_i, m_new
+
+    # BLOCK_N is fixed (_BLOCK_N) so that the host can split the key loop into full blocks and one masked tail.
+    _ATTN_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
+               for bm, w, st in ((128, 8, 3), (128, 8, 4), (64, 4, 3), (128, 4, 3))]
+
+    @triton.autotune(configs=_ATTN_CONFIGS, key=["n_q", "n_kv", "HEAD_DIM"])
+    @triton.jit
+    def _attn_fwd_kernel(Q, K8, VT8, O, qs_ptr, ks_ptr, vs_ptr, sm_scale, sqb, sqh, sqm, s8b, s8h, s8n, stb, sth, std,
+                         sob, soh, som, H, n_q, n_kv, n_full, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                         P_MUL: tl.constexpr, BLOCK_M: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, HEAD_DIM)
+        qs = tl.load(qs_ptr)
+        ks = tl.load(ks_ptr)
+        vs = tl.load(vs_ptr)
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=rows[:, None] < n_q, other=0.0)
+        q8 = tl.clamp(q.to(tl.float32) / qs, -448.0, 448.0).to(tl.float8e4nv)
+        qk_scale = qs * ks * sm_scale * 1.4426950408889634
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        k_base = K8 + b * s8b + h * s8h
+        vt_base = VT8 + b * stb + h * sth
+        for start_n in range(0, n_full, BLOCK_N):
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, k_base, vt_base, s8n, std, start_n, n_kv, qk_scale,
+                                       BLOCK_N, HEAD_DIM, False, P_MUL)
+        if n_full < n_kv:
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, k_base, vt_base, s8n, std, n_full, n_kv, qk_scale,
+                                       BLOCK_N, HEAD_DIM, True, P_MUL)
+        o = acc * (vs / P_MUL) / l_i[:, None]
+        tl.store(O + b * sob + h * soh + rows[:, None] * som + d[None, :], o.to(O.dtype.element_ty),
+                 mask=rows[:, None] < n_q)
+
+
+def triton_attention_available() -> bool:
+    """Triton importable (the kernels are defined at import)."""
+    return triton is not None
+
+
+def _use_triton(q: torch.Tensor) -> bool:
+    d = q.shape[-1]
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9) and d in (16, 32, 64, 128, 256)
+            and q.dtype in (torch.bfloat16, torch.float16) and triton_attention_available())
+
+
+# ---------------------------------------------------------------------------------- cuDNN FP8 SDPA
+# cuDNN's own FP8 flash attention (the `nvidia-cudnn-frontend` package, optional) runs ~1.3x faster than the Triton
+# kernel on an H100. On Hopper it must write O in FP8 too: O is a convex combination of V's rows, so |O| <= amax(V)
+# and V's scale never saturates it; O is dequantised to BF16 right after. Q, K, V are quantised by the one-pass
+# Triton kernel of the fast path. Graphs are built once per shape and layout and kept.
+_CUDNN: dict[Any, Any] = {}
+
+
+def cudnn_attention_available() -> bool:
+    """The cuDNN frontend package is importable (the graphs are built on first use, per shape)."""
+    if "module" not in _CUDNN:
+        try:
+            import cudnn
+
+            _CUDNN["module"] = cudnn
+        except Exception:  # noqa: BLE001 - not installed, or its libraries do not load
+            _CUDNN["module"] = None
+    return _CUDNN["module"] is not None
+
+
+def _cudnn_graph(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, sm_scale: float):
+    cudnn = _CUDNN["module"]
+    key = (q8.device.index, tuple(q8.shape), tuple(k8.shape), q8.stride(), k8.stride(), v8.stride(), sm_scale)
+    if key in _CUDNN:
+        return _CUDNN[key]
+    handle = _CUDNN.setdefault(("handle", q8.device.index), cudnn.create_handle())
+    e4m3, fp32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+    graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=fp32, compute_data_type=fp32, handle=handle)
+
+    def bhsd(name: str, t: torch.Tensor):  # diffusers' (B, S, H, D) tensors, described to cuDNN as (B, H, S, D)
+        b, n, h, d = t.shape
+        return graph.tensor(name=name, dim=(b, h, n, d), stride=(t.stride(0), t.stride(2), t.stride(1), t.stride(3)),
+                            data_type=e4m3)
+
+    tq, tk, tv = bhsd("q", q8), bhsd("k", k8), bhsd("v", v8)
+    scalars = [graph.tensor(name=n, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=fp32)
+               for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")]
+    to, _, amax_s, amax_o = graph.sdpa_fp8(q=tq, k=tk, v=tv, descale_q=scalars[0], descale_k=scalars[1],
+                                           descale_v=scalars[2], descale_s=scalars[3], scale_s=scalars[4],
+                                           scale_o=scalars[5], is_inference=True, attn_scale=sm_scale,
+                                           use_causal_mask=False)
+    b, n, h, d = q8.shape
+    to.set_output(True).set_dim((b, h, n, d)).set_stride((n * h * d, d, h * d, 1)).set_data_type(e4m3)
+    for a in (amax_s, amax_o):
+        a.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(fp32)
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    dev = q8.device
+    fixed = {"descale_s": torch.full((1, 1, 1, 1), 1.0 / P_SCALE, device=dev),
+             "scale_s": torch.full((1, 1, 1, 1), P_SCALE, device=dev),
+             "amax": torch.empty((2, 1, 1, 1, 1), device=dev),
+             "workspace": torch.empty(max(1, graph.get_workspace_size()), dtype=torch.uint8, device=dev)}
+    _CUDNN[key] = (graph, handle, tq, tk, tv, to, scalars, amax_s, amax_o, fixed)
+    return _CUDNN[key]
+
+
+def _cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor,
+                         vs: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    from .fastpath import triton_quantize_fp8
+
+    q8, k8, v8 = triton_quantize_fp8(q, qs), triton_quantize_fp8(k, ks), triton_quantize_fp8(v, vs)
+    graph, handle, tq, tk, tv, to, scalars, amax_s, amax_o, fixed = _cudnn_graph(q8, k8, v8, sm_scale)
+    o8 = torch.empty(q.shape, dtype=torch.float8_e4m3fn, device=q.device)
+    one = (1, 1, 1, 1)
+    pack = {tq: q8, tk: k8, tv: v8, to: o8, amax_s: fixed["amax"][0], amax_o: fixed["amax"][1],
+            scalars[0]: qs.reshape(one), scalars[1]: ks.reshape(one), scalars[2]: vs.reshape(one),
+            scalars[3]: fixed["descale_s"], scalars[4]: fixed["scale_s"], scalars[5]: (1.0 / vs).reshape(one)}
+    _CUDNN["module"].set_stream(handle=handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
+    graph.execute(pack, fixed["workspace"], handle=handle)
+    return (o8.float() * vs).to(q.dtype)
+
+
+def _triton_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor,
+                          vs: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    B, n_q, H, D = q.shape
+    n_kv = k.shape[1]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    k8 = torch.empty((B, H, n_kv, D), dtype=torch.float8_e4m3fn, device=q.device)
+    vt8 = torch.empty((B, H, D, (n_kv + 15) // 16 * 16), dtype=torch.float8_e4m3fn, device=q.device)
+    cdiv = triton.cdiv
+    _quant_kv_kernel[(cdiv(n_kv, 64), B * H)](
+        k, v, k8, vt8, ks, vs, k.stride(0), k.stride(2), k.stride(1), v.stride(0), v.stride(2), v.stride(1),
+        k8.stride(0), k8.stride(1), k8.stride(2), vt8.stride(0), vt8.stride(1), vt8.stride(2),
+        H, n_kv, HEAD_DIM=D, BLOCK=64, num_warps=4)
+    o = torch.empty((B, n_q, H, D), dtype=q.dtype, device=q.device)
+    _attn_fwd_kernel[lambda meta: (cdiv(n_q, meta["BLOCK_M"]), B * H)](
+        q, k8, vt8, o, qs, ks, vs, float(sm_scale), q.stride(0), q.stride(2), q.stride(1),
+        k8.stride(0), k8.stride(1), k8.stride(2), vt8.stride(0), vt8.stride(1), vt8.stride(2),
+        o.stride(0), o.stride(2), o.stride(1), H, n_q, n_kv, n_kv // _BLOCK_N * _BLOCK_N, HEAD_DIM=D,
+        BLOCK_N=_BLOCK_N, P_MUL=P_SCALE)
+    return o
+
+
+@torch.library.custom_op("fp8cookbook::fp8_attention", mutates_args=())
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
+                  v_scale: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """FP8 attention, (batch, seq, heads, head_dim) in and out; opaque to torch.compile (one custom op).
+
+    On CUDA: cuDNN's FP8 SDPA when the frontend package is installed and `KERNEL` allows it, else the Triton
+    kernel; elsewhere (and for head sizes the kernels lack) the float32 reference.
+    """
+    if _use_triton(q):
+        if KERNEL != "triton" and cudnn_attention_available() and _cudnn_ok(q, k, sm_scale):
+            return _cudnn_fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale)
+        return _triton_fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale)
+    return fp8_attention_reference(q, k, v, q_scale, k_scale, v_scale, sm_scale)
+
+
+def _cudnn_ok(q: torch.Tensor, k: torch.Tensor, sm_scale: float) -> bool:
+    """Whether cuDNN builds a graph for this shape (tried once per shape; a refusal falls back to Triton)."""
+    key = ("ok", q.device.index, tuple(q.shape), tuple(k.shape), sm_scale)
+    if key not in _CUDNN:
+        try:
+            z = [torch.zeros(t.shape, dtype=torch.float8_e4m3fn, device=q.device) for t in (q, k, k)]
+            _cudnn_graph(*z, sm_scale)
+            _CUDNN[key] = True
+        except Exception as e:  # noqa: BLE001 - unsupported shape or cuDNN version: the Triton kernel runs instead
+            _CUDNN[key] = False
+            _CUDNN.setdefault("errors", []).append(f"{tuple(q.shape)}x{tuple(k.shape)}: {type(e).__name__}: {e}")
+    return _CUDNN[key]
+
+
+@fp8_attention.register_fake
+def _(q, k, v, q_scale, k_scale, v_scale, sm_scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+# ------------------------------------------------------------------------------ diffusers integration
+def _diffusers_dispatch():
+    from diffusers.models import attention_dispatch
+
+    return attention_dispatch.dispatch_attention_fn
+
+
+def fp8_dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                              enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
+    """`dispatch_attention_fn` with FP8 attention for processors whose backend is an `AttentionScales`."""
+    if isinstance(backend, AttentionScales):
+        st = backend
+        plain = (attn_mask is None and not is_causal and dropout_p == 0.0 and parallel_config is None
+                 and not attention_kwargs and query.shape[2] == key.shape[2] and query.shape[-1] == value.shape[-1])
+        if plain and st.record is not None:
+            for n, t in (("q", query), ("k", key), ("v", value)):
+                a = t.detach().abs().amax().float().reshape(1)
+                st.record[n] = torch.maximum(st.record[n], a) if n in st.record else a
+        elif plain and st.q is not None:
+            if not torch.compiler.is_compiling():
+                st.calls += 1
+            return torch.ops.fp8cookbook.fp8_attention(query, key, value, st.q, st.k, st.v,
+                                                       query.shape[-1] ** -0.5 if scale is None else float(scale))
+        elif not torch.compiler.is_compiling():
+            st.bf16_calls += 1
+        backend = st.fallback
+    return _diffusers_dispatch()(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                 attention_kwargs, backend=backend, parallel_config=parallel_config)
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Attention modules whose processor routes through `dispatch_attention_fn(backend=...)`, by module name."""
+    out = {}
+    for name, m in model.named_modules():
+        proc = getattr(m, "processor", None)
+        if proc is not None and hasattr(proc, "_attention_backend"):
+            out[name] = m
+    return out
+
+
+def _patch_dispatch(proc: Any) -> None:
+    mod = sys.modules.get(type(proc).__module__)
+    if mod is None or not hasattr(mod, "dispatch_attention_fn"):
+        raise Fp8CookbookError(f"{type(proc).__name__}: its module does not call dispatch_attention_fn; "
+                               "FP8 attention cannot be installed for this processor")
+    if mod.dispatch_attention_fn is not fp8_dispatch_attention_fn:
+        mod.dispatch_attention_fn = fp8_dispatch_attention_fn
+
+
+def _state(m: nn.Module, name: str) -> AttentionScales:
+    proc = m.processor
+    st = proc._attention_backend
+    if not isinstance(st, AttentionScales):
+        st = AttentionScales(name=name, fallback=st)
+        _patch_dispatch(proc)
+        proc._attention_backend = st
+    return st
+
+
+def install_fp8_attention(model: nn.Module, scales: dict[str, tuple[float, float, float]]) -> list[str]:
+    """Give each named attention module its (q, k, v) dequantisation scales; returns the modules now FP8.
+
+    Every name must be an attention module of `model`, and every scale positive and finite; modules without an
+    entry keep BF16 attention.
+    """
+    mods = attention_modules(model)
+    unknown = sorted(set(scales) - set(mods))
+    if unknown:
+        raise Fp8CookbookError(f"attention scales for modules the model does not have: {unknown[:5]}"
+                               + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+    done = []
+    for name, (qs, ks, vs) in sorted(scales.items()):
+        for what, val in (("q", qs), ("k", ks), ("v", vs)):
+            if not (val > 0 and val < float("inf")):
+                raise Fp8CookbookError(f"attention scale {name}.{what} = {val}: must be positive and finite")
+        m = mods[name]
+        dev = next((p.device for p in m.parameters()), torch.device("cpu"))
+        st = _state(m, name)
+        st.q, st.k, st.v = (torch.tensor([float(x)], dtype=torch.float32, device=dev) for x in (qs, ks, vs))
+        st.record = None
+        done.append(name)
+    return done
+
+
+def remove_fp8_attention(model: nn.Module) -> int:
+    """Give every processor back the backend it had before; returns how many were FP8."""
+    n = 0
+    for m in attention_modules(model).values():
+        st = m.processor._attention_backend
+        if isinstance(st, AttentionScales):
+            m.processor._attention_backend = st.fallback
+            n += st.q is not None
+    return n
+
+
+@contextlib.contextmanager
+def record_attention_amax(model: nn.Module) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+    """Record the amax of each attention module's Q/K/V inputs while the model runs BF16 attention.
+
+    Yields {module: {"q": amax, "k": amax, "v": amax}}, filled as forwards run. Modules that already had FP8
+    attention keep it afterwards.
+    """
+    mods = attention_modules(model)
+    states = {}
+    for name, m in mods.items():
+        had = isinstance(m.processor._attention_backend, AttentionScales)
+        st = _state(m, name)
+        st.record = {}
+        states[name] = (st, had)
+    out: dict[str, dict[str, torch.Tensor]] = {name: st.record for name, (st, _) in states.items()}
+    try:
+        yield out
+    finally:
+        for name, (st, had) in states.items():
+            st.record = None
+            if not had:
+                mods[name].processor._attention_backend = st.fallback
+
+
+def scales_from_amax(amax: dict[str, dict[str, Any]]) -> dict[str, tuple[float, float, float]]:
+    """{module: {"q","k","v": amax}} -> {module: (s_q, s_k, s_v)} with s = amax/448; modules never called are left out.
+
+    A zero or non-finite amax would give a useless scale: it raises, naming the module.
+    """
+    out = {}
+    for name, a in sorted(amax.items()):
+        if not a:
+            continue
+        if set(a) != {"q", "k", "v"}:
+            raise Fp8CookbookError(f"attention amax of {name}: have {sorted(a)}, need q, k and v")
+        vals = []
+        for what in ("q", "k", "v"):
+            x = float(torch.as_tensor(a[what]).float().reshape(()))
+            if not (x > 0 and x < float("inf")):
+                raise Fp8CookbookError(f"attention amax {name}.{what}_bmm_quantizer = {x}: must be positive and finite")
+            vals.append(x / E4M3_MAX)
+        out[name] = tuple(vals)
+    return out
+
+
+def read_attention_scales(folder: str | Path) -> dict[str, tuple[float, float, float]] | None:
+    """The (q, k, v) scales per attention module from a checkpoint's side file; None when the folder has none."""
+    path = Path(folder) / ATTENTION_SCALES_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        entries = data["amax"]
+        if data.get("format") != "amax" or not isinstance(entries, dict):
+            raise ValueError("expected {\"format\": \"amax\", \"amax\": {...}}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise Fp8CookbookError(f"{path}: not an attention-scale file ({e})") from None
+    amax: dict[str, dict[str, float]] = {}
+    for key, val in entries.items():
+        module, _, quantizer = key.rpartition(".")
+        if quantizer not in ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer"):
+            raise Fp8CookbookError(f"{path}: unexpected entry {key!r} (want <module>.[qkv]_bmm_quantizer)")
+        amax.setdefault(module, {})[quantizer[0]] = val
+    try:
+        return scales_from_amax(amax)
+    except Fp8CookbookError as e:
+        raise Fp8CookbookError(f"{path}: {e}") from None
+
+
+@contextlib.contextmanager
+def count_fp8_attention_calls(model: nn.Module) -> Iterator[dict[str, dict[str, int]]]:
+    """Count, per attention module, the calls that ran FP8 and those that fell back to BF16 (eager only)."""
+    states = {name: m.processor._attention_backend for name, m in attention_modules(model).items()
+              if isinstance(m.processor._attention_backend, AttentionScales)}
+    for st in states.values():
+        st.calls = st.bf16_calls = 0
+    counts: dict[str, dict[str, int]] = {}
+    try:
+        yield counts
+    finally:
+        for name, st in states.items():
+            counts[name] = {"fp8": st.calls, "bf16": st.bf16_calls}

@@ -1,0 +1,187 @@
+"""FP8 attention: the reference math, the diffusers hook-up on every tiny family, the scale side file, the loader
+switch, and (GPU) the Triton kernel against the reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fp8cookbook import fp8attention as fa
+from fp8cookbook.errors import Fp8CookbookError
+from fp8cookbook.families import FAMILIES, build_transformer, get_family
+
+NAMES = sorted(FAMILIES)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _exact(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2)).transpose(1, 2)
+
+
+def _scales(*ts):
+    return [t.abs().amax().float().reshape(1) / fa.E4M3_MAX for t in ts]
+
+
+def test_reference_uniform_softmax_is_mean_of_quantised_v():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(1, 50, 2, 16, generator=g)
+    k = torch.randn(1, 50, 2, 16, generator=g)
+    q = torch.zeros(1, 7, 2, 16)
+    qs, ks, vs = _scales(torch.ones(1), k, v)
+    out = fa.fp8_attention_reference(q, k, v, qs, ks, vs)
+    v8 = (v / vs).to(torch.float8_e4m3fn).float() * vs  # P = 1 exactly: 256 is exact in e4m3
+    assert torch.allclose(out, v8.mean(1, keepdim=True).expand_as(out), atol=1e-6)
+
+
+def test_reference_is_close_to_exact_attention_but_not_equal():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 64, 3, 32, generator=g) for _ in range(3))
+    out = fa.fp8_attention_reference(q, k, v, *_scales(q, k, v))
+    err = _rel(out, _exact(q, k, v))
+    assert 1e-3 < err < 0.08, err  # FP8 noise: visible, but a few percent
+
+
+def test_reference_honours_sm_scale_and_dtype():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 16, 1, 16, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    sc = _scales(q, k, v)
+    a = fa.fp8_attention_reference(q, k, v, *sc)
+    b = fa.fp8_attention_reference(q, k, v, *sc, sm_scale=2.0)
+    assert a.dtype == torch.bfloat16 and a.shape == q.shape and a.is_contiguous()
+    assert not torch.allclose(a, b)
+
+
+def _tiny(name: str):
+    fam = get_family(name)
+    model = build_transformer(fam, "tiny", seed=0, dtype=torch.float32)
+    inputs = fam.make_inputs(dict(model.config), height=64, width=64, num_frames=5 if fam.is_video else None,
+                             text_len=8, generator=torch.Generator().manual_seed(0))
+    inputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    return model, inputs
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_install_runs_fp8_attention_everywhere_and_remove_restores(name):
+    model, inputs = _tiny(name)
+    mods = fa.attention_modules(model)
+    assert mods
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        with fa.record_attention_amax(model) as amax:
+            again = model(**inputs)[0]
+        assert torch.equal(again, ref)  # recording does not change the math
+        assert not any(isinstance(m.processor._attention_backend, fa.AttentionScales) for m in mods.values())
+        scales = fa.scales_from_amax(amax)
+        assert sorted(scales) == sorted(mods)
+        assert sorted(fa.install_fp8_attention(model, scales)) == sorted(mods)
+        with fa.count_fp8_attention_calls(model) as counts:
+            out = model(**inputs)[0]
+        assert fa.remove_fp8_attention(model) == len(mods)
+        back = model(**inputs)[0]
+    assert all(c["fp8"] >= 1 and c["bf16"] == 0 for c in counts.values()), counts
+    assert torch.equal(back, ref)
+    cos = torch.nn.functional.cosine_similarity(out.flatten().double(), ref.flatten().double(), dim=0)
+    assert not torch.equal(out, ref) and cos > 0.999, float(cos)
+
+
+def test_masked_calls_fall_back_to_bf16():
+    q = torch.randn(1, 8, 2, 16)
+    st = fa.AttentionScales("x", *(torch.ones(1) for _ in range(3)))
+    mask = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    out = fa.fp8_dispatch_attention_fn(q, q, q, attn_mask=mask, backend=st)
+    assert st.bf16_calls == 1 and st.calls == 0
+    assert torch.allclose(out, _exact(q, q, q), atol=1e-5)
+
+
+def test_install_refuses_unknown_modules_and_bad_scales():
+    model, _ = _tiny("flux1")
+    with pytest.raises(Fp8CookbookError, match="does not have.*nope.attn"):
+        fa.install_fp8_attention(model, {"nope.attn": (1.0, 1.0, 1.0)})
+    name = next(iter(fa.attention_modules(model)))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(Fp8CookbookError, match=f"{name}.k"):
+            fa.install_fp8_attention(model, {name: (1.0, bad, 1.0)})
+
+
+def _side_file(folder, entries):
+    (folder / fa.ATTENTION_SCALES_NAME).write_text(json.dumps({"format": "amax", "amax": entries}))
+
+
+def test_read_attention_scales(tmp_path):
+    assert fa.read_attention_scales(tmp_path) is None
+    _side_file(tmp_path, {"a.attn.q_bmm_quantizer": 448.0, "a.attn.k_bmm_quantizer": 224.0,
+                          "a.attn.v_bmm_quantizer": 4.48})
+    assert fa.read_attention_scales(tmp_path) == {"a.attn": pytest.approx((1.0, 0.5, 0.01))}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not an attention-scale file"),
+    (json.dumps({"format": "scale", "amax": {}}), "not an attention-scale file"),
+    (json.dumps({"format": "amax", "amax": {"a.attn.x_quantizer": 1.0}}), "unexpected entry 'a.attn.x_quantizer'"),
+    (json.dumps({"format": "amax", "amax": {"a.attn.q_bmm_quantizer": 1.0}}), "a.attn: have \\['q'\\]"),
+    (json.dumps({"format": "amax", "amax": {f"a.attn.{c}_bmm_quantizer": 0.0 if c == "v" else 1.0 for c in "qkv"}}),
+     "a.attn.v_bmm_quantizer = 0.0"),
+])
+def test_bad_side_file_names_the_file(tmp_path, content, message):
+    (tmp_path / fa.ATTENTION_SCALES_NAME).write_text(content)
+    with pytest.raises(Fp8CookbookError, match=message) as info:
+        fa.read_attention_scales(tmp_path)
+    assert str(tmp_path / fa.ATTENTION_SCALES_NAME) in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------- GPU
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                         reason="needs a CUDA GPU with FP8 (compute capability >= 8.9)")
+
+
+KERNELS = ["triton", "cudnn"]
+
+
+def _kernel(monkeypatch, kernel: str) -> None:
+    if kernel == "cudnn" and not fa.cudnn_attention_available():
+        pytest.skip("the cuDNN frontend package (nvidia-cudnn-frontend) is not installed")
+    monkeypatch.setattr(fa, "KERNEL", kernel)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("shape", [(1, 4608, 4608, 4, 128), (2, 1000, 333, 3, 64), (1, 257, 4096, 2, 128)])
+def test_cuda_kernel_matches_reference(shape, kernel, monkeypatch):
+    _kernel(monkeypatch, kernel)
+    B, nq, nkv, H, D = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, nq, H, D, device="cuda", generator=g, dtype=torch.bfloat16) * 2
+    k = torch.randn(B, nkv, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    v = torch.randn(B, nkv, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    sc = _scales(q, k, v)
+    out = torch.ops.fp8cookbook.fp8_attention(q, k, v, *sc, D ** -0.5)
+    ref = fa.fp8_attention_reference(q, k, v, *sc, D ** -0.5)
+    fp8_noise = _rel(ref, _exact(q, k, v))
+    err = _rel(out, ref)
+    print(f"{kernel} {shape}: kernel vs reference {err:.2e}, reference vs exact {fp8_noise:.2e}, "
+          f"cuDNN refusals {fa._CUDNN.get('errors', [])}")
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert err < 0.5 * fp8_noise and err < 0.04
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_runs_under_torch_compile_and_strided_inputs(kernel, monkeypatch):
+    _kernel(monkeypatch, kernel)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    qkv = torch.randn(1, 300, 3, 2, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(2)  # strided views, as fused projections give
+    sc = _scales(q, k, v)
+    f = torch.compile(lambda q, k, v: torch.ops.fp8cookbook.fp8_attention(q, k, v, *sc, 0.125) * 2, fullgraph=True)
+    out = f(q, k, v)
+    ref = fa.fp8_attention_reference(q, k, v, *sc, 0.125) * 2
+    assert _rel(out, ref) < 0.04
