@@ -247,6 +247,9 @@ def fuse_fp8_projections(model: nn.Module) -> list[str]:
     Wan: self-attention to_q/to_k/to_v -> to_qkv, cross-attention to_k/to_v -> to_kv. Groups with a BF16 member
     (fallback or sensitive layers) stay as they are.
     """
+    from .fp8attention import bind_diffusers_dispatch
+
+    bind_diffusers_dispatch()  # the fused FLUX.1 single-block forward calls fp8cookbook's dispatch
     fused: list[str] = []
     handled: set[int] = set()
     modules = list(model.named_modules())

@@ -25,6 +25,7 @@ causal, dropout or context-parallel calls always go to diffusers' BF16 attention
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -179,6 +180,14 @@ if triton is not None:
                  mask=rows[:, None] < n_q)
 
 
+    @triton.jit
+    def _dequant_kernel(x_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, (x * tl.load(scale_ptr)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def triton_attention_available() -> bool:
     """Triton importable (the kernels are defined at import)."""
     return triton is not None
@@ -196,6 +205,7 @@ def _use_triton(q: torch.Tensor) -> bool:
 # and V's scale never saturates it; O is dequantised to BF16 right after. Q, K, V are quantised by the one-pass
 # Triton kernel of the fast path. Graphs are built once per shape and layout and kept.
 _CUDNN: dict[Any, Any] = {}
+atexit.register(_CUDNN.clear)  # free cuDNN graphs and handles before the interpreter tears their bindings down
 
 
 def cudnn_attention_available() -> bool:
@@ -262,7 +272,10 @@ def _cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: 
             scalars[3]: fixed["descale_s"], scalars[4]: fixed["scale_s"], scalars[5]: (1.0 / vs).reshape(one)}
     _CUDNN["module"].set_stream(handle=handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
     graph.execute(pack, fixed["workspace"], handle=handle)
-    return (o8.float() * vs).to(q.dtype)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    n = out.numel()
+    _dequant_kernel[(triton.cdiv(n, 4096),)](o8, out, vs, n, BLOCK=4096, num_warps=8)
+    return out
 
 
 def _triton_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor,
@@ -300,10 +313,42 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: to
     kernel; elsewhere (and for head sizes the kernels lack) the float32 reference.
     """
     if _use_triton(q):
-        if KERNEL != "triton" and cudnn_attention_available() and _cudnn_ok(q, k, sm_scale):
-            return _cudnn_fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale)
-        return _triton_fp8_attention(q, k, v, q_scale, k_scale, v_scale, sm_scale)
+        args = (q, k, v, q_scale, k_scale, v_scale, sm_scale)
+        return _CUDA_KERNELS[_pick_kernel(*args)](*args)
     return fp8_attention_reference(q, k, v, q_scale, k_scale, v_scale, sm_scale)
+
+
+_CUDA_KERNELS = {"triton": _triton_fp8_attention, "cudnn": _cudnn_fp8_attention}
+_PICKS: dict[tuple, str] = {}
+
+
+def _pick_kernel(q, k, v, qs, ks, vs, sm_scale) -> str:
+    """`KERNEL`, or for "auto" the faster of cuDNN and Triton for this shape, timed once on first use.
+
+    The two compute the same formula (up to rounding); which wins depends on the shape (on an H100 cuDNN is faster
+    for Wan2.2's 32k-token self-attention, Triton for its 512-token cross-attention), so it is measured, not guessed.
+    """
+    if KERNEL == "triton" or not cudnn_attention_available() or not _cudnn_ok(q, k, sm_scale):
+        return "triton"
+    if KERNEL == "cudnn":
+        return "cudnn"
+    key = (q.device.index, tuple(q.shape), tuple(k.shape), q.dtype)
+    if key in _PICKS:
+        return _PICKS[key]
+    if torch.cuda.is_current_stream_capturing():
+        return "triton"  # no timing inside a CUDA-graph capture; decided at the next eager call
+    times = {}
+    for name, fn in _CUDA_KERNELS.items():
+        fn(q, k, v, qs, ks, vs, sm_scale)  # warm-up (Triton autotunes here, cuDNN builds its graph)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            fn(q, k, v, qs, ks, vs, sm_scale)
+        end.record()
+        end.synchronize()
+        times[name] = start.elapsed_time(end)
+    _PICKS[key] = min(times, key=times.get)
+    return _PICKS[key]
 
 
 def _cudnn_ok(q: torch.Tensor, k: torch.Tensor, sm_scale: float) -> bool:
@@ -326,10 +371,16 @@ def _(q, k, v, q_scale, k_scale, v_scale, sm_scale):
 
 
 # ------------------------------------------------------------------------------ diffusers integration
-def _diffusers_dispatch():
-    from diffusers.models import attention_dispatch
+_DIFFUSERS_DISPATCH: Any = None  # diffusers' own dispatch_attention_fn, bound outside traced code (no import in it)
 
-    return attention_dispatch.dispatch_attention_fn
+
+def bind_diffusers_dispatch() -> None:
+    """Remember diffusers' `dispatch_attention_fn`; called before any forward goes through ours."""
+    global _DIFFUSERS_DISPATCH
+    if _DIFFUSERS_DISPATCH is None:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        _DIFFUSERS_DISPATCH = dispatch_attention_fn
 
 
 def fp8_dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -351,8 +402,8 @@ def fp8_dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, 
         elif not torch.compiler.is_compiling():
             st.bf16_calls += 1
         backend = st.fallback
-    return _diffusers_dispatch()(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                 attention_kwargs, backend=backend, parallel_config=parallel_config)
+    return _DIFFUSERS_DISPATCH(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                               attention_kwargs, backend=backend, parallel_config=parallel_config)
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -366,6 +417,7 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _patch_dispatch(proc: Any) -> None:
+    bind_diffusers_dispatch()
     mod = sys.modules.get(type(proc).__module__)
     if mod is None or not hasattr(mod, "dispatch_attention_fn"):
         raise Fp8CookbookError(f"{type(proc).__name__}: its module does not call dispatch_attention_fn; "
