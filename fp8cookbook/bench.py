@@ -449,10 +449,12 @@ class _SyntheticRun:
                 attn = stack.enter_context(fp8attention.record_attention_amax(model)) if self.s.fp8_attention else {}
                 model(**self.kwargs(self.first_step_of(expert), self.x0))
             self.amax[expert] = amax
-            if attn:
+            if attn:  # as ModelOpt's --quantize-mha: no FP8 attention in blocks the family keeps in BF16
+                config = dict(model.config)
                 self.attention_scales[expert] = fp8attention.scales_from_amax(
                     {n: {k: (v if bool(torch.isfinite(v)) else torch.ones_like(v)) for k, v in a.items()}
-                     for n, a in attn.items()})
+                     for n, a in attn.items()
+                     if self.s.include_fallback or not self.family.skip_in_calibration(n, config)})
         _sync(self.device)
         self.nonfinite_amax = 0
         for amax in self.amax.values():  # random weights can overflow; never time an all-zero activation
@@ -557,6 +559,9 @@ class _SyntheticRun:
         out["estimated_full_loop_s"] = sum(by_expert.get(st.expert, statistics.median(by_expert.values()))
                                            for st in full)
         out["output_finite"] = bool(torch.isfinite(x).all())
+        if side.fp8_attention and dev.type == "cuda":
+            out["fp8_attention_kernel"] = fp8attention.KERNEL
+            out["fp8_attention_kernel_choices"] = fp8attention.kernel_choices()
         if dev.type == "cuda":
             out["peak_memory_gb"] = _gb(torch.cuda.max_memory_allocated(dev))
             out["peak_reserved_gb"] = _gb(torch.cuda.max_memory_reserved(dev))

@@ -247,7 +247,7 @@ def _compare(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     load_to = "cpu" if args.offload_idle else device
     # Transformers first: a bad path fails before the pipeline is loaded.
-    candidate = {name: load_transformer(path, device=load_to)
+    candidate = {name: load_transformer(path, device=load_to, fp8_attention=args.fp8_attention)
                  for name, path in (("transformer", args.candidate), ("transformer_2", args.candidate_2)) if path}
     reference = {name: load_transformer(path, device=load_to)
                  for name, path in (("transformer", args.reference), ("transformer_2", args.reference_2)) if path}
@@ -282,6 +282,9 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-path", help="base pipeline folder or hub id (default: the tiny test pipeline)")
     p.add_argument("--candidate", required=True, type=Path, help="transformer folder to test (FP8 checkpoint or BF16)")
     p.add_argument("--candidate-2", type=Path, help="Wan2.2 A14B: folder for transformer_2 (default: the pipeline's)")
+    p.add_argument("--fp8-attention", action="store_true",
+                   help="run the candidate's attention in FP8 too, with its Q/K/V scales (checkpoints quantized "
+                        "with --quantize-mha); the way to check this opt-in on your own model and prompts")
     p.add_argument("--reference", type=Path, help="transformer folder to compare against (default: the pipeline's)")
     p.add_argument("--reference-2", type=Path, help="Wan2.2 A14B: reference transformer_2 (default: the pipeline's)")
     p.add_argument("--prompt", default="a photo of a red house")

@@ -224,7 +224,9 @@ class CompareReport:
         for side in ("reference", "candidate"):
             for name, c in getattr(self, side)["components"].items():
                 if c["fp8_layers"]:
-                    lines.append(f"FP8     {side} {name}: {c['fp8_layers_ran']}/{c['fp8_layers']} FP8 layers ran")
+                    lines.append(f"FP8     {side} {name}: {c['fp8_layers_ran']}/{c['fp8_layers']} FP8 layers ran"
+                                 + (f", FP8 attention in {c['fp8_attention_layers']} modules"
+                                    if c.get("fp8_attention_layers") else ""))
         return lines
 
 
@@ -259,6 +261,7 @@ def _jsonable(obj: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------------- running
 def _component_info(module: nn.Module, own: bool, ran: dict[str, int]) -> dict[str, Any]:
+    from .fp8attention import AttentionScales, attention_modules
     from .fp8linear import fp8_modules
 
     load_report = getattr(module, "fp8_load_report", None)
@@ -269,6 +272,9 @@ def _component_info(module: nn.Module, own: bool, ran: dict[str, int]) -> dict[s
         "pipeline_component": own,
         "fp8_layers": len(fp8_modules(module)),
         "fp8_layers_ran": len(ran),
+        "fp8_attention_layers": sum(isinstance(m.processor._attention_backend, AttentionScales) and
+                                    m.processor._attention_backend.q is not None
+                                    for m in attention_modules(module).values()),
     }
 
 
@@ -419,15 +425,21 @@ def _environment(pipe) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ loading, output
-def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """A transformer folder: an FP8 checkpoint (config.json has quantization_config) or a plain diffusers one."""
+def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                     fp8_attention: bool = False) -> nn.Module:
+    """A transformer folder: an FP8 checkpoint (config.json has quantization_config) or a plain diffusers one.
+
+    `fp8_attention` runs an FP8 checkpoint's attention in FP8 too (needs its --quantize-mha scale file).
+    """
     from .checkpoint import read_config
     from .loader import load_fp8_transformer
 
     path = Path(path)
     config = read_config(path)
     if "quantization_config" in config:
-        return load_fp8_transformer(path, device=device, dtype=dtype)[0]
+        return load_fp8_transformer(path, device=device, dtype=dtype, fp8_attention=fp8_attention)[0]
+    if fp8_attention:
+        raise Fp8CookbookError(f"{path}: FP8 attention is for FP8 checkpoints; this is a plain diffusers folder")
     import diffusers
 
     cls = getattr(diffusers, str(config.get("_class_name")), None)

@@ -322,6 +322,11 @@ _CUDA_KERNELS = {"triton": _triton_fp8_attention, "cudnn": _cudnn_fp8_attention}
 _PICKS: dict[tuple, str] = {}
 
 
+def kernel_choices() -> dict[str, str]:
+    """Which CUDA kernel `KERNEL="auto"` chose per (query shape, key shape), for reports."""
+    return {f"q{list(key[1])} k{list(key[2])}": kernel for key, kernel in _PICKS.items()}
+
+
 def _pick_kernel(q, k, v, qs, ks, vs, sm_scale) -> str:
     """`KERNEL`, or for "auto" the faster of cuDNN and Triton for this shape, timed once on first use.
 

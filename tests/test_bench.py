@@ -73,7 +73,7 @@ def test_plain_and_levers(tmp_path):
     assert rc == 0
     fp8 = plain["sides"][1]
     assert fp8["levers"] == {"fast": False, "triton_quant": False, "fast_accum": False, "fused": False,
-                             "cuda_graphs": False}
+                             "cuda_graphs": False, "fp8_attention": False}
     assert fp8["fp8_layers"] == fp8["fp8_layers_ran"] == plain["quantized_linears"], "plain path fuses nothing"
     rc, levers = _bench_cli(tmp_path, "--family", "flux1", "--levers", "--steps", "1", "--runs", "1")
     assert rc == 0
@@ -81,6 +81,21 @@ def test_plain_and_levers(tmp_path):
     assert names == ["bf16", "fp8-plain", "fp8+triton-quant", "fp8+fast-accum", "fp8+fused"]
     assert levers["fp8"] == "fp8+fast-accum" and levers["bf16"] == "bf16", "eager headline: unfused fast path"
     assert levers["sides"][-1]["fp8_layers"] < levers["sides"][1]["fp8_layers"], "fusion must merge layers"
+
+
+@pytest.mark.parametrize("family", ["flux1", "wan22-a14b"])
+def test_fp8_attention_side(tmp_path, family):
+    rc, report = _bench_cli(tmp_path, "--family", family, "--fp8-attention", "--steps", "2", "--runs", "1")
+    assert rc == 0
+    bf16, fp8, attn = report["sides"]
+    assert [bf16["name"], fp8["name"], attn["name"]] == ["bf16", "fp8", "fp8+fp8-attention"]
+    assert report["fp8"] == "fp8+fp8-attention" and attn["headline"] and not fp8["headline"]
+    assert attn["levers"]["fp8_attention"] and not fp8["levers"]["fp8_attention"]
+    assert attn["fp8_attention_layers"] > 0 and attn["fp8_attention_calls"] > 0
+    assert attn["fp8_attention_fallback_calls"] == 0 and "fp8_attention_calls" not in fp8
+    assert "first_forward_cosine_vs_bf16" not in bf16
+    assert 0.99 < attn["first_forward_cosine_vs_bf16"] < 1.0
+    assert attn["first_forward_cosine_vs_bf16"] != fp8["first_forward_cosine_vs_bf16"]
 
 
 def test_plan_sides_order():

@@ -217,3 +217,29 @@ def test_report_without_frames_cannot_plot_images():
     report = CompareReport(family="flux1", settings={}, reference={}, candidate={}, steps=[], decoded={})
     with pytest.raises(ValueError, match="no frames"):
         plot_images(report)
+
+
+def test_cli_fp8_attention_candidate(fp8_flux, handmade, tmp_path, capsys):
+    """--fp8-attention: the candidate runs FP8 attention with its side file's scales; without the file, one line."""
+    from fp8cookbook.families import build_transformer, get_family
+    from fp8cookbook.fp8attention import ATTENTION_SCALES_NAME, attention_modules, record_attention_amax
+
+    args = ["compare", "--family", "flux1", "--candidate", str(fp8_flux), "--fp8-attention", "--quiet",
+            "--steps", "2", "--height", "32", "--width", "32"]
+    rc = main([*args, "--output-dir", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert rc == 2 and ATTENTION_SCALES_NAME in err and "--quantize-mha" in err and len(err.strip().splitlines()) == 1
+
+    fam = get_family("flux1")
+    model = build_transformer(fam, "tiny", seed=0)
+    with torch.no_grad(), record_attention_amax(model) as amax:
+        model(**fam.make_inputs(dict(model.config), height=64, width=64, text_len=8,
+                                generator=torch.Generator().manual_seed(0)))
+    entries = {f"{m}.{c}_bmm_quantizer": float(a[c]) for m, a in amax.items() for c in "qkv"}
+    (fp8_flux / ATTENTION_SCALES_NAME).write_text(json.dumps({"format": "amax", "amax": entries}))
+    rc = main([*args, "--output-dir", str(tmp_path / "r")])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    comp = json.loads((tmp_path / "r" / "compare.json").read_text())["candidate"]["components"]["transformer"]
+    assert comp["fp8_attention_layers"] == len(attention_modules(model)) > 0
+    assert f"FP8 attention in {comp['fp8_attention_layers']} modules" in cap.out

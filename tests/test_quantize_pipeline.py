@@ -16,6 +16,8 @@ from fp8cookbook.cli import main  # noqa: E402
 from fp8cookbook.convert import load_amax_table  # noqa: E402
 from fp8cookbook.errors import Fp8CookbookError  # noqa: E402
 from fp8cookbook.families import FAMILIES, get_family  # noqa: E402
+from fp8cookbook.fp8attention import attention_modules, count_fp8_attention_calls  # noqa: E402
+from fp8cookbook.loader import load_fp8_transformer  # noqa: E402
 from fp8cookbook.pipelines import build_tiny_pipeline, load_pipeline, tiny_pipeline_dir  # noqa: E402
 from fp8cookbook.quantize import PROMPTS_FILE, QuantizeResult, calibration_prompts, quantize_pipeline  # noqa: E402
 
@@ -228,4 +230,24 @@ def test_quantize_mha_adds_attention_scales(tmp_path):
     _check_fp8_folders(result, "flux1")
     stats = result.convert_stats["transformer"]
     assert stats.attention_scales > 0 and result.calibration["quantize_mha"]
-    assert (result.paths["transformer"]["fp8"] / "fp8cookbook_attention_scales.json").is_file()
+    fp8 = result.paths["transformer"]["fp8"]
+    assert (fp8 / "fp8cookbook_attention_scales.json").is_file()
+    # The loader turns them into FP8 attention on request, for every attention module ModelOpt calibrated.
+    plain, report = load_fp8_transformer(fp8, dtype=torch.float32)
+    assert report.attention_scales_available and report.fp8_attention_layers == 0
+    assert "fp8_attention=True" in "\n".join(report.lines())
+    model, report = load_fp8_transformer(fp8, dtype=torch.float32, fp8_attention=True)
+    assert report.fp8_attention_layers == len(attention_modules(model)) == stats.attention_scales // 3
+    fam = get_family("flux1")
+    inputs = fam.make_inputs(dict(model.config), height=64, width=64, text_len=8,
+                             generator=torch.Generator().manual_seed(0))
+    inputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad(), count_fp8_attention_calls(model) as calls:
+        out = model(**inputs)[0]
+        ref = plain(**inputs)[0]
+    assert all(c["fp8"] == 1 for c in calls.values()) and len(calls) == report.fp8_attention_layers
+    assert not torch.equal(out, ref) and torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
+    # Without the side file, asking for FP8 attention names the missing file.
+    (fp8 / "fp8cookbook_attention_scales.json").unlink()
+    with pytest.raises(Fp8CookbookError, match="fp8cookbook_attention_scales.json not found.*--quantize-mha"):
+        load_fp8_transformer(fp8, dtype=torch.float32, fp8_attention=True)
