@@ -348,6 +348,8 @@ def _quantize(args: argparse.Namespace) -> int:
     flags = " ".join(f"--{'candidate' if n == 'transformer' else 'candidate-2'} {p}" for n, p in fp8.items())
     model = f" --model-path {args.model_path}" if args.model_path else ""
     print(f"next             fp8cookbook compare --family {family.name}{model} {flags} --output-dir compare/")
+    if args.quantize_mha:
+        print("FP8 attention    the same with --fp8-attention (opt-in) compares FP8 attention too")
     return 0
 
 
@@ -433,7 +435,8 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, help="guidance scale (default: the family's)")
     p.add_argument("--quantize-mha", action="store_true",
                    help="also quantize attention Q/K/V inputs (ModelOpt --quantize-mha; needs `onnx`). SGLang "
-                        "keeps attention in BF16: the scales go to a side file")
+                        "keeps attention in BF16: the scales go to a side file, which fp8cookbook's --fp8-attention "
+                        "(load, compare, bench) uses")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="dtype the pipeline runs calibration in; auto = bfloat16 on CUDA, float32 on CPU "
                         "(CPU BF16 matmuls are slow). The base and output checkpoints are BF16/FP8 either way")

@@ -285,11 +285,13 @@ def release_memory() -> None:
 
 
 def load_fp8_transformers(paths: dict[str, dict[str, Path]], *, device: str, dtype: "torch.dtype",
-                          ask_for_offload: bool = True) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+                          ask_for_offload: bool = True,
+                          fp8_attention: bool = False) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """Load every FP8 checkpoint of a `QuantizeResult.paths` with fp8cookbook's loader.
 
     With `ask_for_offload` the loader is asked for DiT CPU and layer-wise offload, as a serving config might, so the
-    notebook shows that both are refused for FP8 (and why). Returns (modules, load reports, warning messages).
+    notebook shows that both are refused for FP8 (and why). `fp8_attention` also runs attention in FP8 (opt-in; the
+    checkpoints need their --quantize-mha scale files). Returns (modules, load reports, warning messages).
     """
     from .loader import load_fp8_transformer
 
@@ -300,7 +302,7 @@ def load_fp8_transformers(paths: dict[str, dict[str, Path]], *, device: str, dty
         for name, p in paths.items():
             modules[name], reports[name] = load_fp8_transformer(
                 p["fp8"], device=device, dtype=dtype, dit_cpu_offload=ask_for_offload,
-                dit_layerwise_offload=ask_for_offload)
+                dit_layerwise_offload=ask_for_offload, fp8_attention=fp8_attention)
     messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     return modules, reports, messages
 

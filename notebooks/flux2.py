@@ -6,6 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -65,6 +66,7 @@ text_encoder_cpu_offload = None  # park the text encoder on the CPU between uses
 output_dir = "outputs/flux2"  # checkpoint, comparison, bench.json and report.json
 run_bench = True  # time BF16 vs FP8 denoising (section 7)
 compile = False  # torch.compile both sides of the benchmark
+fp8_attention = False  # opt-in: attention in FP8 too (calibrates Q/K/V with --quantize-mha); compare before you ship it
 
 # %% [markdown]
 # ## 1. Load the BF16 pipeline
@@ -83,7 +85,7 @@ calibration_prompts = nb.as_prompts(calibration_prompts, optional=True, files=Tr
 base = str(model_path or tiny_pipeline_dir(FAMILY))  # the BF16 pipeline: SGLang's --model-path
 gen = nb.generation_settings(FAMILY, model_path, height=height, width=width, steps=steps, guidance_scale=guidance_scale)
 settings = dict(model_path=model_path, device=device, dtype=str(torch_dtype), prompts=prompts, seed=seed,
-                keep_bf16=keep_bf16, **gen)
+                keep_bf16=keep_bf16, fp8_attention=fp8_attention, **gen)
 report = nb.NotebookReport("flux2", FAMILY, output_dir, settings)
 pipe = load_pipeline(FAMILY, model_path, dtype=torch_dtype)
 place_pipeline(pipe, device, text_encoder_cpu_offload=text_encoder_cpu_offload)
@@ -102,6 +104,7 @@ print(f"{type(pipe).__name__} from {base}; comparison settings {gen}")
 result = quantize_pipeline(FAMILY, pipe, output_dir / "checkpoint", prompts=calibration_prompts,
                            num_prompts=num_calibration_prompts, num_inference_steps=calibration_steps, seed=seed,
                            height=height, width=width, guidance_scale=guidance_scale, overwrite=True,
+                           quantize_mha=fp8_attention,
                            progress=model_path is not None)
 report.quantize(result)
 print("\n".join(result.lines()))
@@ -151,6 +154,8 @@ for name, p in result.paths.items():
 # `FP8Linear`. It is asked for DiT CPU offload and layer-wise offload, as a serving config might: both are turned off,
 # with the warning below, because offload rebuilds weights contiguously and loses the column-major FP8 weight view the
 # FP8 GEMM needs. SGLang needs the same: `--dit-cpu-offload false --dit-layerwise-offload false`.
+# With `fp8_attention=True` attention runs in FP8 too, with the Q/K/V scales the calibration wrote (an opt-in:
+# compare below decides whether it is good enough for your model; SGLang keeps attention in BF16 when it serves).
 
 # %%
 del pipe
@@ -159,7 +164,7 @@ pipe = load_pipeline(FAMILY, model_path, dtype=torch_dtype)
 place_pipeline(pipe, device, text_encoder_cpu_offload=text_encoder_cpu_offload)
 offload_idle = model_path is not None  # real models: the side not running waits on the CPU
 fp8, load_reports, offload_warnings = nb.load_fp8_transformers(result.paths, device="cpu" if offload_idle else device,
-                                                               dtype=torch_dtype)
+                                                               dtype=torch_dtype, fp8_attention=fp8_attention)
 report.load(load_reports, offload_warnings)
 for message in offload_warnings:
     print("warning:", message)
@@ -215,7 +220,8 @@ nb.release_memory()
 if run_bench:
     bench_settings = benchmark.BenchSettings(family=FAMILY, model_path=base, fp8_path=str(result.output_dir / "fp8"),
                                              height=gen["height"], width=gen["width"], steps=gen["steps"],
-                                             compile=compile, device=device)
+                                             compile=compile, fp8_attention=fp8_attention,
+                                             device=device)
     bench = benchmark.run_bench(bench_settings, output=output_dir / "bench.json")
     report.bench(bench, output_dir / "bench.json")
     print("\n".join(benchmark.summary_lines(bench)))

@@ -6,6 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -64,6 +65,7 @@ text_encoder_cpu_offload = None  # park the text encoder on the CPU between uses
 output_dir = "outputs/wan22"  # checkpoints, comparison, bench.json and report.json
 run_bench = True  # time BF16 vs FP8 denoising (section 7)
 compile = False  # torch.compile both sides of the benchmark
+fp8_attention = False  # opt-in: attention in FP8 too (calibrates Q/K/V with --quantize-mha); compare before you ship it
 
 # %% [markdown]
 # ## 1. Load the BF16 pipeline
@@ -84,7 +86,7 @@ base = str(model_path or tiny_pipeline_dir(fam.name))  # the BF16 pipeline: SGLa
 gen = nb.generation_settings(fam, model_path, height=height, width=width, num_frames=num_frames, steps=steps,
                              guidance_scale=guidance_scale)
 settings = dict(model_path=model_path, device=device, dtype=str(torch_dtype), prompts=prompts, seed=seed,
-                keep_bf16=keep_bf16, **gen)
+                keep_bf16=keep_bf16, fp8_attention=fp8_attention, **gen)
 report = nb.NotebookReport("wan22", fam, output_dir, settings)
 pipe = load_pipeline(fam.name, model_path, dtype=torch_dtype)
 place_pipeline(pipe, device, text_encoder_cpu_offload=text_encoder_cpu_offload)
@@ -106,7 +108,7 @@ print(f"comparison settings {gen}")
 result = quantize_pipeline(fam.name, pipe, output_dir / "checkpoint", prompts=calibration_prompts,
                            num_prompts=num_calibration_prompts, num_inference_steps=calibration_steps, seed=seed,
                            height=height, width=width, num_frames=num_frames, guidance_scale=guidance_scale,
-                           overwrite=True, progress=model_path is not None)
+                           overwrite=True, quantize_mha=fp8_attention, progress=model_path is not None)
 report.quantize(result)
 print("\n".join(result.lines()))
 print("calibration timesteps:", result.calibration["timesteps"])
@@ -155,6 +157,8 @@ for name, p in result.paths.items():
 # even turn layer-wise offload on by itself for Wan): both are turned off, with the warnings below, because offload
 # rebuilds weights contiguously and loses the column-major FP8 weight view the FP8 GEMM needs. SGLang needs the same:
 # `--dit-cpu-offload false --dit-layerwise-offload false`.
+# With `fp8_attention=True` attention runs in FP8 too, with the Q/K/V scales the calibration wrote (an opt-in:
+# compare below decides whether it is good enough for your model; SGLang keeps attention in BF16 when it serves).
 
 # %%
 del pipe
@@ -163,7 +167,7 @@ pipe = load_pipeline(fam.name, model_path, dtype=torch_dtype)
 place_pipeline(pipe, device, text_encoder_cpu_offload=text_encoder_cpu_offload)
 offload_idle = model_path is not None  # real models: the side not running waits on the CPU
 fp8, load_reports, offload_warnings = nb.load_fp8_transformers(result.paths, device="cpu" if offload_idle else device,
-                                                               dtype=torch_dtype)
+                                                               dtype=torch_dtype, fp8_attention=fp8_attention)
 report.load(load_reports, offload_warnings)
 for message in offload_warnings:
     print("warning:", message)
@@ -222,7 +226,8 @@ nb.release_memory()
 if run_bench:
     bench_settings = benchmark.BenchSettings(family=fam.name, model_path=base, fp8_path=str(result.output_dir / "fp8"),
                                              height=gen["height"], width=gen["width"], num_frames=gen["num_frames"],
-                                             steps=gen["steps"], compile=compile, device=device)
+                                             steps=gen["steps"], compile=compile, fp8_attention=fp8_attention,
+                                             device=device)
     bench = benchmark.run_bench(bench_settings, output=output_dir / "bench.json")
     report.bench(bench, output_dir / "bench.json")
     print("\n".join(benchmark.summary_lines(bench)))

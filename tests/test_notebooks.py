@@ -236,11 +236,16 @@ def test_run_flux1_with_overrides(tmp_path, capsys):
 
 
 def test_run_wan22_ti2v_5b(tmp_path, capsys):
-    """TI2V-5B through the wan22 notebook, chosen by name (the `family` parameter), without the benchmark."""
+    """TI2V-5B through the wan22 notebook, chosen by name (the `family` parameter), without the benchmark, with the
+    FP8-attention opt-in: --quantize-mha calibration, scale side file, FP8 attention in the compared model."""
     out_dir = tmp_path / "w"
-    assert main(["run", "wan22-ti2v-5b", "-p", "output_dir", str(out_dir), "-p", "run_bench", "False", "--quiet"]) == 0
+    assert main(["run", "wan22-ti2v-5b", "-p", "output_dir", str(out_dir), "-p", "run_bench", "False",
+                 "-p", "fp8_attention", "True", "--quiet"]) == 0
     report = json.loads((out_dir / "report.json").read_text())
     assert report["family"] == "wan22-ti2v-5b" and report["bench"] is None and report["passed"] is True
+    assert report["settings"]["fp8_attention"] is True
+    assert report["load"]["components"]["transformer"]["fp8_attention_layers"] > 0
+    assert (Path(report["checkpoint"]["transformer"]) / "fp8cookbook_attention_scales.json").is_file()
     assert list(report["checkpoint"]) == ["transformer"] and "--num-frames 5" in report["serve"]
     capsys.readouterr()
 
