@@ -193,10 +193,15 @@ def triton_attention_available() -> bool:
     return triton is not None
 
 
-def _use_triton(q: torch.Tensor) -> bool:
-    d = q.shape[-1]
-    return (q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9) and d in (16, 32, 64, 128, 256)
-            and q.dtype in (torch.bfloat16, torch.float16) and triton_attention_available())
+def _cuda_fp8(q: torch.Tensor) -> bool:
+    """A CUDA tensor on a GPU with FP8 tensor cores, in a dtype the kernels write."""
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9)
+            and q.dtype in (torch.bfloat16, torch.float16))
+
+
+def _triton_ok(q: torch.Tensor) -> bool:
+    # FP8 tensor-core dots need K >= 32: head_dim 16 (the tiny test models) has no Triton kernel.
+    return triton_attention_available() and q.shape[-1] in (32, 64, 128, 256)
 
 
 # ---------------------------------------------------------------------------------- cuDNN FP8 SDPA
@@ -309,13 +314,14 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: to
                   v_scale: torch.Tensor, sm_scale: float) -> torch.Tensor:
     """FP8 attention, (batch, seq, heads, head_dim) in and out; opaque to torch.compile (one custom op).
 
-    On CUDA: cuDNN's FP8 SDPA when the frontend package is installed and `KERNEL` allows it, else the Triton
-    kernel; elsewhere (and for head sizes the kernels lack) the float32 reference.
+    On CUDA: cuDNN's FP8 SDPA or the Triton kernel (`KERNEL`, `_pick_kernel`); elsewhere, and for shapes neither
+    kernel takes, the float32 reference.
     """
-    if _use_triton(q):
-        args = (q, k, v, q_scale, k_scale, v_scale, sm_scale)
-        return _CUDA_KERNELS[_pick_kernel(*args)](*args)
-    return fp8_attention_reference(q, k, v, q_scale, k_scale, v_scale, sm_scale)
+    args = (q, k, v, q_scale, k_scale, v_scale, sm_scale)
+    kernel = _pick_kernel(*args) if _cuda_fp8(q) else None
+    if kernel is None:
+        return fp8_attention_reference(*args)
+    return _CUDA_KERNELS[kernel](*args)
 
 
 _CUDA_KERNELS = {"triton": _triton_fp8_attention, "cudnn": _cudnn_fp8_attention}
@@ -327,16 +333,17 @@ def kernel_choices() -> dict[str, str]:
     return {f"q{list(key[1])} k{list(key[2])}": kernel for key, kernel in _PICKS.items()}
 
 
-def _pick_kernel(q, k, v, qs, ks, vs, sm_scale) -> str:
-    """`KERNEL`, or for "auto" the faster of cuDNN and Triton for this shape, timed once on first use.
+def _pick_kernel(q, k, v, qs, ks, vs, sm_scale) -> str | None:
+    """`KERNEL`, or for "auto" the faster of cuDNN and Triton for this shape, timed once on first use; None when
+    no CUDA kernel takes the shape (or the one `KERNEL` names does not).
 
     The two compute the same formula (up to rounding); which wins depends on the shape (on an H100 cuDNN is faster
     for Wan2.2's 32k-token self-attention, Triton for its 512-token cross-attention), so it is measured, not guessed.
     """
-    if KERNEL == "triton" or not cudnn_attention_available() or not _cudnn_ok(q, k, sm_scale):
-        return "triton"
-    if KERNEL == "cudnn":
-        return "cudnn"
+    triton_ok = KERNEL != "cudnn" and _triton_ok(q)
+    cudnn_ok = KERNEL != "triton" and cudnn_attention_available() and _cudnn_ok(q, k, sm_scale)
+    if not (triton_ok and cudnn_ok):
+        return "triton" if triton_ok else "cudnn" if cudnn_ok else None
     key = (q.device.index, tuple(q.shape), tuple(k.shape), q.dtype)
     if key in _PICKS:
         return _PICKS[key]

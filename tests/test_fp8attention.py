@@ -185,3 +185,37 @@ def test_kernel_runs_under_torch_compile_and_strided_inputs(kernel, monkeypatch)
     out = f(q, k, v)
     ref = fa.fp8_attention_reference(q, k, v, *sc, 0.125) * 2
     assert _rel(out, ref) < 0.04
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fp8_attention_model_in_cuda_graph_and_compiled(kernel, monkeypatch):
+    """A tiny Wan2.2 model with FP8 attention: CUDA-graph replay equals eager, and compile_repeated_blocks runs it."""
+    from fp8cookbook import fastpath
+
+    _kernel(monkeypatch, kernel)
+    fam = get_family("wan22-a14b")
+    torch.manual_seed(0)  # the tiny config with head_dim 64: head_dim 16 has no FP8 kernel (the reference runs)
+    model = fam.transformer_class()(**{**fam.tiny_config, "attention_head_dim": 64}).to("cuda", torch.bfloat16).eval()
+    inputs = fam.make_inputs(dict(model.config), height=64, width=64, num_frames=5, text_len=8,
+                             generator=torch.Generator().manual_seed(0))
+    inputs = {k: v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else
+              (v.cuda() if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        with fa.record_attention_amax(model) as amax:
+            model(**inputs)
+        fa.install_fp8_attention(model, fa.scales_from_amax(amax))
+        with fa.count_fp8_attention_calls(model) as calls:
+            eager = model(**inputs)[0]
+        assert all(c["fp8"] == 1 for c in calls.values())
+        assert fa._pick_kernel(*(torch.empty(1, 80, 2, 64, device="cuda", dtype=torch.bfloat16),) * 3,
+                               *(torch.ones(1, device="cuda"),) * 3, 0.125) == kernel
+        replay = fastpath.CudaGraphForward(model)(**inputs)
+        model.compile_repeated_blocks(fullgraph=True)
+        compiled = model(**inputs)[0]
+    torch.testing.assert_close(replay, eager)
+    cos = torch.nn.functional.cosine_similarity(eager.float().flatten(), ref.float().flatten(), dim=0)
+    assert 0.98 < float(cos) < 1.0
+    assert _rel(compiled, eager) < 0.02
