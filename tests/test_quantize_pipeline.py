@@ -247,6 +247,14 @@ def test_quantize_mha_adds_attention_scales(tmp_path):
         ref = plain(**inputs)[0]
     assert all(c["fp8"] == 1 for c in calls.values()) and len(calls) == report.fp8_attention_layers
     assert not torch.equal(out, ref) and torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
+    # The pipeline benchmark times the FP8 checkpoint with FP8 attention.
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--family", "flux1", "--model-path", str(tiny_pipeline_dir("flux1")), "--fp8",
+                 str(result.output_dir / "fp8"), "--fp8-attention", "--device", "cpu", "--steps", "2", "--runs", "1",
+                 "--warmup", "0", "--height", "32", "--width", "32", "--output", str(out)]) == 0
+    bench = json.loads(out.read_text())
+    assert bench["fp8_attention_layers"] == {"transformer": report.fp8_attention_layers}
+    assert bench["settings"]["fp8_attention"] is True and bench["fp8_layers_ran"] == bench["fp8_layers"] > 0
     # Without the side file, asking for FP8 attention names the missing file.
     (fp8 / "fp8cookbook_attention_scales.json").unlink()
     with pytest.raises(Fp8CookbookError, match="fp8cookbook_attention_scales.json not found.*--quantize-mha"):
