@@ -80,15 +80,17 @@ def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q
                             k_scale: torch.Tensor, v_scale: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
     """The module docstring's formula in float32. Layout (batch, seq, heads, head_dim) in and out, like diffusers."""
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    q8 = _quantize(q, q_scale).float()
-    k8 = _quantize(k, k_scale).float()
-    v8 = _quantize(v, v_scale).float()
-    s = torch.einsum("bqhd,bkhd->bhqk", q8, k8) * (q_scale.float() * k_scale.float() * sm_scale)
+    q8, k8, v8 = _quantize(q, q_scale), _quantize(k, k_scale), _quantize(v, v_scale)
+    return _reference_fp8_inputs(q8, k8, v8, q_scale, k_scale, v_scale, sm_scale, q.dtype)
+
+
+def _reference_fp8_inputs(q8, k8, v8, q_scale, k_scale, v_scale, sm_scale: float, out_dtype: torch.dtype):
+    s = torch.einsum("bqhd,bkhd->bhqk", q8.float(), k8.float()) * (q_scale.float() * k_scale.float() * sm_scale)
     p = torch.exp(s - s.amax(-1, keepdim=True))
     denom = p.sum(-1, keepdim=True)
     p8 = (p * P_SCALE).to(torch.float8_e4m3fn).float()
-    o = torch.einsum("bhqk,bkhd->bhqd", p8, v8) * (v_scale.float() / P_SCALE) / denom
-    return o.transpose(1, 2).to(q.dtype).contiguous()
+    o = torch.einsum("bhqk,bkhd->bhqd", p8, v8.float()) * (v_scale.float() / P_SCALE) / denom
+    return o.transpose(1, 2).to(out_dtype).contiguous()
 
 
 # ------------------------------------------------------------------------------------- Triton kernel
@@ -151,7 +153,7 @@ if triton is not None:
     @triton.jit
     def _attn_fwd_kernel(Q, K8, VT8, O, qs_ptr, ks_ptr, vs_ptr, sm_scale, sqb, sqh, sqm, s8b, s8h, s8n, stb, sth, std,
                          sob, soh, som, H, n_q, n_kv, n_full, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                         P_MUL: tl.constexpr, BLOCK_M: tl.constexpr):
+                         P_MUL: tl.constexpr, Q_FP8: tl.constexpr, BLOCK_M: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -162,7 +164,10 @@ if triton is not None:
         ks = tl.load(ks_ptr)
         vs = tl.load(vs_ptr)
         q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=rows[:, None] < n_q, other=0.0)
-        q8 = tl.clamp(q.to(tl.float32) / qs, -448.0, 448.0).to(tl.float8e4nv)
+        if Q_FP8:  # quantised by the caller (under torch.compile, fused into the op that produced Q)
+            q8 = q
+        else:
+            q8 = tl.clamp(q.to(tl.float32) / qs, -448.0, 448.0).to(tl.float8e4nv)
         qk_scale = qs * ks * sm_scale * 1.4426950408889634
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -265,10 +270,14 @@ def _cudnn_graph(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, sm_scale:
 
 
 def _cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor,
-                         vs: torch.Tensor, sm_scale: float) -> torch.Tensor:
+                         vs: torch.Tensor, sm_scale: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     from .fastpath import triton_quantize_fp8
 
-    q8, k8, v8 = triton_quantize_fp8(q, qs), triton_quantize_fp8(k, ks), triton_quantize_fp8(v, vs)
+    if q.dtype == torch.float8_e4m3fn:  # already quantised (see fp8_attention_fp8)
+        q8, k8, v8 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    else:
+        q8, k8, v8 = triton_quantize_fp8(q, qs), triton_quantize_fp8(k, ks), triton_quantize_fp8(v, vs)
+    out_dtype = out_dtype or q.dtype
     graph, handle, tq, tk, tv, to, scalars, amax_s, amax_o, fixed = _cudnn_graph(q8, k8, v8, sm_scale)
     o8 = torch.empty(q.shape, dtype=torch.float8_e4m3fn, device=q.device)
     one = (1, 1, 1, 1)
@@ -277,35 +286,35 @@ def _cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: 
             scalars[3]: fixed["descale_s"], scalars[4]: fixed["scale_s"], scalars[5]: (1.0 / vs).reshape(one)}
     _CUDNN["module"].set_stream(handle=handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
     graph.execute(pack, fixed["workspace"], handle=handle)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
     n = out.numel()
     _dequant_kernel[(triton.cdiv(n, 4096),)](o8, out, vs, n, BLOCK=4096, num_warps=8)
     return out
 
 
 def _triton_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor,
-                          vs: torch.Tensor, sm_scale: float) -> torch.Tensor:
+                          vs: torch.Tensor, sm_scale: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     B, n_q, H, D = q.shape
     n_kv = k.shape[1]
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    k8 = torch.empty((B, H, n_kv, D), dtype=torch.float8_e4m3fn, device=q.device)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    fp8_in = q.dtype == torch.float8_e4m3fn
     vt8 = torch.empty((B, H, D, (n_kv + 15) // 16 * 16), dtype=torch.float8_e4m3fn, device=q.device)
     cdiv = triton.cdiv
-    _quant_kv_kernel[(cdiv(n_kv, 64), B * H)](
-        k, v, k8, vt8, ks, vs, k.stride(0), k.stride(2), k.stride(1), v.stride(0), v.stride(2), v.stride(1),
-        k8.stride(0), k8.stride(1), k8.stride(2), vt8.stride(0), vt8.stride(1), vt8.stride(2),
-        H, n_kv, HEAD_DIM=D, BLOCK=64, num_warps=4)
-    o = torch.empty((B, n_q, H, D), dtype=q.dtype, device=q.device)
+    if fp8_in:  # already quantised (see fp8_attention_fp8): K is used as it is, V laid out K-major
+        k8 = k.transpose(1, 2)  # (B, H, N, D) view of (B, N, H, D)
+        vt8[..., :n_kv].copy_(v.permute(0, 2, 3, 1))
+    else:
+        k8 = torch.empty((B, H, n_kv, D), dtype=torch.float8_e4m3fn, device=q.device)
+        _quant_kv_kernel[(cdiv(n_kv, 64), B * H)](
+            k, v, k8, vt8, ks, vs, k.stride(0), k.stride(2), k.stride(1), v.stride(0), v.stride(2), v.stride(1),
+            k8.stride(0), k8.stride(1), k8.stride(2), vt8.stride(0), vt8.stride(1), vt8.stride(2),
+            H, n_kv, HEAD_DIM=D, BLOCK=64, num_warps=4)
+    o = torch.empty((B, n_q, H, D), dtype=out_dtype or q.dtype, device=q.device)
     _attn_fwd_kernel[lambda meta: (cdiv(n_q, meta["BLOCK_M"]), B * H)](
         q, k8, vt8, o, qs, ks, vs, float(sm_scale), q.stride(0), q.stride(2), q.stride(1),
         k8.stride(0), k8.stride(1), k8.stride(2), vt8.stride(0), vt8.stride(1), vt8.stride(2),
         o.stride(0), o.stride(2), o.stride(1), H, n_q, n_kv, n_kv // _BLOCK_N * _BLOCK_N, HEAD_DIM=D,
-        BLOCK_N=_BLOCK_N, P_MUL=P_SCALE)
+        BLOCK_N=_BLOCK_N, P_MUL=P_SCALE, Q_FP8=fp8_in)
     return o
 
 
@@ -324,6 +333,25 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: to
     return _CUDA_KERNELS[kernel](*args)
 
 
+@torch.library.custom_op("fp8cookbook::fp8_attention_fp8", mutates_args=())
+def fp8_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_scale: torch.Tensor,
+                      k_scale: torch.Tensor, v_scale: torch.Tensor, sm_scale: float,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """`fp8_attention` on inputs already quantised (e4m3, the same scales): under torch.compile the quantisation is
+    left to Inductor, which fuses it into the kernels that produce Q/K/V (RoPE, norms) instead of separate passes."""
+    args = (q8, k8, v8, q_scale, k_scale, v_scale, sm_scale)
+    on_gpu = q8.is_cuda and torch.cuda.get_device_capability(q8.device) >= (8, 9)
+    kernel = _pick_kernel(*args, out_dtype=out_dtype) if on_gpu else None
+    if kernel is None:
+        return _reference_fp8_inputs(*args, out_dtype)
+    return _CUDA_KERNELS[kernel](*args, out_dtype=out_dtype)
+
+
+@fp8_attention_fp8.register_fake
+def _(q8, k8, v8, q_scale, k_scale, v_scale, sm_scale, out_dtype):
+    return torch.empty(q8.shape, dtype=out_dtype, device=q8.device)
+
+
 _CUDA_KERNELS = {"triton": _triton_fp8_attention, "cudnn": _cudnn_fp8_attention}
 _PICKS: dict[tuple, str] = {}
 
@@ -333,7 +361,7 @@ def kernel_choices() -> dict[str, str]:
     return {f"q{list(key[1])} k{list(key[2])}": kernel for key, kernel in _PICKS.items()}
 
 
-def _pick_kernel(q, k, v, qs, ks, vs, sm_scale) -> str | None:
+def _pick_kernel(q, k, v, qs, ks, vs, sm_scale, out_dtype: torch.dtype | None = None) -> str | None:
     """`KERNEL`, or for "auto" the faster of cuDNN and Triton for this shape, timed once on first use; None when
     no CUDA kernel takes the shape (or the one `KERNEL` names does not).
 
@@ -351,11 +379,11 @@ def _pick_kernel(q, k, v, qs, ks, vs, sm_scale) -> str | None:
         return "triton"  # no timing inside a CUDA-graph capture; decided at the next eager call
     times = {}
     for name, fn in _CUDA_KERNELS.items():
-        fn(q, k, v, qs, ks, vs, sm_scale)  # warm-up (Triton autotunes here, cuDNN builds its graph)
+        fn(q, k, v, qs, ks, vs, sm_scale, out_dtype=out_dtype)  # warm-up (Triton autotunes, cuDNN builds)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(3):
-            fn(q, k, v, qs, ks, vs, sm_scale)
+            fn(q, k, v, qs, ks, vs, sm_scale, out_dtype=out_dtype)
         end.record()
         end.synchronize()
         times[name] = start.elapsed_time(end)
@@ -407,10 +435,13 @@ def fp8_dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, 
                 a = t.detach().abs().amax().float().reshape(1)
                 st.record[n] = torch.maximum(st.record[n], a) if n in st.record else a
         elif plain and st.q is not None:
-            if not torch.compiler.is_compiling():
-                st.calls += 1
-            return torch.ops.fp8cookbook.fp8_attention(query, key, value, st.q, st.k, st.v,
-                                                       query.shape[-1] ** -0.5 if scale is None else float(scale))
+            sm_scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+            if torch.compiler.is_compiling():  # torch ops: Inductor fuses the quantisation into Q/K/V's producers
+                return torch.ops.fp8cookbook.fp8_attention_fp8(_quantize(query, st.q), _quantize(key, st.k),
+                                                               _quantize(value, st.v), st.q, st.k, st.v, sm_scale,
+                                                               query.dtype)
+            st.calls += 1
+            return torch.ops.fp8cookbook.fp8_attention(query, key, value, st.q, st.k, st.v, sm_scale)
         elif not torch.compiler.is_compiling():
             st.bf16_calls += 1
         backend = st.fallback

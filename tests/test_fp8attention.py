@@ -91,6 +91,16 @@ def test_install_runs_fp8_attention_everywhere_and_remove_restores(name):
     assert not torch.equal(out, ref) and cos > 0.999, float(cos)
 
 
+def test_prequantised_op_matches_reference_on_cpu():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 40, 2, 32, generator=g) for _ in range(3))
+    sc = _scales(q, k, v)
+    q8, k8, v8 = (fa._quantize(t, s) for t, s in zip((q, k, v), sc))
+    out = torch.ops.fp8cookbook.fp8_attention_fp8(q8, k8, v8, *sc, 32 ** -0.5, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, fa.fp8_attention_reference(q, k, v, *sc).to(torch.bfloat16))
+
+
 def test_masked_calls_fall_back_to_bf16():
     q = torch.randn(1, 8, 2, 16)
     st = fa.AttentionScales("x", *(torch.ones(1) for _ in range(3)))
@@ -170,6 +180,10 @@ def test_cuda_kernel_matches_reference(shape, kernel, monkeypatch):
           f"cuDNN refusals {fa._CUDNN.get('errors', [])}")
     assert out.shape == q.shape and out.dtype == q.dtype
     assert err < 0.5 * fp8_noise and err < 0.04
+    # The same on inputs quantised beforehand (what runs under torch.compile).
+    q8, k8, v8 = (fa._quantize(t, s) for t, s in zip((q, k, v), sc))
+    out8 = torch.ops.fp8cookbook.fp8_attention_fp8(q8, k8, v8, *sc, D ** -0.5, torch.bfloat16)
+    assert out8.dtype == torch.bfloat16 and _rel(out8, ref) < 0.5 * fp8_noise
 
 
 @pytest.mark.gpu
