@@ -358,7 +358,8 @@ _PICKS: dict[tuple, str] = {}
 
 def kernel_choices() -> dict[str, str]:
     """Which CUDA kernel `KERNEL="auto"` chose per (query shape, key shape), for reports."""
-    return {f"q{list(key[1])} k{list(key[2])}": kernel for key, kernel in _PICKS.items()}
+    return {f"q{list(key[1])} k{list(key[2])} {str(key[3]).removeprefix('torch.')}": kernel
+            for key, kernel in _PICKS.items()}
 
 
 def _pick_kernel(q, k, v, qs, ks, vs, sm_scale, out_dtype: torch.dtype | None = None) -> str | None:
