@@ -12,9 +12,15 @@ The converter keeps them in the side file `fp8cookbook_attention_scales.json`, w
 SGLang-format tensors and index do not change. P is scaled by 256 (exact, a power of two) before its e4m3 cast so
 that small probabilities stay out of e4m3's subnormal range; the row sum uses the unquantised P.
 
-On CUDA (compute capability ≥ 8.9) one Triton flash-attention kernel does it, with Q quantised inside the kernel and
-K/V quantised by one pass that also lays V out K-major, as FP8 tensor cores need. Elsewhere `fp8_attention_reference`
-computes the same formula in float32 (the CPU path, and the GPU kernel's test reference).
+On CUDA (compute capability ≥ 8.9) one of two kernels does it, the faster per shape (`KERNEL`, `_pick_kernel`):
+cuDNN's FP8 SDPA (optional `nvidia-cudnn-frontend` package), or our Triton flash kernel, with Q quantised inside it
+and K/V by one pass that also lays V out K-major, as FP8 tensor cores need. In eager mode `fp8_attention` takes the
+BF16 Q/K/V; under torch.compile the quantisation is left in torch ops, which Inductor fuses into the kernels that
+produce Q/K/V, and `fp8_attention_fp8` takes the e4m3 tensors. Elsewhere `fp8_attention_reference` computes the same
+formula in float32 (the CPU path, and the GPU kernels' test reference).
+
+Measured on an H100 (docs/benchmarks.md): it pays at Wan2.2's 32k-token self-attention (1.40x per call) and, compiled,
+a little at FLUX's 4.6k tokens; its error against BF16 is why it is an opt-in (`load_fp8_transformer(fp8_attention=)`).
 
 How it plugs into diffusers: each attention processor passes `backend=self._attention_backend` to
 `dispatch_attention_fn`. `install_fp8_attention` sets that attribute to an `AttentionScales` holding the layer's
