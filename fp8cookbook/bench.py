@@ -279,6 +279,20 @@ def record_input_amax(model: nn.Module, names: list[str]) -> Iterator[dict[str, 
 
 
 @torch.no_grad()
+def attention_scales(model: nn.Module, family: Family, amax: dict[str, dict[str, torch.Tensor]], *,
+                     include_fallback: bool = False) -> dict[str, tuple[float, float, float]]:
+    """Q/K/V scales from `record_attention_amax` for the modules a `--quantize-mha` checkpoint has them for.
+
+    ModelOpt disables the attention quantizers of the blocks the family keeps in BF16 (Wan2.2's edge blocks), so
+    those keep BF16 attention; `include_fallback` gives them FP8 attention too. A non-finite amax (random weights can
+    overflow) becomes 1, as for the linear layers.
+    """
+    config = dict(model.config)
+    return fp8attention.scales_from_amax(
+        {n: {k: (v if bool(torch.isfinite(v)) else torch.ones_like(v)) for k, v in a.items()}
+         for n, a in amax.items() if include_fallback or not family.skip_in_calibration(n, config)})
+
+
 def quantize_in_place(model: nn.Module, amax: dict[str, torch.Tensor]) -> list[str]:
     """Replace each calibrated nn.Linear by `FP8Linear.quantize`, freeing its BF16 weight as soon as it is copied."""
     done = []
@@ -407,6 +421,7 @@ class _SyntheticRun:
         self.t = [torch.full_like(t_in, st.sigma if t_in.is_floating_point() else round(st.timestep))
                   for st in self.steps]
         self.graphs: dict[str, fastpath.CudaGraphForward] = {}
+        self.reference_output: torch.Tensor | None = None  # the BF16 side's first forward, the quality reference
 
     def kwargs(self, step: Step, x: torch.Tensor, negative: bool = False) -> dict[str, Any]:
         kw = dict(self.inputs, hidden_states=x, timestep=self.t[step.index])
@@ -449,12 +464,9 @@ class _SyntheticRun:
                 attn = stack.enter_context(fp8attention.record_attention_amax(model)) if self.s.fp8_attention else {}
                 model(**self.kwargs(self.first_step_of(expert), self.x0))
             self.amax[expert] = amax
-            if attn:  # as ModelOpt's --quantize-mha: no FP8 attention in blocks the family keeps in BF16
-                config = dict(model.config)
-                self.attention_scales[expert] = fp8attention.scales_from_amax(
-                    {n: {k: (v if bool(torch.isfinite(v)) else torch.ones_like(v)) for k, v in a.items()}
-                     for n, a in attn.items()
-                     if self.s.include_fallback or not self.family.skip_in_calibration(n, config)})
+            if attn:
+                self.attention_scales[expert] = attention_scales(model, self.family, attn,
+                                                                 include_fallback=self.s.include_fallback)
         _sync(self.device)
         self.nonfinite_amax = 0
         for amax in self.amax.values():  # random weights can overflow; never time an all-zero activation
@@ -514,9 +526,9 @@ class _SyntheticRun:
             out["fp8_attention_layers"] = sum(len(fp8attention.install_fp8_attention(self.models[e], sc))
                                               for e, sc in self.attention_scales.items())
         probe = self.first_forward()
-        if side.precision == "bf16" and not hasattr(self, "reference_output"):
+        if side.precision == "bf16" and self.reference_output is None:
             self.reference_output = probe
-        elif hasattr(self, "reference_output"):
+        elif self.reference_output is not None:
             out["first_forward_cosine_vs_bf16"] = float(torch.nn.functional.cosine_similarity(
                 probe.double(), self.reference_output.double(), dim=0))
         if side.precision == "fp8":

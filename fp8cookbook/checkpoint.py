@@ -28,6 +28,8 @@ WEIGHT_SCALE = "weight_scale"
 INPUT_SCALE = "input_scale"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 STATS_NAME = "fp8cookbook_conversion.json"
+# --quantize-mha Q/K/V amaxes, for fp8cookbook's FP8 attention: not in the index, SGLang never reads it
+ATTENTION_SCALES_NAME = "fp8cookbook_attention_scales.json"
 
 # safetensors dtype names <-> torch dtypes (the subset diffusion checkpoints use)
 ST_DTYPES: dict[str, torch.dtype] = {

@@ -261,7 +261,7 @@ def _jsonable(obj: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------------- running
 def _component_info(module: nn.Module, own: bool, ran: dict[str, int]) -> dict[str, Any]:
-    from .fp8attention import AttentionScales, attention_modules
+    from .fp8attention import fp8_attention_modules
     from .fp8linear import fp8_modules
 
     load_report = getattr(module, "fp8_load_report", None)
@@ -272,9 +272,7 @@ def _component_info(module: nn.Module, own: bool, ran: dict[str, int]) -> dict[s
         "pipeline_component": own,
         "fp8_layers": len(fp8_modules(module)),
         "fp8_layers_ran": len(ran),
-        "fp8_attention_layers": sum(isinstance(m.processor._attention_backend, AttentionScales) and
-                                    m.processor._attention_backend.q is not None
-                                    for m in attention_modules(module).values()),
+        "fp8_attention_layers": len(fp8_attention_modules(module)),
     }
 
 

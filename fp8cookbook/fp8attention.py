@@ -43,19 +43,19 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .checkpoint import ATTENTION_SCALES_NAME, FP8_MAX
 from .errors import Fp8CookbookError
+from .fp8linear import fp8_gemm_supported, quantize_fp8
 
-__all__ = ["E4M3_MAX", "P_SCALE", "ATTENTION_SCALES_NAME", "AttentionScales", "fp8_attention_reference",
-           "fp8_attention", "attention_modules", "install_fp8_attention", "remove_fp8_attention",
+__all__ = ["P_SCALE", "ATTENTION_SCALES_NAME", "AttentionScales", "fp8_attention_reference",
+           "fp8_attention", "attention_modules", "fp8_attention_modules", "install_fp8_attention",
+           "remove_fp8_attention",
            "record_attention_amax", "read_attention_scales", "count_fp8_attention_calls", "triton_attention_available"]
 
-E4M3_MAX = 448.0
 # Which CUDA kernel runs FP8 attention: "auto" (cuDNN's when its frontend package is installed, else Triton's),
 # "cudnn" or "triton". Read once from FP8COOKBOOK_ATTENTION_KERNEL; tests and benchmarks may change it.
 KERNEL = os.environ.get("FP8COOKBOOK_ATTENTION_KERNEL", "auto").strip().lower() or "auto"
 P_SCALE = 256.0
-ATTENTION_SCALES_NAME = "fp8cookbook_attention_scales.json"  # side file next to the index; SGLang never reads it
-_LOG2E = 1.4426950408889634
 
 
 @dataclass(eq=False)
@@ -78,15 +78,12 @@ class AttentionScales:
 
 
 # ------------------------------------------------------------------------------------------ the math
-def _quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x.float() / scale.float()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-
-
 def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor,
-                            k_scale: torch.Tensor, v_scale: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
+                            k_scale: torch.Tensor, v_scale: torch.Tensor,
+                            sm_scale: float | None = None) -> torch.Tensor:
     """The module docstring's formula in float32. Layout (batch, seq, heads, head_dim) in and out, like diffusers."""
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    q8, k8, v8 = _quantize(q, q_scale), _quantize(k, k_scale), _quantize(v, v_scale)
+    q8, k8, v8 = quantize_fp8(q, q_scale), quantize_fp8(k, k_scale), quantize_fp8(v, v_scale)
     return _reference_fp8_inputs(q8, k8, v8, q_scale, k_scale, v_scale, sm_scale, q.dtype)
 
 
@@ -202,12 +199,6 @@ if triton is not None:
 def triton_attention_available() -> bool:
     """Triton importable (the kernels are defined at import)."""
     return triton is not None
-
-
-def _cuda_fp8(q: torch.Tensor) -> bool:
-    """A CUDA tensor on a GPU with FP8 tensor cores, in a dtype the kernels write."""
-    return (q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9)
-            and q.dtype in (torch.bfloat16, torch.float16))
 
 
 def _triton_ok(q: torch.Tensor) -> bool:
@@ -333,10 +324,16 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: to
     kernel takes, the float32 reference.
     """
     args = (q, k, v, q_scale, k_scale, v_scale, sm_scale)
-    kernel = _pick_kernel(*args) if _cuda_fp8(q) else None
+    on_gpu = fp8_gemm_supported(q.device) and q.dtype in (torch.bfloat16, torch.float16)
+    kernel = _pick_kernel(*args) if on_gpu else None
     if kernel is None:
         return fp8_attention_reference(*args)
     return _CUDA_KERNELS[kernel](*args)
+
+
+@fp8_attention.register_fake
+def _(q, k, v, q_scale, k_scale, v_scale, sm_scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 @torch.library.custom_op("fp8cookbook::fp8_attention_fp8", mutates_args=())
@@ -346,8 +343,7 @@ def fp8_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_sc
     """`fp8_attention` on inputs already quantised (e4m3, the same scales): under torch.compile the quantisation is
     left to Inductor, which fuses it into the kernels that produce Q/K/V (RoPE, norms) instead of separate passes."""
     args = (q8, k8, v8, q_scale, k_scale, v_scale, sm_scale)
-    on_gpu = q8.is_cuda and torch.cuda.get_device_capability(q8.device) >= (8, 9)
-    kernel = _pick_kernel(*args, out_dtype=out_dtype) if on_gpu else None
+    kernel = _pick_kernel(*args, out_dtype=out_dtype) if fp8_gemm_supported(q8.device) else None
     if kernel is None:
         return _reference_fp8_inputs(*args, out_dtype)
     return _CUDA_KERNELS[kernel](*args, out_dtype=out_dtype)
@@ -412,11 +408,6 @@ def _cudnn_ok(q: torch.Tensor, k: torch.Tensor, sm_scale: float) -> bool:
     return _CUDNN[key]
 
 
-@fp8_attention.register_fake
-def _(q, k, v, q_scale, k_scale, v_scale, sm_scale):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-
-
 # ------------------------------------------------------------------------------ diffusers integration
 _DIFFUSERS_DISPATCH: Any = None  # diffusers' own dispatch_attention_fn, bound outside traced code (no import in it)
 
@@ -444,9 +435,9 @@ def fp8_dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, 
         elif plain and st.q is not None:
             sm_scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
             if torch.compiler.is_compiling():  # torch ops: Inductor fuses the quantisation into Q/K/V's producers
-                return torch.ops.fp8cookbook.fp8_attention_fp8(_quantize(query, st.q), _quantize(key, st.k),
-                                                               _quantize(value, st.v), st.q, st.k, st.v, sm_scale,
-                                                               query.dtype)
+                return torch.ops.fp8cookbook.fp8_attention_fp8(quantize_fp8(query, st.q), quantize_fp8(key, st.k),
+                                                               quantize_fp8(value, st.v), st.q, st.k, st.v,
+                                                               sm_scale, query.dtype)
             st.calls += 1
             return torch.ops.fp8cookbook.fp8_attention(query, key, value, st.q, st.k, st.v, sm_scale)
         elif not torch.compiler.is_compiling():
@@ -511,6 +502,12 @@ def install_fp8_attention(model: nn.Module, scales: dict[str, tuple[float, float
     return done
 
 
+def fp8_attention_modules(model: nn.Module) -> list[str]:
+    """Names of the attention modules that run FP8 attention now (installed scales, not just recording)."""
+    backends = {name: m.processor._attention_backend for name, m in attention_modules(model).items()}
+    return [name for name, b in backends.items() if isinstance(b, AttentionScales) and b.q is not None]
+
+
 def remove_fp8_attention(model: nn.Module) -> int:
     """Give every processor back the backend it had before; returns how many were FP8."""
     n = 0
@@ -562,7 +559,7 @@ def scales_from_amax(amax: dict[str, dict[str, Any]]) -> dict[str, tuple[float, 
             x = float(torch.as_tensor(a[what]).float().reshape(()))
             if not (x > 0 and x < float("inf")):
                 raise Fp8CookbookError(f"attention amax {name}.{what}_bmm_quantizer = {x}: must be positive and finite")
-            vals.append(x / E4M3_MAX)
+            vals.append(x / FP8_MAX)
         out[name] = tuple(vals)
     return out
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, TensorReader, ignored, inspect_checkpoint, read_config,
+from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, TensorReader, ignored, inspect_checkpoint, read_config,
                          read_quant_info)
 from .errors import Fp8CookbookError
-from .fp8attention import ATTENTION_SCALES_NAME, install_fp8_attention, read_attention_scales
+from .fp8attention import install_fp8_attention, read_attention_scales
 from .fp8linear import FP8Linear, fp8_modules
 
 OFFLOAD_WARNING = ("{what} disabled for the FP8 transformer: offload rebuilds weights contiguously and loses the "

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fp8cookbook import fastpath, fp8attention
-from fp8cookbook.bench import fp8_candidates, quantize_in_place, record_input_amax
+from fp8cookbook.bench import attention_scales, fp8_candidates, quantize_in_place, record_input_amax
 from fp8cookbook.compare import compare_trajectories
 from fp8cookbook.families import FAMILIES, get_family
 from fp8cookbook.loader import load_fp8_transformer
@@ -41,10 +41,7 @@ def _calibrated_fp8(name: str):
         model = copy.deepcopy(getattr(pipe, n))
         quantize_in_place(model, amax[n])
         plain[n] = model
-    # As ModelOpt's --quantize-mha calibration: no FP8 attention in blocks the family keeps in BF16 (Wan's edges).
-    scales = {n: fp8attention.scales_from_amax({m: a for m, a in attn[n].items()
-                                                if not fam.skip_in_calibration(m, dict(getattr(pipe, n).config))})
-              for n in names}
+    scales = {n: attention_scales(getattr(pipe, n), fam, attn[n]) for n in names}
     return fam, pipe, plain, scales
 
 

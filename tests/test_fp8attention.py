@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from fp8cookbook import fp8attention as fa
+from fp8cookbook.checkpoint import FP8_MAX
 from fp8cookbook.errors import Fp8CookbookError
 from fp8cookbook.families import FAMILIES, build_transformer, get_family
+from fp8cookbook.fp8linear import quantize_fp8
 
 NAMES = sorted(FAMILIES)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,7 +28,7 @@ def _exact(q, k, v):
 
 
 def _scales(*ts):
-    return [t.abs().amax().float().reshape(1) / fa.E4M3_MAX for t in ts]
+    return [t.abs().amax().float().reshape(1) / FP8_MAX for t in ts]
 
 
 def test_reference_uniform_softmax_is_mean_of_quantised_v():
@@ -95,7 +97,7 @@ def test_prequantised_op_matches_reference_on_cpu():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 40, 2, 32, generator=g) for _ in range(3))
     sc = _scales(q, k, v)
-    q8, k8, v8 = (fa._quantize(t, s) for t, s in zip((q, k, v), sc))
+    q8, k8, v8 = (quantize_fp8(t, s) for t, s in zip((q, k, v), sc))
     out = torch.ops.fp8cookbook.fp8_attention_fp8(q8, k8, v8, *sc, 32 ** -0.5, torch.bfloat16)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, fa.fp8_attention_reference(q, k, v, *sc).to(torch.bfloat16))
@@ -181,7 +183,7 @@ def test_cuda_kernel_matches_reference(shape, kernel, monkeypatch):
     assert out.shape == q.shape and out.dtype == q.dtype
     assert err < 0.5 * fp8_noise and err < 0.04
     # The same on inputs quantised beforehand (what runs under torch.compile).
-    q8, k8, v8 = (fa._quantize(t, s) for t, s in zip((q, k, v), sc))
+    q8, k8, v8 = (quantize_fp8(t, s) for t, s in zip((q, k, v), sc))
     out8 = torch.ops.fp8cookbook.fp8_attention_fp8(q8, k8, v8, *sc, D ** -0.5, torch.bfloat16)
     assert out8.dtype == torch.bfloat16 and _rel(out8, ref) < 0.5 * fp8_noise
 
