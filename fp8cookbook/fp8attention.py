@@ -45,17 +45,33 @@ from torch import nn
 
 from .checkpoint import ATTENTION_SCALES_NAME, FP8_MAX
 from .errors import Fp8CookbookError
-from .fp8linear import fp8_gemm_supported, quantize_fp8
+from .fp8linear import _cuda_fp8_ok, fp8_gemm_supported, quantize_fp8
 
 __all__ = ["P_SCALE", "ATTENTION_SCALES_NAME", "AttentionScales", "fp8_attention_reference",
            "fp8_attention", "attention_modules", "fp8_attention_modules", "install_fp8_attention",
            "remove_fp8_attention",
            "record_attention_amax", "read_attention_scales", "count_fp8_attention_calls", "triton_attention_available"]
 
-# Which CUDA kernel runs FP8 attention: "auto" (cuDNN's when its frontend package is installed, else Triton's),
-# "cudnn" or "triton". Read once from FP8COOKBOOK_ATTENTION_KERNEL; tests and benchmarks may change it.
-KERNEL = os.environ.get("FP8COOKBOOK_ATTENTION_KERNEL", "auto").strip().lower() or "auto"
+# Which CUDA kernel runs FP8 attention: "triton" (the default) or "cudnn" (faster, less accurate: `_pick_kernel`).
+# Read once from FP8COOKBOOK_ATTENTION_KERNEL; tests and benchmarks may change it.
+KERNEL = os.environ.get("FP8COOKBOOK_ATTENTION_KERNEL", "triton").strip().lower() or "triton"
 P_SCALE = 256.0
+
+# fp8_attention="auto" (the default) runs FP8 attention only for calls with at least this many keys, on a GPU with an
+# FP8 kernel: per call on an H100 it pays at Wan2.2's 32,760 tokens and loses at FLUX's 4,608 and at the 512 text
+# tokens of Wan2.2's cross-attention (docs/benchmarks.md). "on" runs it for every call, "off" for none.
+MIN_KV_TOKENS = 16384
+MODES = ("auto", "on", "off")
+
+
+def attention_mode(value: bool | str | None) -> str:
+    """A user's `fp8_attention` value as one of MODES (True is "on"; False and None are "off")."""
+    if value is True or value is False or value is None:
+        return "on" if value else "off"
+    mode = str(value).strip().lower()
+    if mode not in MODES:
+        raise Fp8CookbookError(f"fp8_attention={value!r}: use one of {', '.join(MODES)}")
+    return mode
 
 
 @dataclass(eq=False)
@@ -73,6 +89,7 @@ class AttentionScales:
     v: torch.Tensor | None = None
     fallback: Any = None
     record: dict[str, torch.Tensor] | None = None
+    min_kv_tokens: int = 0  # > 0: FP8 only for calls with that many keys that a CUDA kernel takes ("auto")
     calls: int = 0
     bf16_calls: int = 0
 
@@ -102,8 +119,6 @@ try:  # CUDA builds of torch ship Triton; the CPU wheels do not, and then the re
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
-
-_BLOCK_N = 128
 
 if triton is not None:
     @triton.jit
@@ -137,26 +152,27 @@ if triton is not None:
         else:
             k = tl.load(k_base + cols[:, None] * skn + d[None, :])
             vt = tl.load(vt_base + d[:, None] * std + cols[None, :])
-        qk = tl.dot(q8, tl.trans(k)) * qk_scale
+        qk = tl.dot(q8, tl.trans(k))
         if MASK:
             qk = tl.where(cols[None, :] < n_kv, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per score
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot((p * P_MUL).to(tl.float8e4nv), tl.trans(vt), acc)
+        # A fresh accumulator per tile, added in float32: FP8 tensor cores accumulate with reduced precision, and
+        # accumulating all key tiles in one MMA accumulator lost the small late terms (Wan2.2: cosine gap 0.019).
+        acc = acc * alpha[:, None] + tl.dot((p * P_MUL).to(tl.float8e4nv), tl.trans(vt))
         return acc, l_i, m_new
 
-    # BLOCK_N is fixed (_BLOCK_N) so that the host can split the key loop into full blocks and one masked tail.
-    _ATTN_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
-               for bm, w, st in ((128, 8, 3), (128, 8, 4), (64, 4, 3), (128, 4, 3))]
+    _ATTN_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                     for bm, bn, w, st in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 8, 2), (128, 64, 8, 4),
+                                           (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 128, 4, 3))]
 
     @triton.autotune(configs=_ATTN_CONFIGS, key=["n_q", "n_kv", "HEAD_DIM"])
     @triton.jit
     def _attn_fwd_kernel(Q, K8, VT8, O, qs_ptr, ks_ptr, vs_ptr, sm_scale, sqb, sqh, sqm, s8b, s8h, s8n, stb, sth, std,
-                         sob, soh, som, H, n_q, n_kv, n_full, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                         P_MUL: tl.constexpr, Q_FP8: tl.constexpr, BLOCK_M: tl.constexpr):
+                         sob, soh, som, H, n_q, n_kv, HEAD_DIM: tl.constexpr, P_MUL: tl.constexpr,
+                         Q_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -177,6 +193,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         k_base = K8 + b * s8b + h * s8h
         vt_base = VT8 + b * stb + h * sth
+        n_full = n_kv // BLOCK_N * BLOCK_N  # full key blocks, then one masked tail
         for start_n in range(0, n_full, BLOCK_N):
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, k_base, vt_base, s8n, std, start_n, n_kv, qk_scale,
                                        BLOCK_N, HEAD_DIM, False, P_MUL)
@@ -310,8 +327,7 @@ def _triton_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs:
     _attn_fwd_kernel[lambda meta: (cdiv(n_q, meta["BLOCK_M"]), B * H)](
         q, k8, vt8, o, qs, ks, vs, float(sm_scale), q.stride(0), q.stride(2), q.stride(1),
         k8.stride(0), k8.stride(1), k8.stride(2), vt8.stride(0), vt8.stride(1), vt8.stride(2),
-        o.stride(0), o.stride(2), o.stride(1), H, n_q, n_kv, n_kv // _BLOCK_N * _BLOCK_N, HEAD_DIM=D,
-        BLOCK_N=_BLOCK_N, P_MUL=P_SCALE, Q_FP8=fp8_in)
+        o.stride(0), o.stride(2), o.stride(1), H, n_q, n_kv, HEAD_DIM=D, P_MUL=P_SCALE, Q_FP8=fp8_in)
     return o
 
 
@@ -355,43 +371,30 @@ def _(q8, k8, v8, q_scale, k_scale, v_scale, sm_scale, out_dtype):
 
 
 _CUDA_KERNELS = {"triton": _triton_fp8_attention, "cudnn": _cudnn_fp8_attention}
-_PICKS: dict[tuple, str] = {}
+_RAN: dict[tuple, str] = {}
 
 
 def kernel_choices() -> dict[str, str]:
-    """Which CUDA kernel `KERNEL="auto"` chose per (query shape, key shape), for reports."""
-    return {f"q{list(key[1])} k{list(key[2])} {str(key[3]).removeprefix('torch.')}": kernel
-            for key, kernel in _PICKS.items()}
+    """Which CUDA kernel ran per (query shape, key shape, input dtype), for reports."""
+    return {f"q{list(key[0])} k{list(key[1])} {str(key[2]).removeprefix('torch.')}": kernel
+            for key, kernel in _RAN.items()}
 
 
 def _pick_kernel(q, k, v, qs, ks, vs, sm_scale, out_dtype: torch.dtype | None = None) -> str | None:
-    """`KERNEL`, or for "auto" the faster of cuDNN and Triton for this shape, timed once on first use; None when
-    no CUDA kernel takes the shape (or the one `KERNEL` names does not).
+    """The CUDA kernel `KERNEL` names, or None when it does not take this shape (then the reference runs).
 
-    The two compute the same formula (up to rounding); which wins depends on the shape (on an H100 cuDNN is faster
-    for Wan2.2's 32k-token self-attention, Triton for its 512-token cross-attention), so it is measured, not guessed.
+    Triton's is the default. cuDNN's FP8 SDPA is about 20% faster at Wan2.2's 32k tokens, but it accumulates P·V over
+    all key tiles in the FP8 tensor cores' reduced-precision accumulator, as our kernel first did: on the full-size
+    Wan2.2 step that put its cosine against BF16 0.019 below the FP8-GEMM path (Triton now: 0.00004), far beyond
+    issue 5's 0.002. So it runs only when asked for (FP8COOKBOOK_ATTENTION_KERNEL=cudnn).
     """
-    triton_ok = KERNEL != "cudnn" and _triton_ok(q)
-    cudnn_ok = KERNEL != "triton" and cudnn_attention_available() and _cudnn_ok(q, k, sm_scale)
-    if not (triton_ok and cudnn_ok):
-        return "triton" if triton_ok else "cudnn" if cudnn_ok else None
-    key = (q.device.index, tuple(q.shape), tuple(k.shape), q.dtype)
-    if key in _PICKS:
-        return _PICKS[key]
-    if torch.cuda.is_current_stream_capturing():
-        return "triton"  # no timing inside a CUDA-graph capture; decided at the next eager call
-    times = {}
-    for name, fn in _CUDA_KERNELS.items():
-        fn(q, k, v, qs, ks, vs, sm_scale, out_dtype=out_dtype)  # warm-up (Triton autotunes, cuDNN builds)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(3):
-            fn(q, k, v, qs, ks, vs, sm_scale, out_dtype=out_dtype)
-        end.record()
-        end.synchronize()
-        times[name] = start.elapsed_time(end)
-    _PICKS[key] = min(times, key=times.get)
-    return _PICKS[key]
+    if KERNEL == "cudnn":
+        kernel = "cudnn" if cudnn_attention_available() and _cudnn_ok(q, k, sm_scale) else None
+    else:
+        kernel = "triton" if _triton_ok(q) else None
+    if kernel is not None:
+        _RAN.setdefault((tuple(q.shape), tuple(k.shape), q.dtype), kernel)
+    return kernel
 
 
 def _cudnn_ok(q: torch.Tensor, k: torch.Tensor, sm_scale: float) -> bool:
@@ -432,7 +435,9 @@ def fp8_dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, 
             for n, t in (("q", query), ("k", key), ("v", value)):
                 a = t.detach().abs().amax().float().reshape(1)
                 st.record[n] = torch.maximum(st.record[n], a) if n in st.record else a
-        elif plain and st.q is not None:
+        elif plain and st.q is not None and (st.min_kv_tokens <= 0 or _pays(query, key, st.min_kv_tokens)):
+            if st.q.device != query.device:  # the model moved after the scales were installed: follow it once
+                st.q, st.k, st.v = (t.to(query.device) for t in (st.q, st.k, st.v))
             sm_scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
             if torch.compiler.is_compiling():  # torch ops: Inductor fuses the quantisation into Q/K/V's producers
                 return torch.ops.fp8cookbook.fp8_attention_fp8(quantize_fp8(query, st.q), quantize_fp8(key, st.k),
@@ -445,6 +450,12 @@ def fp8_dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, 
         backend = st.fallback
     return _DIFFUSERS_DISPATCH(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                attention_kwargs, backend=backend, parallel_config=parallel_config)
+
+
+def _pays(query: torch.Tensor, key: torch.Tensor, min_kv_tokens: int) -> bool:
+    """The "auto" rule: enough keys, and a CUDA FP8 kernel for the call (the float32 reference never runs here)."""
+    return (key.shape[1] >= min_kv_tokens and query.is_cuda and _cuda_fp8_ok(query.device)
+            and (cudnn_attention_available() if KERNEL == "cudnn" else _triton_ok(query)))
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -477,11 +488,13 @@ def _state(m: nn.Module, name: str) -> AttentionScales:
     return st
 
 
-def install_fp8_attention(model: nn.Module, scales: dict[str, tuple[float, float, float]]) -> list[str]:
+def install_fp8_attention(model: nn.Module, scales: dict[str, tuple[float, float, float]], *,
+                          min_kv_tokens: int = 0) -> list[str]:
     """Give each named attention module its (q, k, v) dequantisation scales; returns the modules now FP8.
 
     Every name must be an attention module of `model`, and every scale positive and finite; modules without an
-    entry keep BF16 attention.
+    entry keep BF16 attention. `min_kv_tokens` > 0 is the "auto" rule (`MIN_KV_TOKENS`): shorter calls, and calls
+    no CUDA kernel takes, stay BF16.
     """
     mods = attention_modules(model)
     unknown = sorted(set(scales) - set(mods))
@@ -498,6 +511,7 @@ def install_fp8_attention(model: nn.Module, scales: dict[str, tuple[float, float
         st = _state(m, name)
         st.q, st.k, st.v = (torch.tensor([float(x)], dtype=torch.float32, device=dev) for x in (qs, ks, vs))
         st.record = None
+        st.min_kv_tokens = min_kv_tokens
         done.append(name)
     return done
 

@@ -222,7 +222,18 @@ def test_fp8_attention_model_in_cuda_graph_and_compiled(kernel, monkeypatch):
         ref = model(**inputs)[0]
         with fa.record_attention_amax(model) as amax:
             model(**inputs)
-        fa.install_fp8_attention(model, fa.scales_from_amax(amax))
+        scales = fa.scales_from_amax(amax)
+        # the "auto" rule with a threshold above every call's key count: every call stays BF16, bit for bit
+        fa.install_fp8_attention(model, scales, min_kv_tokens=10 ** 9)
+        with fa.count_fp8_attention_calls(model) as calls:
+            torch.testing.assert_close(model(**inputs)[0], ref, rtol=0, atol=0)
+        assert all(c["fp8"] == 0 for c in calls.values())
+        # above the 8 text tokens: the self-attention calls (32 video tokens) run FP8, the cross-attention ones do not
+        fa.install_fp8_attention(model, scales, min_kv_tokens=9)
+        with fa.count_fp8_attention_calls(model) as calls:
+            model(**inputs)
+        assert {n: c["fp8"] for n, c in calls.items()} == {n: int(n.endswith("attn1")) for n in calls}
+        fa.install_fp8_attention(model, scales)
         with fa.count_fp8_attention_calls(model) as calls:
             eager = model(**inputs)[0]
         assert all(c["fp8"] == 1 for c in calls.values())
@@ -235,3 +246,25 @@ def test_fp8_attention_model_in_cuda_graph_and_compiled(kernel, monkeypatch):
     cos = torch.nn.functional.cosine_similarity(eager.float().flatten(), ref.float().flatten(), dim=0)
     assert 0.98 < float(cos) < 1.0
     assert _rel(compiled, eager) < 0.02
+
+
+@pytest.mark.gpu
+@gpu
+def test_long_sequence_accumulates_exactly_enough():
+    """32k keys whose values share one direction (as Wan2.2's V does): O is a long average of nearly equal rows.
+
+    FP8 tensor cores accumulate with reduced precision; a kernel that sums all key tiles in one MMA accumulator loses
+    the late small terms and shrinks O (Wan2.2's cosine fell 0.019; cuDNN's kernel still does). Triton's kernel adds
+    each tile's product in float32, so it stays on the float32 reference, norm included.
+    """
+    g = torch.Generator(device="cuda").manual_seed(2)
+    B, nq, nkv, H, D = 1, 256, 32760, 2, 128
+    q = (torch.randn(B, nq, H, D, device="cuda", generator=g) * 0.015).bfloat16()  # a nearly flat softmax
+    k = torch.randn(B, nkv, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    common = torch.randn(1, 1, H, D, device="cuda", generator=g)
+    v = (common + 0.5 * torch.randn(B, nkv, H, D, device="cuda", generator=g)).bfloat16()
+    sc = _scales(q, k, v)
+    out = torch.ops.fp8cookbook.fp8_attention(q, k, v, *sc, D ** -0.5).float()
+    ref = fa.fp8_attention_reference(q, k, v, *sc, D ** -0.5).float()
+    assert abs(float(out.norm() / ref.norm()) - 1) < 1e-3
+    assert _rel(out, ref) < 5e-3
