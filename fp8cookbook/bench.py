@@ -75,7 +75,9 @@ class BenchSettings:
     levers: bool = False  # time each fast-path lever as its own FP8 side
     include_fallback: bool = False  # synthetic: also quantise the family's BF16-fallback layers (not SGLang's profile)
     attention_backend: str | None = None  # diffusers attention backend for both sides (e.g. "_native_cudnn")
-    fp8_attention: bool = False  # also time FP8 attention (static Q/K/V scales) on top of the FP8 side
+    # FP8 attention (static Q/K/V scales) on top of the FP8 side: "auto" (calls with >= MIN_KV_TOKENS keys, on a CUDA
+    # kernel: the default, as in the loader), "on" (every call) or "off"
+    fp8_attention: str = "auto"
     device: str | None = None
     seed: int = 0
     batch: int = 1
@@ -141,9 +143,12 @@ def resolve_settings(s: BenchSettings) -> tuple[Family, BenchSettings]:
         raise Fp8CookbookError("--cuda-graphs needs a CUDA device")
     if s.include_fallback and s.synthetic is None:
         raise Fp8CookbookError("--include-fallback is for --synthetic (a checkpoint decides its own FP8 layers)")
-    if s.fp8_attention and s.synthetic is None and s.fp8_path is None:
-        raise Fp8CookbookError("--fp8-attention with a pipeline needs --fp8 CHECKPOINT with Q/K/V scales "
+    s.fp8_attention = fp8attention.attention_mode(s.fp8_attention)
+    if s.fp8_attention == "on" and s.synthetic is None and s.fp8_path is None:
+        raise Fp8CookbookError("--fp8-attention on with a pipeline needs --fp8 CHECKPOINT with Q/K/V scales "
                                "(quantize with --quantize-mha); --synthetic calibrates its own")
+    if s.fp8_attention == "auto" and (device.type != "cuda" or (s.synthetic is None and s.fp8_path is None)):
+        s.fp8_attention = "off"  # nothing would change: the auto rule needs a CUDA kernel (and scales)
     if s.cuda_graphs and s.synthetic is None:
         raise Fp8CookbookError("--cuda-graphs is for the synthetic benchmark (a pipeline's loop is not captured)")
     if s.fast is None:
@@ -320,12 +325,12 @@ class Side:
     fast_accum: bool = False
     fuse: bool = False
     cuda_graphs: bool = False
-    fp8_attention: bool = False
+    fp8_attention: str = "off"  # "auto" | "on" | "off", as BenchSettings.fp8_attention
     headline: bool = False  # the FP8 side the report's `speedup` is about
 
     def levers(self) -> dict[str, bool]:
         return {"fast": self.fast, "triton_quant": self.triton_quant, "fast_accum": self.fast_accum,
-                "fused": self.fuse, "cuda_graphs": self.cuda_graphs, "fp8_attention": self.fp8_attention}
+                "fused": self.fuse, "cuda_graphs": self.cuda_graphs, "fp8_attention": self.fp8_attention != "off"}
 
 
 def plan_sides(s: BenchSettings) -> list[Side]:
@@ -336,9 +341,9 @@ def plan_sides(s: BenchSettings) -> list[Side]:
     more copies than the fused GEMM saves; docs/benchmarks.md has the numbers). `--plain` makes it the plain path.
     """
     sides = _plan_gemm_sides(s)
-    if s.fp8_attention:  # the most complete FP8 side again, with FP8 attention on top; it becomes the headline
+    if s.fp8_attention != "off":  # the most complete FP8 side again, with FP8 attention on top: the headline
         last = sides[-1]
-        sides.append(replace(last, name=f"{last.name}+fp8-attention", fp8_attention=True, headline=True))
+        sides.append(replace(last, name=f"{last.name}+fp8-attention", fp8_attention=s.fp8_attention, headline=True))
         for side in sides[:-1]:
             side.headline = False
     return sides
@@ -458,11 +463,14 @@ class _SyntheticRun:
         """One forward per expert (its first step, conditional input) with input-amax hooks on the FP8 candidates."""
         self.amax: dict[str, dict[str, torch.Tensor]] = {}
         self.attention_scales: dict[str, dict[str, tuple[float, float, float]]] = {}
+        self.max_kv_tokens = 0  # the longest attention call's key count
         for expert, model in self.models.items():
             names = fp8_candidates(model, self.family, include_fallback=self.s.include_fallback)
             with record_input_amax(model, names) as amax, contextlib.ExitStack() as stack:
-                attn = stack.enter_context(fp8attention.record_attention_amax(model)) if self.s.fp8_attention else {}
+                attn = stack.enter_context(fp8attention.record_attention_amax(model)) if self.s.fp8_attention != "off" else {}
                 model(**self.kwargs(self.first_step_of(expert), self.x0))
+                if attn:
+                    self.max_kv_tokens = max([self.max_kv_tokens, *fp8attention.recorded_key_lengths(model).values()])
             self.amax[expert] = amax
             if attn:
                 self.attention_scales[expert] = attention_scales(model, self.family, attn,
@@ -522,9 +530,12 @@ class _SyntheticRun:
             torch.cuda.reset_peak_memory_stats(dev)
             out["allocated_at_start_gb"] = _gb(torch.cuda.memory_allocated(dev))
         out["model_bytes"] = sum(_model_bytes(m) for m in self.models.values())
-        if side.fp8_attention:
-            out["fp8_attention_layers"] = sum(len(fp8attention.install_fp8_attention(self.models[e], sc))
-                                              for e, sc in self.attention_scales.items())
+        if side.fp8_attention != "off":
+            minimum = fp8attention.MIN_KV_TOKENS if side.fp8_attention == "auto" else 0
+            out["fp8_attention_mode"] = side.fp8_attention
+            out["fp8_attention_layers"] = sum(
+                len(fp8attention.install_fp8_attention(self.models[e], sc, min_kv_tokens=minimum))
+                for e, sc in self.attention_scales.items())
         probe = self.first_forward()
         if side.precision == "bf16" and self.reference_output is None:
             self.reference_output = probe
@@ -571,7 +582,7 @@ class _SyntheticRun:
         out["estimated_full_loop_s"] = sum(by_expert.get(st.expert, statistics.median(by_expert.values()))
                                            for st in full)
         out["output_finite"] = bool(torch.isfinite(x).all())
-        if side.fp8_attention and dev.type == "cuda":
+        if side.fp8_attention != "off" and dev.type == "cuda":
             out["fp8_attention_kernel"] = fp8attention.KERNEL
             out["fp8_attention_kernel_choices"] = fp8attention.kernel_choices()
         if dev.type == "cuda":
@@ -594,7 +605,13 @@ def run_synthetic(family: Family, s: BenchSettings, log: Callable[[str], None] =
         report["quantized_linears_planned"] = sum(len(v) for v in candidates.values())
         report["nonfinite_amax"] = run.nonfinite_amax
         sides: list[dict[str, Any]] = []
-        for side in plan_sides(s):
+        if s.fp8_attention == "auto" and run.max_kv_tokens < fp8attention.MIN_KV_TOKENS:
+            report["fp8_attention_skipped"] = (f"auto: the longest attention call has {run.max_kv_tokens} keys, under "
+                                               f"{fp8attention.MIN_KV_TOKENS}: FP8 attention would not run")
+            log(report["fp8_attention_skipped"])
+            s = replace(s, fp8_attention="off")
+        plan = plan_sides(s)
+        for side in plan:
             if side.precision == "fp8" and "quantized_linears" not in report:
                 t0 = time.perf_counter()
                 report["quantized_linears"] = run.to_fp8()
@@ -604,7 +621,7 @@ def run_synthetic(family: Family, s: BenchSettings, log: Callable[[str], None] =
             try:
                 sides.append(run.measure(side))
             except Exception as e:  # noqa: BLE001 - one side failing (graph capture, OOM) must not lose the others
-                if run.device.type != "cuda" or len(plan_sides(s)) == 2:
+                if run.device.type != "cuda" or len(plan) == 2:
                     raise
                 sides.append({"name": side.name, "precision": side.precision, "levers": side.levers(),
                               "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]})
@@ -705,17 +722,18 @@ def run_pipeline(family: Family, s: BenchSettings, log: Callable[[str], None] = 
     try:
         sides = [measure("bf16", "bf16")]
         if s.fp8_path:
-            from .loader import enable_fp8_attention, load_fp8_transformer
+            from .loader import enable_fp8_attention, has_attention_scales, load_fp8_transformer
 
             for n in names:
                 setattr(pipe, n, None)  # free the BF16 weights before the FP8 ones arrive
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 folder = _fp8_folder_for(Path(s.fp8_path), n, len(names) == 1)
-                model, _ = load_fp8_transformer(folder, device=device)
+                model, _ = load_fp8_transformer(folder, device=device, fp8_attention="off")
                 set_attention_backend(model, s.attention_backend)
-                if s.fp8_attention:
-                    report.setdefault("fp8_attention_layers", {})[n] = enable_fp8_attention(model, folder)
+                if s.fp8_attention == "on" or (s.fp8_attention == "auto" and has_attention_scales(folder)):
+                    report.setdefault("fp8_attention_layers", {})[n] = enable_fp8_attention(
+                        model, folder, min_kv_tokens=fp8attention.MIN_KV_TOKENS if s.fp8_attention == "auto" else 0)
                 setattr(pipe, n, model)
             report["fp8_source"] = f"checkpoint {s.fp8_path}"
         else:

@@ -19,6 +19,10 @@ from .errors import Fp8CookbookError
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
+
+# --fp8-attention on load, compare and bench: a mode; the bare flag (the opt-in of earlier versions) means "on"
+_ATTENTION_ARG = dict(nargs="?", const="on", default="auto", choices=("auto", "on", "off"), metavar="auto|on|off")
+
 def _command(name: str):
     def deco(fn: Callable[[argparse.Namespace], int]):
         COMMANDS[name] = fn
@@ -140,9 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-forward", dest="forward", action="store_false", help="load only")
-    p.add_argument("--fp8-attention", action="store_true",
-                   help="also run attention in FP8 with the checkpoint's Q/K/V scales "
-                        "(fp8cookbook_attention_scales.json, written for --quantize-mha calibrations)")
+    p.add_argument("--fp8-attention", **_ATTENTION_ARG,
+                   help="attention in FP8 with the checkpoint's Q/K/V scales (fp8cookbook_attention_scales.json, "
+                        "written by --quantize-mha calibrations): auto (default) = where the file exists, for calls "
+                        "with >= 16384 keys on a GPU (where it pays); on = every call (the file must exist; bare "
+                        "--fp8-attention means on); off = BF16 attention, as SGLang runs it")
 
     for extra in _EXTRA_PARSERS:
         if extra.__name__ != "_quantize_parser":
@@ -220,10 +226,12 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention-backend", metavar="NAME",
                    help="diffusers attention backend on both sides, e.g. _native_cudnn, _native_flash "
                         "(default: torch SDPA's own choice)")
-    p.add_argument("--fp8-attention", action="store_true",
-                   help="also time FP8 attention (static Q/K/V scales; Triton kernel on CUDA) on top of the FP8 "
-                        "side: synthetic runs calibrate the scales, --fp8 needs a checkpoint quantised with "
-                        "--quantize-mha. Each side reports its first forward's cosine against BF16")
+    p.add_argument("--fp8-attention", **_ATTENTION_ARG,
+                   help="FP8 attention (static Q/K/V scales, Triton kernel) on top of the FP8 side, as its own "
+                        "headline side: auto (default; CUDA only) = calls with >= 16384 keys, as the loader does; "
+                        "on = every call (bare --fp8-attention); off = none. Synthetic runs calibrate the scales, "
+                        "--fp8 uses the checkpoint's --quantize-mha side file. Each side reports its first forward's "
+                        "cosine against BF16")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--output", type=Path, metavar="JSON", help="write the full report here (atomically)")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")
@@ -282,9 +290,10 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-path", help="base pipeline folder or hub id (default: the tiny test pipeline)")
     p.add_argument("--candidate", required=True, type=Path, help="transformer folder to test (FP8 checkpoint or BF16)")
     p.add_argument("--candidate-2", type=Path, help="Wan2.2 A14B: folder for transformer_2 (default: the pipeline's)")
-    p.add_argument("--fp8-attention", action="store_true",
-                   help="run the candidate's attention in FP8 too, with its Q/K/V scales (checkpoints quantized "
-                        "with --quantize-mha); the way to check this opt-in on your own model and prompts")
+    p.add_argument("--fp8-attention", **_ATTENTION_ARG,
+                   help="the candidate's attention: auto (default) = FP8 where its --quantize-mha scale file exists, "
+                        "for calls with >= 16384 keys on a GPU; on = FP8 for every call (bare --fp8-attention; "
+                        "checks FP8 attention on your own model and prompts, CPU included); off = BF16")
     p.add_argument("--reference", type=Path, help="transformer folder to compare against (default: the pipeline's)")
     p.add_argument("--reference-2", type=Path, help="Wan2.2 A14B: reference transformer_2 (default: the pipeline's)")
     p.add_argument("--prompt", default="a photo of a red house")
@@ -349,7 +358,7 @@ def _quantize(args: argparse.Namespace) -> int:
     model = f" --model-path {args.model_path}" if args.model_path else ""
     print(f"next             fp8cookbook compare --family {family.name}{model} {flags} --output-dir compare/")
     if args.quantize_mha:
-        print("FP8 attention    the same with --fp8-attention (opt-in) compares FP8 attention too")
+        print("FP8 attention    scales written; the loader uses them on a GPU (--fp8-attention on|off to choose)")
     return 0
 
 
@@ -433,10 +442,10 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=_positive_int, help="image/video width (default: the family's)")
     p.add_argument("--frames", type=_positive_int, help="video frames, 4k+1 (Wan2.2 only; default: the family's)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the family's)")
-    p.add_argument("--quantize-mha", action="store_true",
-                   help="also quantize attention Q/K/V inputs (ModelOpt --quantize-mha; needs `onnx`). SGLang "
-                        "keeps attention in BF16: the scales go to a side file, which fp8cookbook's --fp8-attention "
-                        "(load, compare, bench) uses")
+    p.add_argument("--quantize-mha", action=argparse.BooleanOptionalAction, default=True,
+                   help="also calibrate attention Q/K/V inputs (ModelOpt --quantize-mha; needs `onnx`; on by "
+                        "default). SGLang keeps attention in BF16 and never reads them: the scales go to a side file, "
+                        "which fp8cookbook's loader uses for FP8 attention (--fp8-attention of load, compare, bench)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="dtype the pipeline runs calibration in; auto = bfloat16 on CUDA, float32 on CPU "
                         "(CPU BF16 matmuls are slow). The base and output checkpoints are BF16/FP8 either way")

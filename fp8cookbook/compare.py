@@ -424,10 +424,10 @@ def _environment(pipe) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ loading, output
 def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                     fp8_attention: bool = False) -> nn.Module:
+                     fp8_attention: bool | str = "auto") -> nn.Module:
     """A transformer folder: an FP8 checkpoint (config.json has quantization_config) or a plain diffusers one.
 
-    `fp8_attention` runs an FP8 checkpoint's attention in FP8 too (needs its --quantize-mha scale file).
+    `fp8_attention` is the loader's ("auto", "on", "off"; only FP8 checkpoints have attention scales).
     """
     from .checkpoint import read_config
     from .loader import load_fp8_transformer
@@ -436,7 +436,9 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype
     config = read_config(path)
     if "quantization_config" in config:
         return load_fp8_transformer(path, device=device, dtype=dtype, fp8_attention=fp8_attention)[0]
-    if fp8_attention:
+    from .fp8attention import attention_mode
+
+    if attention_mode(fp8_attention) == "on":
         raise Fp8CookbookError(f"{path}: FP8 attention is for FP8 checkpoints; this is a plain diffusers folder")
     import diffusers
 

@@ -12,15 +12,20 @@ The converter keeps them in the side file `fp8cookbook_attention_scales.json`, w
 SGLang-format tensors and index do not change. P is scaled by 256 (exact, a power of two) before its e4m3 cast so
 that small probabilities stay out of e4m3's subnormal range; the row sum uses the unquantised P.
 
-On CUDA (compute capability ≥ 8.9) one of two kernels does it, the faster per shape (`KERNEL`, `_pick_kernel`):
-cuDNN's FP8 SDPA (optional `nvidia-cudnn-frontend` package), or our Triton flash kernel, with Q quantised inside it
-and K/V by one pass that also lays V out K-major, as FP8 tensor cores need. In eager mode `fp8_attention` takes the
-BF16 Q/K/V; under torch.compile the quantisation is left in torch ops, which Inductor fuses into the kernels that
-produce Q/K/V, and `fp8_attention_fp8` takes the e4m3 tensors. Elsewhere `fp8_attention_reference` computes the same
-formula in float32 (the CPU path, and the GPU kernels' test reference).
+On CUDA (compute capability ≥ 8.9) our Triton flash kernel does it, with Q quantised inside it and K/V by one pass
+that also lays V out K-major, as FP8 tensor cores need. Each key tile's P·V product starts from a fresh accumulator
+and is added to the running output in float32: FP8 tensor cores accumulate with reduced precision, and summing all
+256 key tiles of a Wan2.2 call in one MMA accumulator had shrunk O enough to cost 0.019 of cosine against BF16.
+cuDNN's FP8 SDPA (optional `nvidia-cudnn-frontend` package) is faster but has that flaw, so it runs only when
+asked for (`KERNEL`, `_pick_kernel`). In eager mode `fp8_attention` takes the BF16 Q/K/V; under torch.compile the
+quantisation is left in torch ops, which Inductor fuses into the kernels that produce Q/K/V, and
+`fp8_attention_fp8` takes the e4m3 tensors. Elsewhere `fp8_attention_reference` computes the same formula in
+float32 (the CPU path, and the GPU kernels' test reference).
 
-Measured on an H100 (docs/benchmarks.md): it pays at Wan2.2's 32k-token self-attention (1.40x per call) and, compiled,
-a little at FLUX's 4.6k tokens; its error against BF16 is why it is an opt-in (`load_fp8_transformer(fp8_attention=)`).
+Measured on an H100 (docs/benchmarks.md): against BF16 its cosine stays within 0.00004 of the FP8-GEMM path on
+full-size FLUX.1, FLUX.2 and Wan2.2 forwards, and it pays per call only on long sequences (Wan2.2's 32,760 tokens:
+1.17x; FLUX's 4,608 tokens and 512-token cross-attention: slower than BF16). So the loader's default, "auto",
+runs it for calls with at least `MIN_KV_TOKENS` keys on a GPU (`load_fp8_transformer(fp8_attention=)`).
 
 How it plugs into diffusers: each attention processor passes `backend=self._attention_backend` to
 `dispatch_attention_fn`. `install_fp8_attention` sets that attribute to an `AttentionScales` holding the layer's
@@ -90,6 +95,7 @@ class AttentionScales:
     fallback: Any = None
     record: dict[str, torch.Tensor] | None = None
     min_kv_tokens: int = 0  # > 0: FP8 only for calls with that many keys that a CUDA kernel takes ("auto")
+    kv_tokens: int = 0  # the longest key sequence seen while recording
     calls: int = 0
     bf16_calls: int = 0
 
@@ -432,6 +438,7 @@ def fp8_dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, 
         plain = (attn_mask is None and not is_causal and dropout_p == 0.0 and parallel_config is None
                  and not attention_kwargs and query.shape[2] == key.shape[2] and query.shape[-1] == value.shape[-1])
         if plain and st.record is not None:
+            st.kv_tokens = max(st.kv_tokens, key.shape[1])
             for n, t in (("q", query), ("k", key), ("v", value)):
                 a = t.detach().abs().amax().float().reshape(1)
                 st.record[n] = torch.maximum(st.record[n], a) if n in st.record else a
@@ -545,7 +552,7 @@ def record_attention_amax(model: nn.Module) -> Iterator[dict[str, dict[str, torc
     for name, m in mods.items():
         had = isinstance(m.processor._attention_backend, AttentionScales)
         st = _state(m, name)
-        st.record = {}
+        st.record, st.kv_tokens = {}, 0
         states[name] = (st, had)
     out: dict[str, dict[str, torch.Tensor]] = {name: st.record for name, (st, _) in states.items()}
     try:
@@ -555,6 +562,12 @@ def record_attention_amax(model: nn.Module) -> Iterator[dict[str, dict[str, torc
             st.record = None
             if not had:
                 mods[name].processor._attention_backend = st.fallback
+
+
+def recorded_key_lengths(model: nn.Module) -> dict[str, int]:
+    """Inside `record_attention_amax`: the longest key sequence each attention module has seen so far."""
+    backends = {name: m.processor._attention_backend for name, m in attention_modules(model).items()}
+    return {name: b.kv_tokens for name, b in backends.items() if isinstance(b, AttentionScales) and b.record is not None}
 
 
 def scales_from_amax(amax: dict[str, dict[str, Any]]) -> dict[str, tuple[float, float, float]]:

@@ -17,7 +17,7 @@ from torch import nn
 from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, TensorReader, ignored, inspect_checkpoint, read_config,
                          read_quant_info)
 from .errors import Fp8CookbookError
-from .fp8attention import install_fp8_attention, read_attention_scales
+from .fp8attention import MIN_KV_TOKENS, attention_mode, install_fp8_attention, read_attention_scales
 from .fp8linear import FP8Linear, fp8_modules
 
 OFFLOAD_WARNING = ("{what} disabled for the FP8 transformer: offload rebuilds weights contiguously and loses the "
@@ -38,11 +38,15 @@ class LoadReport:
     offload_disabled: list[str] = field(default_factory=list)
     attention_scales_available: bool = False  # the folder has the --quantize-mha side file
     fp8_attention_layers: int = 0  # attention modules running FP8 attention
+    fp8_attention_mode: str = "off"  # "auto" (long calls on a GPU only) or "on"
 
     def lines(self) -> list[str]:
-        attention = (f"FP8 ({self.fp8_attention_layers} modules, static Q/K/V scales)" if self.fp8_attention_layers
-                     else "BF16" + (" (Q/K/V scales present: fp8_attention=True uses them)"
-                                    if self.attention_scales_available else ""))
+        rule = (f", calls with >= {MIN_KV_TOKENS} keys on a GPU" if self.fp8_attention_mode == "auto"
+                else ", every call")
+        attention = (f"FP8 ({self.fp8_attention_layers} modules, static Q/K/V scales{rule})"
+                     if self.fp8_attention_layers
+                     else "BF16" + (" (Q/K/V scales present, not used)" if self.attention_scales_available
+                                    else " (no Q/K/V scale file: quantize with --quantize-mha for FP8 attention)"))
         return [
             f"loaded           {self.path} ({self.class_name}) in {self.seconds:.2f} s",
             f"FP8 layers       {self.fp8_layers} ({self.fp8_bytes / 1e9:.3f} GB)",
@@ -62,10 +66,16 @@ def refuse_dit_offload(dit_cpu_offload: bool, dit_layerwise_offload: bool) -> li
     return off
 
 
-def enable_fp8_attention(model: nn.Module, path: str | Path) -> int:
+def has_attention_scales(path: str | Path) -> bool:
+    """The folder has the Q/K/V scale side file of a --quantize-mha calibration."""
+    return (Path(path) / ATTENTION_SCALES_NAME).is_file()
+
+
+def enable_fp8_attention(model: nn.Module, path: str | Path, *, min_kv_tokens: int = 0) -> int:
     """Run the model's attention in FP8 with the Q/K/V scales of the checkpoint's side file; returns the module count.
 
     The side file comes from a `--quantize-mha` calibration (ModelOpt's q/k/v bmm amaxes, kept by the converter).
+    `min_kv_tokens` > 0 limits it to the calls where it pays (`fp8attention.MIN_KV_TOKENS`, the "auto" mode).
     Call it after anything that sets diffusers' attention backend (`set_attention_backend` replaces it).
     """
     scales = read_attention_scales(path)
@@ -73,7 +83,7 @@ def enable_fp8_attention(model: nn.Module, path: str | Path) -> int:
         raise Fp8CookbookError(f"{Path(path) / ATTENTION_SCALES_NAME} not found: FP8 attention needs the Q/K/V scales "
                                "of a --quantize-mha calibration (fp8cookbook quantize --quantize-mha)")
     try:
-        return len(install_fp8_attention(model, scales))
+        return len(install_fp8_attention(model, scales, min_kv_tokens=min_kv_tokens))
     except Fp8CookbookError as e:
         raise Fp8CookbookError(f"{Path(path) / ATTENTION_SCALES_NAME}: {e}") from None
 
@@ -101,13 +111,16 @@ def load_fp8_transformer(
     dtype: torch.dtype = torch.bfloat16,
     dit_cpu_offload: bool = False,
     dit_layerwise_offload: bool = False,
-    fp8_attention: bool = False,
+    fp8_attention: bool | str = "auto",
 ) -> tuple[nn.Module, LoadReport]:
     """Build the transformer named by config.json and load the FP8 checkpoint into it; refuse inconsistent ones.
 
-    `fp8_attention` also runs attention in FP8 with the checkpoint's Q/K/V scales (`enable_fp8_attention`); it is
-    off by default because it changes the numerics beyond what SGLang's runtime (BF16 attention) computes.
+    `fp8_attention` runs attention in FP8 with the checkpoint's Q/K/V scales (`enable_fp8_attention`): "auto" (the
+    default) where the side file exists and only for the calls where it pays (long sequences on a GPU,
+    `fp8attention.MIN_KV_TOKENS`), "on" (or True) for every call (the side file must exist), "off" (or False) never.
+    Its cosine against BF16 stays within 0.00004 of BF16 attention's on full-size models (docs/benchmarks.md).
     """
+    mode = attention_mode(fp8_attention)
     t0 = time.perf_counter()
     path = Path(path)
     config = read_config(path)
@@ -175,9 +188,11 @@ def load_fp8_transformer(
     model.to(device)  # buffers built at init; FP8Linear keeps its dtypes through this
     model.eval().requires_grad_(False)
     report.fp8_layers = len(fp8)
-    report.attention_scales_available = (path / ATTENTION_SCALES_NAME).is_file()
-    if fp8_attention:
-        report.fp8_attention_layers = enable_fp8_attention(model, path)
+    report.attention_scales_available = has_attention_scales(path)
+    if mode == "on" or (mode == "auto" and report.attention_scales_available):
+        report.fp8_attention_layers = enable_fp8_attention(model, path,
+                                                           min_kv_tokens=MIN_KV_TOKENS if mode == "auto" else 0)
+        report.fp8_attention_mode = mode
     report.seconds = time.perf_counter() - t0
     model.fp8_load_report = report
     return model, report

@@ -286,12 +286,13 @@ def release_memory() -> None:
 
 def load_fp8_transformers(paths: dict[str, dict[str, Path]], *, device: str, dtype: "torch.dtype",
                           ask_for_offload: bool = True,
-                          fp8_attention: bool = False) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+                          fp8_attention: bool | str = "auto") -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """Load every FP8 checkpoint of a `QuantizeResult.paths` with fp8cookbook's loader.
 
     With `ask_for_offload` the loader is asked for DiT CPU and layer-wise offload, as a serving config might, so the
-    notebook shows that both are refused for FP8 (and why). `fp8_attention` also runs attention in FP8 (opt-in; the
-    checkpoints need their --quantize-mha scale files). Returns (modules, load reports, warning messages).
+    notebook shows that both are refused for FP8 (and why). `fp8_attention` is the loader's ("auto": FP8 attention
+    where the checkpoint has --quantize-mha scales and a call is long enough on a GPU; "on"; "off").
+    Returns (modules, load reports, warning messages).
     """
     from .loader import load_fp8_transformer
 

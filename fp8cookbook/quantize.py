@@ -566,7 +566,7 @@ def _move_into_place(tmp: Path, output_dir: Path) -> None:
 def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, prompts: list[str] | None = None,
                       num_prompts: int | None = None, num_inference_steps: int | None = None, seed: int = 0,
                       height: int | None = None, width: int | None = None, num_frames: int | None = None,
-                      guidance_scale: float | None = None, quantize_mha: bool = False, overwrite: bool = False,
+                      guidance_scale: float | None = None, quantize_mha: bool = True, overwrite: bool = False,
                       progress: bool = True) -> QuantizeResult:
     """Quantize every transformer of a diffusers pipeline to FP8 with ModelOpt, calibrating on the real pipeline,
     and write each as a ModelOpt state, a ModelOpt export and an SGLang FP8 checkpoint.

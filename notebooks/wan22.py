@@ -65,7 +65,7 @@ text_encoder_cpu_offload = None  # park the text encoder on the CPU between uses
 output_dir = "outputs/wan22"  # checkpoints, comparison, bench.json and report.json
 run_bench = True  # time BF16 vs FP8 denoising (section 7)
 compile = False  # torch.compile both sides of the benchmark
-fp8_attention = False  # opt-in: attention in FP8 too (calibrates Q/K/V with --quantize-mha); compare before you ship it
+fp8_attention = "auto"  # "auto": FP8 attention for long sequences on a GPU (Wan2.2); "on": every call; "off"
 
 # %% [markdown]
 # ## 1. Load the BF16 pipeline
@@ -108,7 +108,7 @@ print(f"comparison settings {gen}")
 result = quantize_pipeline(fam.name, pipe, output_dir / "checkpoint", prompts=calibration_prompts,
                            num_prompts=num_calibration_prompts, num_inference_steps=calibration_steps, seed=seed,
                            height=height, width=width, num_frames=num_frames, guidance_scale=guidance_scale,
-                           overwrite=True, quantize_mha=fp8_attention, progress=model_path is not None)
+                           overwrite=True, quantize_mha=fp8_attention not in (False, "off"), progress=model_path is not None)
 report.quantize(result)
 print("\n".join(result.lines()))
 print("calibration timesteps:", result.calibration["timesteps"])
@@ -157,8 +157,9 @@ for name, p in result.paths.items():
 # even turn layer-wise offload on by itself for Wan): both are turned off, with the warnings below, because offload
 # rebuilds weights contiguously and loses the column-major FP8 weight view the FP8 GEMM needs. SGLang needs the same:
 # `--dit-cpu-offload false --dit-layerwise-offload false`.
-# With `fp8_attention=True` attention runs in FP8 too, with the Q/K/V scales the calibration wrote (an opt-in:
-# compare below decides whether it is good enough for your model; SGLang keeps attention in BF16 when it serves).
+# Attention follows `fp8_attention`, with the Q/K/V scales the calibration wrote: "auto" runs it in FP8 where that
+# pays (sequences of 16,384 tokens or more on a GPU: Wan2.2 video, not FLUX images, not the CPU), "on" everywhere,
+# "off" nowhere. SGLang keeps attention in BF16 when it serves; compare below shows what FP8 attention changes.
 
 # %%
 del pipe

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # GPU benchmark runs behind docs/benchmarks.md, one phase per device call (each fits in 10 minutes).
 #
-#   bash scripts/gpu_bench.sh PHASE [OUT]      PHASE: check | flux1 | flux2 | wan | graphs | attention
+#   bash scripts/gpu_bench.sh PHASE [OUT]      PHASE: check | flux1 | flux2 | wan | graphs | attention | wan-attention | flux-attention
 #
 # Needs: python3 with CUDA torch and Triton; diffusers (and importlib_metadata) as wheels in .whl/ when the machine
 # lacks them. Writes logs and JSON reports to OUT (default: $OUT, else ./outputs/bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phase="${1:?phase: check | flux1 | flux2 | wan | graphs | attention | wan-attention}"
+phase="${1:?phase: check | flux1 | flux2 | wan | graphs | attention | wan-attention | flux-attention}"
 out="${2:-${OUT:-outputs/bench}}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -41,8 +41,8 @@ log="$out/$phase.log"
       timeout 60 $bench --family flux1 --steps 10 --compile --include-fallback --output "$out/flux1-compiled-allfp8.json"
       ;;
     wan)
-      timeout 300 $bench --family wan22 --steps 2 --runs 2 --levers --output "$out/wan22-a14b-eager.json"
-      timeout 260 $bench --family wan22 --steps 2 --runs 2 --compile --output "$out/wan22-a14b-compiled.json"
+      timeout 300 $bench --family wan22 --steps 2 --runs 2 --levers --fp8-attention off --output "$out/wan22-a14b-eager.json"
+      timeout 260 $bench --family wan22 --steps 2 --runs 2 --compile --fp8-attention off --output "$out/wan22-a14b-compiled.json"
       ;;
     graphs)
       timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8linear.py tests/test_bench.py
@@ -52,14 +52,17 @@ log="$out/$phase.log"
     attention)  # FP8 attention: kernel tests, per-call timing, FLUX with --fp8-attention
       timeout 150 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_fp8attention.py
       timeout 90 python3 scripts/attention_bench.py --output "$out/attention.json"
-      timeout 90 $bench --family flux1 --steps 10 --fp8-attention --output "$out/flux1-eager-attn.json"
-      timeout 130 $bench --family flux1 --steps 10 --compile --fp8-attention --output "$out/flux1-compiled-attn.json"
-      timeout 170 $bench --family flux2 --steps 8 --compile --fp8-attention --output "$out/flux2-compiled-attn.json"
+      timeout 90 $bench --family flux1 --steps 10 --fp8-attention on --output "$out/flux1-eager-attn.json"
       ;;
-    wan-attention)  # Wan2.2 A14B with --fp8-attention, eager and compiled; FLUX.2 eager
-      timeout 200 $bench --family wan22 --steps 2 --runs 2 --fp8-attention --output "$out/wan22-a14b-eager-attn.json"
-      timeout 300 $bench --family wan22 --steps 2 --runs 2 --compile --fp8-attention --output "$out/wan22-a14b-compiled-attn.json"
-      timeout 100 $bench --family flux2 --steps 8 --fp8-attention --output "$out/flux2-eager-attn.json"
+    wan-attention)  # Wan2.2 A14B, eager and compiled, FP8 attention in the default auto mode (self-attention only)
+      timeout 235 $bench --family wan22 --steps 2 --runs 2 --output "$out/wan22-a14b-eager-attn.json"
+      timeout 330 $bench --family wan22 --steps 2 --runs 2 --compile --output "$out/wan22-a14b-compiled-attn.json"
+      ;;
+    flux-attention)  # FLUX with FP8 attention on for every call (auto leaves FLUX's 4,608-token attention BF16)
+      timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8attention.py
+      timeout 130 $bench --family flux1 --steps 10 --compile --fp8-attention on --output "$out/flux1-compiled-attn.json"
+      timeout 170 $bench --family flux2 --steps 8 --compile --fp8-attention on --output "$out/flux2-compiled-attn.json"
+      timeout 100 $bench --family flux2 --steps 8 --fp8-attention on --output "$out/flux2-eager-attn.json"
       ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac

@@ -83,6 +83,35 @@ def test_plain_and_levers(tmp_path):
     assert levers["sides"][-1]["fp8_layers"] < levers["sides"][1]["fp8_layers"], "fusion must merge layers"
 
 
+def test_fp8_attention_modes(tmp_path):
+    """The default is "auto": on this CPU it changes nothing (no side); where no attention call is long enough (every
+    tiny model, FLUX at 1024²) the side is skipped with a note, and a threshold the calls reach keeps it."""
+    from dataclasses import replace
+
+    from fp8cookbook import fp8attention
+    from fp8cookbook.bench import run_synthetic
+
+    rc, report = _bench_cli(tmp_path, "--family", "flux1", "--steps", "1", "--runs", "1")
+    assert rc == 0 and report["settings"]["fp8_attention"] == "off" and len(report["sides"]) == 2
+    with pytest.raises(SystemExit):
+        main(["bench", "--family", "flux1", "--synthetic", "tiny", "--fp8-attention", "sometimes"])
+    family, s = resolve_settings(BenchSettings(family="wan22-a14b", synthetic="tiny", steps=2, runs=1, warmup=0,
+                                               device="cpu"))
+    s = replace(s, fp8_attention="auto")  # as on a GPU
+    skipped = run_synthetic(family, s)
+    assert "under 16384" in skipped["fp8_attention_skipped"] and len(skipped["sides"]) == 2
+    old = fp8attention.MIN_KV_TOKENS
+    try:
+        fp8attention.MIN_KV_TOKENS = 9  # reached by the tiny Wan2.2's video self-attention
+        kept = run_synthetic(family, s)
+    finally:
+        fp8attention.MIN_KV_TOKENS = old
+    attn = kept["sides"][-1]
+    assert "fp8_attention_skipped" not in kept and attn["name"] == "fp8+fp8-attention" and attn["headline"]
+    assert attn["fp8_attention_mode"] == "auto" and attn["fp8_attention_layers"] > 0
+    assert attn["fp8_attention_calls"] == 0 < attn["fp8_attention_fallback_calls"], "no CPU call runs FP8 in auto"
+
+
 @pytest.mark.parametrize("family", ["flux1", "wan22-a14b"])
 def test_fp8_attention_side(tmp_path, family):
     rc, report = _bench_cli(tmp_path, "--family", family, "--fp8-attention", "--steps", "2", "--runs", "1")

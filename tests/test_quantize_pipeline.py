@@ -232,10 +232,14 @@ def test_quantize_mha_adds_attention_scales(tmp_path):
     assert stats.attention_scales > 0 and result.calibration["quantize_mha"]
     fp8 = result.paths["transformer"]["fp8"]
     assert (fp8 / "fp8cookbook_attention_scales.json").is_file()
-    # The loader turns them into FP8 attention on request, for every attention module ModelOpt calibrated.
-    plain, report = load_fp8_transformer(fp8, dtype=torch.float32)
+    # The loader uses them by default ("auto": only long calls on a GPU, so none on this CPU), for every call with
+    # fp8_attention="on" (True), never with "off", for every attention module ModelOpt calibrated.
+    plain, report = load_fp8_transformer(fp8, dtype=torch.float32, fp8_attention="off")
     assert report.attention_scales_available and report.fp8_attention_layers == 0
-    assert "fp8_attention=True" in "\n".join(report.lines())
+    assert "Q/K/V scales present, not used" in "\n".join(report.lines())
+    _, auto = load_fp8_transformer(fp8, dtype=torch.float32)
+    assert auto.fp8_attention_mode == "auto" and auto.fp8_attention_layers == stats.attention_scales // 3
+    assert "calls with >= 16384 keys on a GPU" in "\n".join(auto.lines())
     model, report = load_fp8_transformer(fp8, dtype=torch.float32, fp8_attention=True)
     assert report.fp8_attention_layers == len(attention_modules(model)) == stats.attention_scales // 3
     fam = get_family("flux1")
@@ -254,8 +258,11 @@ def test_quantize_mha_adds_attention_scales(tmp_path):
                  "--warmup", "0", "--height", "32", "--width", "32", "--output", str(out)]) == 0
     bench = json.loads(out.read_text())
     assert bench["fp8_attention_layers"] == {"transformer": report.fp8_attention_layers}
-    assert bench["settings"]["fp8_attention"] is True and bench["fp8_layers_ran"] == bench["fp8_layers"] > 0
+    assert bench["settings"]["fp8_attention"] == "on" and bench["fp8_layers_ran"] == bench["fp8_layers"] > 0
     # Without the side file, asking for FP8 attention names the missing file.
     (fp8 / "fp8cookbook_attention_scales.json").unlink()
     with pytest.raises(Fp8CookbookError, match="fp8cookbook_attention_scales.json not found.*--quantize-mha"):
         load_fp8_transformer(fp8, dtype=torch.float32, fp8_attention=True)
+    # ... while the default ("auto") just loads BF16 attention and says how to get FP8 attention.
+    _, auto = load_fp8_transformer(fp8, dtype=torch.float32)
+    assert auto.fp8_attention_layers == 0 and "quantize with --quantize-mha" in "\n".join(auto.lines())
