@@ -13,7 +13,7 @@ SGLang-format tensors and index do not change. P is scaled by 256 (exact, a powe
 that small probabilities stay out of e4m3's subnormal range; the row sum uses the unquantised P.
 
 On CUDA (compute capability ≥ 8.9) our Triton flash kernel does it, with Q quantised inside it and K/V by one pass
-that also lays V out K-major, as FP8 tensor cores need. Each key tile's P·V product starts from a fresh accumulator
+that also lays V out K-major, as FP8 tensor cores need; K/V tiles come in by TMA (tensor descriptors). Each key tile's P·V product starts from a fresh accumulator
 and is added to the running output in float32: FP8 tensor cores accumulate with reduced precision, and summing all
 256 key tiles of a Wan2.2 call in one MMA accumulator had shrunk O enough to cost 0.019 of cosine against BF16.
 cuDNN's FP8 SDPA (optional `nvidia-cudnn-frontend` package) is faster but has that flaw, so it runs only when
@@ -24,7 +24,7 @@ float32 (the CPU path, and the GPU kernels' test reference).
 
 Measured on an H100 (docs/benchmarks.md): against BF16 its cosine stays within 0.00004 of the FP8-GEMM path on
 full-size FLUX.1, FLUX.2 and Wan2.2 forwards, and it pays per call only on long sequences (Wan2.2's 32,760 tokens:
-1.17x; FLUX's 4,608 tokens and 512-token cross-attention: slower than BF16). So the loader's default, "auto",
+1.21x; FLUX's 4,608 tokens and 512-token cross-attention: slower than BF16). So the loader's default, "auto",
 runs it for calls with at least `MIN_KV_TOKENS` keys on a GPU (`load_fp8_transformer(fp8_attention=)`).
 
 How it plugs into diffusers: each attention processor passes `backend=self._attention_backend` to
@@ -126,6 +126,8 @@ try:  # CUDA builds of torch ship Triton; the CPU wheels do not, and then the re
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
+_BLOCK_N = 128  # keys per tile; fixed, because the host builds the K/V tensor descriptors with it
+
 if triton is not None:
     @triton.jit
     def _quant_kv_kernel(K, V, K8, VT8, ks_ptr, vs_ptr, skb, skh, skn, svb, svh, svn, s8b, s8h, s8n, stb, sth, std,
@@ -148,18 +150,14 @@ if triton is not None:
         tl.store(VT8 + b * stb + h * sth + d[:, None] * std + rows[None, :], v8, mask=rows[None, :] < n_kv)
 
     @triton.jit
-    def _attn_tile(acc, l_i, m_i, q8, k_base, vt_base, skn, std, start_n, n_kv, qk_scale,
+    def _attn_tile(acc, l_i, m_i, q8, k_desc, vt_desc, k_row, k_head, vt_row, start_n, n_kv, qk_scale,
                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, P_MUL: tl.constexpr):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        d = tl.arange(0, HEAD_DIM)
-        if MASK:
-            k = tl.load(k_base + cols[:, None] * skn + d[None, :], mask=cols[:, None] < n_kv, other=0.0)
-            vt = tl.load(vt_base + d[:, None] * std + cols[None, :], mask=cols[None, :] < n_kv, other=0.0)
-        else:
-            k = tl.load(k_base + cols[:, None] * skn + d[None, :])
-            vt = tl.load(vt_base + d[:, None] * std + cols[None, :])
+        # K and V come in by TMA (tensor descriptors): rows past the tensor read as zeros, and masked keys get -inf
+        k = k_desc.load([k_row + start_n, k_head, 0]).reshape(BLOCK_N, HEAD_DIM)
+        vt = vt_desc.load([vt_row, start_n])
         qk = tl.dot(q8, tl.trans(k))
         if MASK:
+            cols = start_n + tl.arange(0, BLOCK_N)
             qk = tl.where(cols[None, :] < n_kv, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per score
@@ -170,25 +168,25 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot((p * P_MUL).to(tl.float8e4nv), tl.trans(vt))
         return acc, l_i, m_new
 
-    _ATTN_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                     for bm, bn, w, st in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 8, 2), (128, 64, 8, 4),
-                                           (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 128, 4, 3))]
+    _ATTN_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
+                     for bm, w, st in ((128, 8, 3), (128, 8, 4), (128, 8, 2), (64, 4, 3), (128, 4, 3))]
 
     @triton.autotune(configs=_ATTN_CONFIGS, key=["n_q", "n_kv", "HEAD_DIM"])
     @triton.jit
-    def _attn_fwd_kernel(Q, K8, VT8, O, qs_ptr, ks_ptr, vs_ptr, sm_scale, sqb, sqh, sqm, s8b, s8h, s8n, stb, sth, std,
-                         sob, soh, som, H, n_q, n_kv, HEAD_DIM: tl.constexpr, P_MUL: tl.constexpr,
+    def _attn_fwd_kernel(Q, k_desc, vt_desc, O, qs_ptr, ks_ptr, vs_ptr, sm_scale, sqb, sqh, sqm, sob, soh, som,
+                         H, n_q, n_kv, K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, P_MUL: tl.constexpr,
                          Q_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
+        b = pid_bh // H
+        h = pid_bh % H
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         d = tl.arange(0, HEAD_DIM)
         qs = tl.load(qs_ptr)
         ks = tl.load(ks_ptr)
         vs = tl.load(vs_ptr)
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=rows[:, None] < n_q, other=0.0)
+        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None] * sqm + d[None, :],
+                    mask=rows[:, None] < n_q, other=0.0)
         if Q_FP8:  # quantised by the caller (under torch.compile, fused into the op that produced Q)
             q8 = q
         else:
@@ -197,19 +195,22 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        k_base = K8 + b * s8b + h * s8h
-        vt_base = VT8 + b * stb + h * sth
+        # K is (rows, K_HEADS, D): (B·H·N, 1, D) as our quantisation pass writes it, or (B·N, H, D) as it comes
+        if K_HEADS == 1:
+            k_row, k_head = pid_bh * n_kv, 0
+        else:
+            k_row, k_head = b * n_kv, h
+        vt_row = pid_bh * HEAD_DIM
         n_full = n_kv // BLOCK_N * BLOCK_N  # full key blocks, then one masked tail
         for start_n in range(0, n_full, BLOCK_N):
-            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, k_base, vt_base, s8n, std, start_n, n_kv, qk_scale,
-                                       BLOCK_N, HEAD_DIM, False, P_MUL)
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, k_desc, vt_desc, k_row, k_head, vt_row, start_n, n_kv,
+                                       qk_scale, BLOCK_N, HEAD_DIM, False, P_MUL)
         if n_full < n_kv:
-            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, k_base, vt_base, s8n, std, n_full, n_kv, qk_scale,
-                                       BLOCK_N, HEAD_DIM, True, P_MUL)
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q8, k_desc, vt_desc, k_row, k_head, vt_row, n_full, n_kv,
+                                       qk_scale, BLOCK_N, HEAD_DIM, True, P_MUL)
         o = acc * (vs / P_MUL) / l_i[:, None]
-        tl.store(O + b * sob + h * soh + rows[:, None] * som + d[None, :], o.to(O.dtype.element_ty),
-                 mask=rows[:, None] < n_q)
-
+        tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None] * som + d[None, :],
+                 o.to(O.dtype.element_ty), mask=rows[:, None] < n_q)
 
     @triton.jit
     def _dequant_kernel(x_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr):
@@ -314,26 +315,37 @@ def _cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: 
 
 def _triton_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor,
                           vs: torch.Tensor, sm_scale: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     B, n_q, H, D = q.shape
     n_kv = k.shape[1]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     fp8_in = q.dtype == torch.float8_e4m3fn
-    vt8 = torch.empty((B, H, D, (n_kv + 15) // 16 * 16), dtype=torch.float8_e4m3fn, device=q.device)
+    n_pad = (n_kv + 15) // 16 * 16
+    vt8 = torch.empty((B, H, D, n_pad), dtype=torch.float8_e4m3fn, device=q.device)
+    if n_pad > n_kv:
+        vt8[..., n_kv:].zero_()  # read by the last key block: zeros, not stale bytes (which may be e4m3 NaNs)
     cdiv = triton.cdiv
-    if fp8_in:  # already quantised (see fp8_attention_fp8): K is used as it is, V laid out K-major
-        k8 = k.transpose(1, 2)  # (B, H, N, D) view of (B, N, H, D)
+    if fp8_in:  # already quantised (see fp8_attention_fp8): K is used in place, V laid out K-major
+        if k.stride(2) != D or k.stride(0) != n_kv * k.stride(1) or k.data_ptr() % 16 or k.stride(1) % 16:
+            k = k.contiguous()
+        k_desc = TensorDescriptor(k, [B * n_kv, H, D], [k.stride(1), D, 1], [_BLOCK_N, 1, D])
         vt8[..., :n_kv].copy_(v.permute(0, 2, 3, 1))
+        k_heads = H
     else:
         k8 = torch.empty((B, H, n_kv, D), dtype=torch.float8_e4m3fn, device=q.device)
         _quant_kv_kernel[(cdiv(n_kv, 64), B * H)](
             k, v, k8, vt8, ks, vs, k.stride(0), k.stride(2), k.stride(1), v.stride(0), v.stride(2), v.stride(1),
             k8.stride(0), k8.stride(1), k8.stride(2), vt8.stride(0), vt8.stride(1), vt8.stride(2),
             H, n_kv, HEAD_DIM=D, BLOCK=64, num_warps=4)
+        k_desc = TensorDescriptor(k8, [B * H * n_kv, 1, D], [D, D, 1], [_BLOCK_N, 1, D])
+        k_heads = 1
+    vt_desc = TensorDescriptor(vt8, [B * H * D, n_pad], [n_pad, 1], [D, _BLOCK_N])
     o = torch.empty((B, n_q, H, D), dtype=out_dtype or q.dtype, device=q.device)
     _attn_fwd_kernel[lambda meta: (cdiv(n_q, meta["BLOCK_M"]), B * H)](
-        q, k8, vt8, o, qs, ks, vs, float(sm_scale), q.stride(0), q.stride(2), q.stride(1),
-        k8.stride(0), k8.stride(1), k8.stride(2), vt8.stride(0), vt8.stride(1), vt8.stride(2),
-        o.stride(0), o.stride(2), o.stride(1), H, n_q, n_kv, HEAD_DIM=D, P_MUL=P_SCALE, Q_FP8=fp8_in)
+        q, k_desc, vt_desc, o, qs, ks, vs, float(sm_scale), q.stride(0), q.stride(2), q.stride(1),
+        o.stride(0), o.stride(2), o.stride(1), H, n_q, n_kv, K_HEADS=k_heads, HEAD_DIM=D, P_MUL=P_SCALE,
+        Q_FP8=fp8_in, BLOCK_N=_BLOCK_N)
     return o
 
 
