@@ -407,9 +407,9 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
         "quantize", help="ModelOpt FP8 quantization calibrated on the real pipeline, then SGLang FP8 checkpoint(s)",
         description=textwrap.fill("Quantize the family's transformer(s) to FP8 with NVIDIA ModelOpt and write SGLang FP8 "
                     "checkpoints. Recipe: per-tensor E4M3 weights and static inputs on nn.Linear layers, `max` "
-                    "calibration, the family's sensitive layers left in BF16 (optionally FP8 attention Q/K/V with "
-                    "--quantize-mha). Calibration runs the whole pipeline (text encoders and every denoising step) "
-                    "over the prompts, prompt i with seed SEED+i. Wan2.2 A14B: both experts are quantized in the "
+                    "calibration, the family's sensitive layers left in BF16, plus static attention Q/K/V scales "
+                    "for fp8cookbook's FP8 attention (--no-quantize-mha skips them). Calibration runs the whole "
+                    "pipeline (text encoders and every denoising step) over the prompts, prompt i with seed SEED+i. Wan2.2 A14B: both experts are quantized in the "
                     "same runs, each calibrated by the steps on its side of the boundary; a quantizer left without "
                     "an amax (e.g. too few steps to reach transformer_2) stops the run, naming it. Writes into a "
                     "temporary folder and renames it to OUTPUT_DIR at the end, so a failure leaves nothing behind. "

@@ -575,7 +575,9 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
     FP8 quantizers (`fp8_diffusion_quant_cfg`, the family's sensitive layers disabled) have been inserted into all
     transformers, so one pass calibrates them all: Wan2.2 A14B's `transformer` sees the steps at or above the
     boundary, `transformer_2` those below. Any enabled quantizer left without an amax stops the run with an error
-    naming it (and, for an expert that never ran, the timesteps that were used).
+    naming it (and, for an expert that never ran, the timesteps that were used). `quantize_mha` (on by default)
+    also calibrates the attention Q/K/V inputs; their scales go to the side file that fp8cookbook's FP8 attention
+    reads (SGLang does not).
 
     Defaults when None: `prompts` = the shipped `calibration_prompts()`; `num_prompts` = all given prompts, or of the
     shipped file 4 (tiny pipeline), 64 (image) or 16 (video); size, steps and guidance = `default_tiny_settings`
