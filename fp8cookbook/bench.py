@@ -467,7 +467,8 @@ class _SyntheticRun:
         for expert, model in self.models.items():
             names = fp8_candidates(model, self.family, include_fallback=self.s.include_fallback)
             with record_input_amax(model, names) as amax, contextlib.ExitStack() as stack:
-                attn = stack.enter_context(fp8attention.record_attention_amax(model)) if self.s.fp8_attention != "off" else {}
+                attn = (stack.enter_context(fp8attention.record_attention_amax(model))
+                        if self.s.fp8_attention != "off" else {})
                 model(**self.kwargs(self.first_step_of(expert), self.x0))
                 if attn:
                     self.max_kv_tokens = max([self.max_kv_tokens, *fp8attention.recorded_key_lengths(model).values()])
@@ -531,7 +532,7 @@ class _SyntheticRun:
             out["allocated_at_start_gb"] = _gb(torch.cuda.memory_allocated(dev))
         out["model_bytes"] = sum(_model_bytes(m) for m in self.models.values())
         if side.fp8_attention != "off":
-            minimum = fp8attention.MIN_KV_TOKENS if side.fp8_attention == "auto" else 0
+            minimum = fp8attention.min_kv_tokens(side.fp8_attention)
             out["fp8_attention_mode"] = side.fp8_attention
             out["fp8_attention_layers"] = sum(
                 len(fp8attention.install_fp8_attention(self.models[e], sc, min_kv_tokens=minimum))
@@ -722,7 +723,7 @@ def run_pipeline(family: Family, s: BenchSettings, log: Callable[[str], None] = 
     try:
         sides = [measure("bf16", "bf16")]
         if s.fp8_path:
-            from .loader import enable_fp8_attention, has_attention_scales, load_fp8_transformer
+            from .loader import apply_attention_mode, load_fp8_transformer
 
             for n in names:
                 setattr(pipe, n, None)  # free the BF16 weights before the FP8 ones arrive
@@ -731,9 +732,9 @@ def run_pipeline(family: Family, s: BenchSettings, log: Callable[[str], None] = 
                 folder = _fp8_folder_for(Path(s.fp8_path), n, len(names) == 1)
                 model, _ = load_fp8_transformer(folder, device=device, fp8_attention="off")
                 set_attention_backend(model, s.attention_backend)
-                if s.fp8_attention == "on" or (s.fp8_attention == "auto" and has_attention_scales(folder)):
-                    report.setdefault("fp8_attention_layers", {})[n] = enable_fp8_attention(
-                        model, folder, min_kv_tokens=fp8attention.MIN_KV_TOKENS if s.fp8_attention == "auto" else 0)
+                layers = apply_attention_mode(model, folder, s.fp8_attention)  # after the backend is set
+                if layers:
+                    report.setdefault("fp8_attention_layers", {})[n] = layers
                 setattr(pipe, n, model)
             report["fp8_source"] = f"checkpoint {s.fp8_path}"
         else:

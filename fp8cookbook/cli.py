@@ -18,10 +18,9 @@ from .errors import Fp8CookbookError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
-
-
 # --fp8-attention on load, compare and bench: a mode; the bare flag (the opt-in of earlier versions) means "on"
 _ATTENTION_ARG = dict(nargs="?", const="on", default="auto", choices=("auto", "on", "off"), metavar="auto|on|off")
+
 
 def _command(name: str):
     def deco(fn: Callable[[argparse.Namespace], int]):
@@ -409,8 +408,8 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
                     "checkpoints. Recipe: per-tensor E4M3 weights and static inputs on nn.Linear layers, `max` "
                     "calibration, the family's sensitive layers left in BF16, plus static attention Q/K/V scales "
                     "for fp8cookbook's FP8 attention (--no-quantize-mha skips them). Calibration runs the whole "
-                    "pipeline (text encoders and every denoising step) over the prompts, prompt i with seed SEED+i. Wan2.2 A14B: both experts are quantized in the "
-                    "same runs, each calibrated by the steps on its side of the boundary; a quantizer left without "
+                    "pipeline (text encoders and every denoising step) over the prompts, prompt i with seed SEED+i. "
+                    "Wan2.2 A14B: both experts are quantized in the same runs, each calibrated by the steps on its side of the boundary; a quantizer left without "
                     "an amax (e.g. too few steps to reach transformer_2) stops the run, naming it. Writes into a "
                     "temporary folder and renames it to OUTPUT_DIR at the end, so a failure leaves nothing behind. "
                     "Without --model-path the tiny test pipeline and its small settings are used.", 100),

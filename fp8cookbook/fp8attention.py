@@ -13,8 +13,8 @@ SGLang-format tensors and index do not change. P is scaled by 256 (exact, a powe
 that small probabilities stay out of e4m3's subnormal range; the row sum uses the unquantised P.
 
 On CUDA (compute capability ≥ 8.9) our Triton flash kernel does it, with Q quantised inside it and K/V by one pass
-that also lays V out K-major, as FP8 tensor cores need; K/V tiles come in by TMA (tensor descriptors). Each key tile's P·V product starts from a fresh accumulator
-and is added to the running output in float32: FP8 tensor cores accumulate with reduced precision, and summing all
+that also lays V out K-major, as FP8 tensor cores need; K/V tiles come in by TMA (tensor descriptors). Each key
+tile's P·V product starts from a fresh accumulator and is added to the running output in float32: FP8 tensor cores accumulate with reduced precision, and summing all
 256 key tiles of a Wan2.2 call in one MMA accumulator had shrunk O enough to cost 0.019 of cosine against BF16.
 cuDNN's FP8 SDPA (optional `nvidia-cudnn-frontend` package) is faster but has that flaw, so it runs only when
 asked for (`KERNEL`, `_pick_kernel`). In eager mode `fp8_attention` takes the BF16 Q/K/V; under torch.compile the
@@ -52,7 +52,8 @@ from .checkpoint import ATTENTION_SCALES_NAME, FP8_MAX
 from .errors import Fp8CookbookError
 from .fp8linear import _cuda_fp8_ok, fp8_gemm_supported, quantize_fp8
 
-__all__ = ["P_SCALE", "ATTENTION_SCALES_NAME", "AttentionScales", "fp8_attention_reference",
+__all__ = ["P_SCALE", "MIN_KV_TOKENS", "MODES", "attention_mode", "min_kv_tokens", "ATTENTION_SCALES_NAME",
+           "AttentionScales", "fp8_attention_reference", "recorded_key_lengths", "scales_from_amax",
            "fp8_attention", "attention_modules", "fp8_attention_modules", "install_fp8_attention",
            "remove_fp8_attention",
            "record_attention_amax", "read_attention_scales", "count_fp8_attention_calls", "triton_attention_available"]
@@ -67,6 +68,11 @@ P_SCALE = 256.0
 # tokens of Wan2.2's cross-attention (docs/benchmarks.md). "on" runs it for every call, "off" for none.
 MIN_KV_TOKENS = 16384
 MODES = ("auto", "on", "off")
+
+
+def min_kv_tokens(mode: str) -> int:
+    """The `install_fp8_attention(min_kv_tokens=)` that a mode of MODES asks for ("off" installs nothing)."""
+    return MIN_KV_TOKENS if mode == "auto" else 0
 
 
 def attention_mode(value: bool | str | None) -> str:
@@ -231,8 +237,8 @@ def _triton_ok(q: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------- cuDNN FP8 SDPA
-# cuDNN's own FP8 flash attention (the `nvidia-cudnn-frontend` package, optional) runs ~1.3x faster than the Triton
-# kernel on an H100. On Hopper it must write O in FP8 too: O is a convex combination of V's rows, so |O| <= amax(V)
+# cuDNN's own FP8 flash attention (the `nvidia-cudnn-frontend` package, optional) runs ~1.2x faster than the Triton
+# kernel on an H100, but loses accuracy (`_pick_kernel`), so it runs only on request. On Hopper it must write O in FP8: O is a convex combination of V's rows, so |O| <= amax(V)
 # and V's scale never saturates it; O is dequantised to BF16 right after. Q, K, V are quantised by the one-pass
 # Triton kernel of the fast path. Graphs are built once per shape and layout and kept.
 _CUDNN: dict[Any, Any] = {}
@@ -359,7 +365,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: to
     """
     args = (q, k, v, q_scale, k_scale, v_scale, sm_scale)
     on_gpu = fp8_gemm_supported(q.device) and q.dtype in (torch.bfloat16, torch.float16)
-    kernel = _pick_kernel(*args) if on_gpu else None
+    kernel = _pick_kernel(q, k, sm_scale) if on_gpu else None
     if kernel is None:
         return fp8_attention_reference(*args)
     return _CUDA_KERNELS[kernel](*args)
@@ -377,7 +383,7 @@ def fp8_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_sc
     """`fp8_attention` on inputs already quantised (e4m3, the same scales): under torch.compile the quantisation is
     left to Inductor, which fuses it into the kernels that produce Q/K/V (RoPE, norms) instead of separate passes."""
     args = (q8, k8, v8, q_scale, k_scale, v_scale, sm_scale)
-    kernel = _pick_kernel(*args, out_dtype=out_dtype) if fp8_gemm_supported(q8.device) else None
+    kernel = _pick_kernel(q8, k8, sm_scale) if fp8_gemm_supported(q8.device) else None
     if kernel is None:
         return _reference_fp8_inputs(*args, out_dtype)
     return _CUDA_KERNELS[kernel](*args, out_dtype=out_dtype)
@@ -398,20 +404,22 @@ def kernel_choices() -> dict[str, str]:
             for key, kernel in _RAN.items()}
 
 
-def _pick_kernel(q, k, v, qs, ks, vs, sm_scale, out_dtype: torch.dtype | None = None) -> str | None:
-    """The CUDA kernel `KERNEL` names, or None when it does not take this shape (then the reference runs).
+def _pick_kernel(q: torch.Tensor, k: torch.Tensor, sm_scale: float) -> str | None:
+    """The CUDA kernel for this call: cuDNN's when `KERNEL` asks for it and it takes the shape, else Triton's when it
+    takes the shape, else None (then the reference runs).
 
-    Triton's is the default. cuDNN's FP8 SDPA is about 20% faster at Wan2.2's 32k tokens, but it accumulates P·V over
-    all key tiles in the FP8 tensor cores' reduced-precision accumulator, as our kernel first did: on the full-size
-    Wan2.2 step that put its cosine against BF16 0.019 below the FP8-GEMM path (Triton now: 0.00004), far beyond
-    issue 5's 0.002. So it runs only when asked for (FP8COOKBOOK_ATTENTION_KERNEL=cudnn).
+    cuDNN's FP8 SDPA is about 1.2x faster than Triton's at Wan2.2's 32k tokens, but it accumulates P·V over all key
+    tiles in the FP8 tensor cores' reduced-precision accumulator, as our kernel first did: on the full-size Wan2.2
+    step that put its cosine against BF16 0.019 below the FP8-GEMM path (Triton now: 0.00004), far beyond issue 5's
+    0.002. So it runs only when asked for (FP8COOKBOOK_ATTENTION_KERNEL=cudnn).
     """
-    if KERNEL == "cudnn":
-        kernel = "cudnn" if cudnn_attention_available() and _cudnn_ok(q, k, sm_scale) else None
+    if KERNEL == "cudnn" and cudnn_attention_available() and _cudnn_ok(q, k, sm_scale):
+        kernel = "cudnn"
+    elif _triton_ok(q):
+        kernel = "triton"
     else:
-        kernel = "triton" if _triton_ok(q) else None
-    if kernel is not None:
-        _RAN.setdefault((tuple(q.shape), tuple(k.shape), q.dtype), kernel)
+        return None
+    _RAN.setdefault((tuple(q.shape), tuple(k.shape), q.dtype), kernel)
     return kernel
 
 
@@ -474,7 +482,7 @@ def fp8_dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, 
 def _pays(query: torch.Tensor, key: torch.Tensor, min_kv_tokens: int) -> bool:
     """The "auto" rule: enough keys, and a CUDA FP8 kernel for the call (the float32 reference never runs here)."""
     return (key.shape[1] >= min_kv_tokens and query.is_cuda and _cuda_fp8_ok(query.device)
-            and (cudnn_attention_available() if KERNEL == "cudnn" else _triton_ok(query)))
+            and (_triton_ok(query) or (KERNEL == "cudnn" and cudnn_attention_available())))
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, TensorReader, ignored, inspect_checkpoint, read_config,
-                         read_quant_info)
+from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, TensorReader, ignored,
+                         inspect_checkpoint, read_config, read_quant_info)
 from .errors import Fp8CookbookError
-from .fp8attention import MIN_KV_TOKENS, attention_mode, install_fp8_attention, read_attention_scales
+from .fp8attention import (MIN_KV_TOKENS, attention_mode, install_fp8_attention, min_kv_tokens,
+                           read_attention_scales)
 from .fp8linear import FP8Linear, fp8_modules
 
 OFFLOAD_WARNING = ("{what} disabled for the FP8 transformer: offload rebuilds weights contiguously and loses the "
@@ -86,6 +87,19 @@ def enable_fp8_attention(model: nn.Module, path: str | Path, *, min_kv_tokens: i
         return len(install_fp8_attention(model, scales, min_kv_tokens=min_kv_tokens))
     except Fp8CookbookError as e:
         raise Fp8CookbookError(f"{Path(path) / ATTENTION_SCALES_NAME}: {e}") from None
+
+
+def apply_attention_mode(model: nn.Module, path: str | Path, mode: bool | str) -> int:
+    """The `fp8_attention` rule of `load_fp8_transformer` for a loaded model; returns the FP8 attention modules.
+
+    "on": every call, the side file must exist; "auto": where the side file exists, only the calls where FP8 attention
+    pays (`fp8attention.MIN_KV_TOKENS` keys on a GPU); "off": nothing. Call it after anything that sets diffusers'
+    attention backend.
+    """
+    mode = attention_mode(mode)
+    if mode == "on" or (mode == "auto" and has_attention_scales(path)):
+        return enable_fp8_attention(model, path, min_kv_tokens=min_kv_tokens(mode))
+    return 0
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -189,9 +203,8 @@ def load_fp8_transformer(
     model.eval().requires_grad_(False)
     report.fp8_layers = len(fp8)
     report.attention_scales_available = has_attention_scales(path)
-    if mode == "on" or (mode == "auto" and report.attention_scales_available):
-        report.fp8_attention_layers = enable_fp8_attention(model, path,
-                                                           min_kv_tokens=MIN_KV_TOKENS if mode == "auto" else 0)
+    report.fp8_attention_layers = apply_attention_mode(model, path, mode)
+    if report.fp8_attention_layers:
         report.fp8_attention_mode = mode
     report.seconds = time.perf_counter() - t0
     model.fp8_load_report = report

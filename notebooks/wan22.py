@@ -34,6 +34,7 @@ from fp8cookbook import notebook as nb
 from fp8cookbook.checkpoint import inspect_checkpoint
 from fp8cookbook.compare import Thresholds, compare_trajectories, write_outputs
 from fp8cookbook.convert import convert_checkpoint
+from fp8cookbook.fp8attention import attention_mode
 from fp8cookbook.families import get_family
 from fp8cookbook.offload import place_pipeline
 from fp8cookbook.pipelines import load_pipeline, tiny_pipeline_dir
@@ -108,7 +109,7 @@ print(f"comparison settings {gen}")
 result = quantize_pipeline(fam.name, pipe, output_dir / "checkpoint", prompts=calibration_prompts,
                            num_prompts=num_calibration_prompts, num_inference_steps=calibration_steps, seed=seed,
                            height=height, width=width, num_frames=num_frames, guidance_scale=guidance_scale,
-                           overwrite=True, quantize_mha=fp8_attention not in (False, "off"), progress=model_path is not None)
+                           overwrite=True, quantize_mha=attention_mode(fp8_attention) != "off", progress=model_path is not None)
 report.quantize(result)
 print("\n".join(result.lines()))
 print("calibration timesteps:", result.calibration["timesteps"])

@@ -237,8 +237,7 @@ def test_fp8_attention_model_in_cuda_graph_and_compiled(kernel, monkeypatch):
         with fa.count_fp8_attention_calls(model) as calls:
             eager = model(**inputs)[0]
         assert all(c["fp8"] == 1 for c in calls.values())
-        assert fa._pick_kernel(*(torch.empty(1, 80, 2, 64, device="cuda", dtype=torch.bfloat16),) * 3,
-                               *(torch.ones(1, device="cuda"),) * 3, 0.125) == kernel
+        assert fa._pick_kernel(*(torch.empty(1, 80, 2, 64, device="cuda", dtype=torch.bfloat16),) * 2, 0.125) == kernel
         replay = fastpath.CudaGraphForward(model)(**inputs)
         model.compile_repeated_blocks(fullgraph=True)
         compiled = model(**inputs)[0]
