@@ -307,7 +307,8 @@ class InspectReport:
     quant_algo: str | None
     dtypes: dict[str, int] = field(default_factory=dict)
     fp8_layers: int = 0
-    bf16_linear_weights: int = 0
+    bf16_linear_weights: int = 0  # 2-D weights not in FP8 (BF16, or float32 when the base was saved so)
+    unquantized_weight_dtypes: dict[str, int] = field(default_factory=dict)  # their dtypes
     ignore_patterns: int = 0
     ignored_modules: int = 0
     weight_scale_range: tuple[float, float] | None = None
@@ -327,7 +328,9 @@ class InspectReport:
             f"shards           {self.shards} ({self.total_bytes / 1e9:.3f} GB)",
             "dtypes           " + ", ".join(f"{k}: {v}" for k, v in sorted(self.dtypes.items())),
             f"FP8 layers       {self.fp8_layers}",
-            f"BF16 2-D weights {self.bf16_linear_weights}",
+            f"non-FP8 weights  {self.bf16_linear_weights}" + (" (" + ", ".join(
+                f"{k}: {v}" for k, v in sorted(self.unquantized_weight_dtypes.items())) + ")"
+                if self.unquantized_weight_dtypes else ""),
             f"ignore           {self.ignore_patterns} patterns covering {self.ignored_modules} modules with weights",
             f"weight_scale     {rng(self.weight_scale_range)}",
             f"input_scale      {rng(self.input_scale_range)}",
@@ -383,6 +386,8 @@ def inspect_checkpoint(folder: str | Path) -> InspectReport:
                     report.problems.append(f"{name}: FP8 weight of shape {list(t.shape)}; K and N must be multiples of 16")
             elif name.endswith(".weight") and len(t.shape) == 2 and t.dtype != FP8_DTYPE:
                 report.bf16_linear_weights += 1
+                dtype = str(t.dtype).replace("torch.", "")
+                report.unquantized_weight_dtypes[dtype] = report.unquantized_weight_dtypes.get(dtype, 0) + 1
                 if not ignored(module, ignore) and info is not None:
                     report.problems.append(f"{name}: {t.dtype} weight not covered by `ignore` (SGLang would build an FP8 layer)")
             if name.endswith((f".{WEIGHT_SCALE}", f".{INPUT_SCALE}")):

@@ -33,10 +33,13 @@ def _command(name: str):
 # ----------------------------------------------------------------------------------------------- convert
 @_command("convert")
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import convert_checkpoint
+    from .convert import base_from_quantize_report, convert_checkpoint
 
+    base = args.base_transformer
+    if base is None and (base := base_from_quantize_report(args.export_dir)) is not None:
+        print(f"base transformer {base} (from quantize.json)")
     stats = convert_checkpoint(args.export_dir, args.output_dir, state_file=args.state_file,
-                               base_transformer=args.base_transformer, family=args.family, keep_bf16=args.keep_bf16,
+                               base_transformer=base, family=args.family, keep_bf16=args.keep_bf16,
                                overwrite=args.overwrite, dry_run=args.dry_run, progress=not args.quiet)
     head = "plan (dry run, nothing written)" if args.dry_run else f"wrote {args.output_dir}"
     print(head)
@@ -122,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("export_dir", type=Path, help="ModelOpt export (the transformer folder, or a pipeline export holding one)")
     p.add_argument("output_dir", type=Path, help="folder to create")
     p.add_argument("--state-file", type=Path, help="ModelOpt state (mto.save, e.g. transformer.pt): amaxes for a BF16 export")
-    p.add_argument("--base-transformer", type=Path, help="original BF16 transformer folder (diffusers layout), for fallback layers")
+    p.add_argument("--base-transformer", type=Path, help="original BF16 transformer folder (diffusers layout), for "
+                                                          "fallback layers (default: the one `fp8cookbook quantize` "
+                                                          "recorded in quantize.json beside the export)")
     p.add_argument("--family", default="auto", help="fallback profile: a family name, 'auto' (from _class_name) or 'none'")
     p.add_argument("--keep-bf16", action="append", default=[], metavar="REGEX",
                    help="also keep modules whose name matches REGEX (re.search, as SGLang's --keep-bf16-pattern) in BF16; repeatable")
@@ -244,30 +249,34 @@ _EXTRA_PARSERS.append(_bench_parser)
 def _compare(args: argparse.Namespace) -> int:
     import torch
 
-    from .compare import Thresholds, compare_trajectories, load_transformer, write_outputs
+    from .compare import (Thresholds, compare_trajectories, default_prompt, default_thresholds, load_transformer,
+                          write_outputs)
     from .families import get_family
     from .pipelines import default_tiny_settings, load_pipeline
+    from .workflow import resolve_dtype
 
     family = get_family(args.family)
     if "transformer_2" not in family.experts and (args.candidate_2 or args.reference_2):
         raise Fp8CookbookError(f"{family.title} has one transformer; --candidate-2/--reference-2 apply to Wan2.2 A14B")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(args.dtype, device)  # the notebooks' rule: float32 on CPU, bfloat16 on CUDA
     load_to = "cpu" if args.offload_idle else device
     # Transformers first: a bad path fails before the pipeline is loaded.
-    candidate = {name: load_transformer(path, device=load_to, fp8_attention=args.fp8_attention)
+    candidate = {name: load_transformer(path, device=load_to, dtype=dtype, fp8_attention=args.fp8_attention)
                  for name, path in (("transformer", args.candidate), ("transformer_2", args.candidate_2)) if path}
-    reference = {name: load_transformer(path, device=load_to)
+    reference = {name: load_transformer(path, device=load_to, dtype=dtype)
                  for name, path in (("transformer", args.reference), ("transformer_2", args.reference_2)) if path}
-    pipe = load_pipeline(family.name, args.model_path, device=device)
+    pipe = load_pipeline(family.name, args.model_path, dtype=dtype, device=device)
     tiny = default_tiny_settings(family.name) if args.model_path is None else {}
     pick = lambda value, key: tiny.get(key) if value is None else value  # noqa: E731
     report = compare_trajectories(
-        pipe, reference, candidate, family=family, prompt=args.prompt, seed=args.seed,
+        pipe, reference, candidate, family=family, prompt=args.prompt or default_prompt(family), seed=args.seed,
         height=pick(args.height, "height"), width=pick(args.width, "width"), num_frames=pick(args.frames, "num_frames"),
         steps=pick(args.steps, "num_inference_steps"), guidance_scale=pick(args.guidance, "guidance_scale"),
         progress=not args.quiet, offload_idle=args.offload_idle)
-    thresholds = Thresholds(min_cosine=args.min_cosine, min_step_cosine=args.min_step_cosine,
-                            max_rel_l2=args.max_rel_l2, min_psnr=args.min_psnr, min_ssim=args.min_ssim)
+    defaults = default_thresholds(family)  # the notebooks' bounds, unless set here
+    thresholds = Thresholds(**{k: (v if getattr(args, k) is None else getattr(args, k))
+                               for k, v in defaults.as_dict().items()})
     paths = write_outputs(report, args.output_dir, thresholds)
     print("\n".join(report.summary_lines()))
     print("wrote   " + ", ".join(str(p) for p in paths))
@@ -295,18 +304,22 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
                         "checks FP8 attention on your own model and prompts, CPU included); off = BF16")
     p.add_argument("--reference", type=Path, help="transformer folder to compare against (default: the pipeline's)")
     p.add_argument("--reference-2", type=Path, help="Wan2.2 A14B: reference transformer_2 (default: the pipeline's)")
-    p.add_argument("--prompt", default="a photo of a red house")
+    p.add_argument("--prompt", help="default: the notebooks' (images: a red house by a lake; video: a fox in neon rain)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, help="default: the family's (tiny pipeline: its small size)")
     p.add_argument("--width", type=int)
     p.add_argument("--frames", type=int, help="video families: frame count")
     p.add_argument("--steps", type=int, help="denoising steps")
     p.add_argument("--guidance", type=float, help="guidance scale")
-    p.add_argument("--min-cosine", type=float, help="fail if the final latents' cosine is below this")
-    p.add_argument("--min-step-cosine", type=float, help="fail if any step's latent cosine is below this")
-    p.add_argument("--max-rel-l2", type=float, help="fail if the final latents' relative L2 is above this")
-    p.add_argument("--min-psnr", type=float, help="fail if the PSNR (dB) of any frame set is below this")
-    p.add_argument("--min-ssim", type=float, help="fail if the SSIM of any frame set is below this")
+    p.add_argument("--min-cosine", type=float, help="fail if the final latents' cosine is below this (default: the "
+                                                     "notebooks': 0.98 for images, 0.95 for video)")
+    p.add_argument("--min-step-cosine", type=float, help="fail if any step's latent cosine is below this (0.95; 0.9)")
+    p.add_argument("--max-rel-l2", type=float, help="fail if the final latents' relative L2 is above this (0.2; 0.3)")
+    p.add_argument("--min-psnr", type=float, help="fail if the PSNR (dB) of any frame set is below this (22; 20)")
+    p.add_argument("--min-ssim", type=float, help="fail if the SSIM of any frame set is below this (0.8; 0.7)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="dtype both sides run in; auto (default, as in the notebooks) = bfloat16 on CUDA, float32 on "
+                        "CPU (CPU BF16 matmuls are slow and round more)")
     p.add_argument("--output-dir", required=True, type=Path)
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--offload-idle", action="store_true",

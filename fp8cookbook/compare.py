@@ -141,6 +141,26 @@ class Thresholds:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+# The defaults of `fp8cookbook compare` and of the notebooks' parameters cells (generated from these): gates against
+# broken FP8, set below SGLang's published checks; video (more steps, more tokens) drifts further than images.
+IMAGE_THRESHOLDS = Thresholds(min_cosine=0.98, min_step_cosine=0.95, max_rel_l2=0.2, min_psnr=22.0, min_ssim=0.8)
+VIDEO_THRESHOLDS = Thresholds(min_cosine=0.95, min_step_cosine=0.9, max_rel_l2=0.3, min_psnr=20.0, min_ssim=0.7)
+IMAGE_PROMPT = "a photo of a red house by a lake at sunset"
+VIDEO_PROMPT = "a fox walking through neon rain"
+
+
+def default_thresholds(family: str | Family) -> Thresholds:
+    """The bounds a comparison of this family is held to unless the user sets others."""
+    fam = get_family(family) if isinstance(family, str) else family
+    return VIDEO_THRESHOLDS if fam.is_video else IMAGE_THRESHOLDS
+
+
+def default_prompt(family: str | Family) -> str:
+    """The prompt a comparison of this family uses unless the user gives one."""
+    fam = get_family(family) if isinstance(family, str) else family
+    return VIDEO_PROMPT if fam.is_video else IMAGE_PROMPT
+
+
 # -------------------------------------------------------------------------------------------------- report
 @dataclass
 class CompareReport:
@@ -400,7 +420,8 @@ def compare_trajectories(
         settings={"prompt": prompt, "seed": seed, "height": settings["height"], "width": settings["width"],
                   "num_frames": settings.get("num_frames"), "steps": settings["num_inference_steps"],
                   "guidance_scale": settings["guidance_scale"],
-                  "max_sequence_length": settings["max_sequence_length"]},
+                  "max_sequence_length": settings["max_sequence_length"],
+                  "dtype": str(pipe.dtype).replace("torch.", "")},
         reference={"seconds": ref_seconds, "components": {
             n: _component_info(m, m is own[n], ref_ran[n]) for n, m in runs["reference"].items()}},
         candidate={"seconds": cand_seconds, "components": {

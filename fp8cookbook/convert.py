@@ -146,6 +146,25 @@ def peak_rss_mb() -> float:
         return 0.0
 
 
+def base_from_quantize_report(export_dir: str | Path) -> Path | None:
+    """The BF16 transformer `fp8cookbook quantize` recorded for this export (QUANTIZE_DIR/quantize.json, key
+    paths.NAME.base), so that re-converting an export with other --keep-bf16 rules needs no path hunting; None when
+    the export did not come from `quantize`."""
+    import json
+
+    export_dir = Path(export_dir).resolve()
+    report = export_dir.parent.parent / "quantize.json"
+    try:
+        paths = json.loads(report.read_text())["paths"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for entry in paths.values() if isinstance(paths, dict) else ():
+        if isinstance(entry, dict) and entry.get("export") and entry.get("base") \
+                and (report.parent / entry["export"]).resolve() == export_dir:
+            return (report.parent / entry["base"]).resolve()  # relative entries are relative to quantize.json
+    return None
+
+
 def convert_checkpoint(
     export_dir: str | Path,
     output_dir: str | Path,

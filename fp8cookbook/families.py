@@ -57,6 +57,10 @@ class Family:
     text_len: int = 512
     sglang_aliases: Callable[[str], list[str]] = field(default=lambda name: [])
     sglang_extra_flags: tuple[str, ...] = ()
+    # Offload flags SGLang's own FP8 examples use so the model fits one 80 GB GPU (DiT offload is always off for FP8).
+    sglang_memory_flags: tuple[str, ...] = ()
+    serve_notes: tuple[str, ...] = ()  # what a user must know before serving this family's FP8 checkpoint
+    size_multiple: int = 16  # height and width must be multiples of this (VAE downsampling x patch size)
 
     @property
     def is_video(self) -> bool:
@@ -232,6 +236,7 @@ register(Family(
 
 register(Family(
     name="flux2",
+    sglang_memory_flags=("--text-encoder-cpu-offload true", "--vae-cpu-offload true"),  # 24B Mistral text encoder
     title="FLUX.2-dev",
     class_name="Flux2Transformer2DModel",
     pipeline_class="Flux2Pipeline",
@@ -273,10 +278,14 @@ register(Family(
     boundary_ratio=0.875,
     height=480, width=832, num_frames=81, num_steps=40, guidance_scale=4.0,
     sglang_extra_flags=("--num-gpus 4", "--ulysses-degree 4"),
+    sglang_memory_flags=("--text-encoder-cpu-offload true",),  # UMT5-XXL beside two 14B experts
 ))
 
 register(Family(
     name="wan22-ti2v-5b",
+    size_multiple=32,  # VAE /16, then 2x2 patches
+    serve_notes=("TI2V-5B FP8 is not in SGLang's validated ModelOpt matrix (FLUX.1, FLUX.2, Wan2.2-T2V-A14B): check "
+                 "the served output against this notebook's comparison",),
     title="Wan2.2 TI2V-5B",
     class_name="WanTransformer3DModel",
     pipeline_class="WanPipeline",

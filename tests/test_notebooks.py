@@ -1,9 +1,10 @@
 """The cookbook notebooks and `fp8cookbook run`.
 
 nbval (`pytest --nbval-lax tests notebooks`) executes every notebook on its defaults; these tests check what nbval
-cannot: each .py/.ipynb pair says the same, the .ipynb files carry no outputs, every notebook has the template's
-shape and the parameters papermill needs, and `fp8cookbook run` works end to end with `-p` overrides (read back
-from report.json, the notebook's results recorded by name).
+cannot: each .ipynb is what notebooks/template.py generates, the .ipynb files carry no outputs, every notebook has
+the template's shape and the parameters papermill needs, bad parameters stop a run before any work, and
+`fp8cookbook run` works end to end with `-p` overrides (read back from report.json, the notebook's results recorded
+by name, every file with the id of the run that wrote it).
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ papermill = pytest.importorskip("papermill")
 nbformat = pytest.importorskip("nbformat")
 
 from fp8cookbook import notebook as nb  # noqa: E402
+from fp8cookbook import template  # noqa: E402
 from fp8cookbook.checkpoint import inspect_checkpoint  # noqa: E402
 from fp8cookbook.cli import main  # noqa: E402
 from fp8cookbook.errors import Fp8CookbookError  # noqa: E402
+from fp8cookbook.params import as_prompts  # noqa: E402
+from fp8cookbook.report import REPORT_SCHEMA  # noqa: E402
+from fp8cookbook.serve import sglang_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ["flux1", "flux2", "wan22"]
@@ -36,21 +41,33 @@ def _cells(notebook) -> list[tuple[str, str, tuple[str, ...]]]:
 
 
 # ------------------------------------------------------------------------------------------ the notebook files
-def test_jupytext_pairing_config():
-    config = (ROOT / "notebooks" / "jupytext.toml").read_text()
-    assert re.search(r'^formats\s*=\s*"ipynb,py:percent"', config, re.M), config
+def test_notebooks_are_generated_from_the_template():
+    """One template, no per-notebook copies: every .ipynb is what `python -m fp8cookbook.template` writes (fix a
+    failure by editing notebooks/template.py and running that), and notebooks/ holds no other source."""
+    assert template.main(["--check"]) == 0, "a notebook differs from the template: run python -m fp8cookbook.template"
+    assert sorted(p.name for p in (ROOT / "notebooks").glob("*.py")) == ["template.py"]
+    assert sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb")) == sorted(template.NOTEBOOKS) == NOTEBOOKS
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_pair_in_sync(name):
-    """The .py (reviewed, edited) and the .ipynb (executed) hold the same cells; fix with `jupytext --sync`."""
-    py = jupytext.read(ROOT / "notebooks" / f"{name}.py")
-    ipynb = jupytext.read(ROOT / "notebooks" / f"{name}.ipynb")
-    a, b = _cells(py), _cells(ipynb)
-    assert len(a) == len(b), f"{name}: {len(a)} cells in .py, {len(b)} in .ipynb: run `jupytext --sync notebooks/{name}.py`"
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert x == y, f"{name}: cell {i} differs between .py and .ipynb: run `jupytext --sync notebooks/{name}.py`"
-    assert ipynb.metadata["kernelspec"]["name"] == "python3"
+def test_template_check_sees_a_hand_edit(tmp_path):
+    for f in ["template.py"] + [f"{n}.ipynb" for n in NOTEBOOKS]:
+        (tmp_path / f).write_text((ROOT / "notebooks" / f).read_text())
+    edited = tmp_path / "flux2.ipynb"
+    edited.write_text(edited.read_text().replace("FLUX.2-dev in FP8", "FLUX.2-dev in FP4"))
+    assert template.main(["--check", "--folder", str(tmp_path)]) == 1
+    assert edited.read_text().count("FP4") == 1  # --check writes nothing
+    assert template.main(["--folder", str(tmp_path)]) == 0 and "FP4" not in edited.read_text()
+    assert template.main(["--check", "--folder", str(tmp_path)]) == 0
+
+
+def test_template_render_blocks_and_variables():
+    spec = template.NOTEBOOKS["wan22"]
+    text = "# %%\nall {{family}}\n#@ flux1 flux2\nflux only\n#@ wan22\nwan only\n#@ end\nall again\n"
+    assert template.render(text, spec, {"family": "wan22-a14b"}) == "# %%\nall wan22-a14b\nwan only\nall again\n"
+    with pytest.raises(ValueError, match="unknown variable {{nope}}"):
+        template.render("# %%\n{{nope}}\n", spec, {})
+    with pytest.raises(ValueError, match="notebook names"):
+        template.render("# %%\n#@ flux3\n", spec, {})
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -64,7 +81,7 @@ def test_ipynb_committed_without_outputs(name):
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_template_shape(name):
     """Title and intent, imports, the parameters cell, numbered sections, results, and the serve command last."""
-    cells = jupytext.read(ROOT / "notebooks" / f"{name}.py").cells
+    cells = jupytext.read(ROOT / "notebooks" / f"{name}.ipynb").cells
     assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# "), f"{name}: no title first"
     assert len(cells[0].source.split("\n\n")) >= 2, f"{name}: the title cell needs a paragraph of intent"
     assert cells[1].cell_type == "code" and "import" in cells[1].source, f"{name}: imports come second"
@@ -107,12 +124,13 @@ def test_parse_value_bad_list():
         nb.parse_value('["unclosed"')
 
 
-def test_find_notebook():
+def test_find_notebook(tmp_path):
     path, preset = nb.find_notebook("flux1")
     assert path == ROOT / "notebooks" / "flux1.ipynb" and preset == {}
     path, preset = nb.find_notebook("wan22-ti2v-5b")
     assert path.name == "wan22.ipynb" and preset == {"family": "wan22-ti2v-5b", "output_dir": "outputs/wan22-ti2v-5b"}
-    assert nb.find_notebook(str(ROOT / "notebooks" / "flux2.py"))[0].name == "flux2.py"
+    (tmp_path / "flux2.py").write_text(_SMALL)
+    assert nb.find_notebook(str(tmp_path / "flux2.py"))[0].name == "flux2.py"
     with pytest.raises(Fp8CookbookError, match="known: flux1, flux2, wan22"):
         nb.find_notebook("flux3")
     with pytest.raises(Fp8CookbookError, match="no such notebook file"):
@@ -138,33 +156,33 @@ def test_help_notebook(capsys):
 
 
 def test_sglang_command_per_family():
-    flux1 = nb.sglang_command("flux1", "black-forest-labs/FLUX.1-dev", {"transformer": "out/fp8/transformer"},
-                              prompt="a red house", height=1024, width=1024, steps=28, guidance_scale=3.5, seed=0)
+    flux1 = sglang_command("flux1", "black-forest-labs/FLUX.1-dev", {"transformer": "out/fp8/transformer"},
+                           prompt="a red house", height=1024, width=1024, steps=28, guidance_scale=3.5, seed=0)
     assert flux1.startswith("sglang generate --model-path black-forest-labs/FLUX.1-dev")
     assert "--transformer-path out/fp8/transformer" in flux1 and "--transformer-2-path" not in flux1
     assert "--dit-cpu-offload false --dit-layerwise-offload false" in flux1
     assert "--prompt 'a red house'" in flux1 and "--num-frames" not in flux1 and "--num-gpus" not in flux1
-    a14b = nb.sglang_command("wan22", "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
-                             {"transformer": "w/transformer", "transformer_2": "w/transformer_2"},
-                             prompt="a fox", height=480, width=832, num_frames=81, steps=40)
+    a14b = sglang_command("wan22", "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+                          {"transformer": "w/transformer", "transformer_2": "w/transformer_2"},
+                          prompt="a fox", height=480, width=832, num_frames=81, steps=40)
     for flag in ("--transformer-path w/transformer", "--transformer-2-path w/transformer_2", "--num-gpus 4",
                  "--ulysses-degree 4", "--dit-cpu-offload false --dit-layerwise-offload false", "--num-frames 81"):
         assert flag in a14b, (flag, a14b)
-    five = nb.sglang_command("wan22-ti2v-5b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", {"transformer": "t"}, prompt="x")
+    five = sglang_command("wan22-ti2v-5b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", {"transformer": "t"}, prompt="x")
     assert "--num-gpus" not in five and "--transformer-2-path" not in five
-    assert "--text-encoder-cpu-offload true" in nb.sglang_command("flux2", "m", {"transformer": "t"}, prompt="x")
+    assert "--text-encoder-cpu-offload true" in sglang_command("flux2", "m", {"transformer": "t"}, prompt="x")
     with pytest.raises(Fp8CookbookError, match="transformer, transformer_2"):
-        nb.sglang_command("wan22", "m", {"transformer_3": "t"}, prompt="x")
+        sglang_command("wan22", "m", {"transformer_3": "t"}, prompt="x")
 
 
 def test_as_prompts(tmp_path):
-    assert nb.as_prompts("a cat") == ["a cat"]
-    assert nb.as_prompts(["a", "b"]) == ["a", "b"]
-    assert nb.as_prompts(None, optional=True) is None
+    assert as_prompts("a cat") == ["a cat"]
+    assert as_prompts(["a", "b"]) == ["a", "b"]
+    assert as_prompts(None, optional=True) is None
     (tmp_path / "p.txt").write_text("# mine\na cat\n\na dog\n")
-    assert nb.as_prompts(str(tmp_path / "p.txt"), files=True) == ["a cat", "a dog"]
+    assert as_prompts(str(tmp_path / "p.txt"), files=True) == ["a cat", "a dog"]
     with pytest.raises(Fp8CookbookError, match="non-empty"):
-        nb.as_prompts([])
+        as_prompts([])
 
 
 # ------------------------------------------------------------------------------------- `run`, end to end
@@ -211,7 +229,7 @@ def test_run_flux1_with_overrides(tmp_path, capsys):
                  "--quiet"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out_dir / "report.json").read_text())
-    assert report["schema"] == nb.REPORT_SCHEMA and report["passed"] is True, report["failures"]
+    assert report["schema"] == REPORT_SCHEMA and report["passed"] is True, report["failures"]
     assert report["settings"]["seed"] == 3 and report["quantize"]["calibration"]["seed"] == 3
     assert [c["settings"]["seed"] for c in report["compare"]["prompts"]] == [3]
     assert report["settings"]["keep_bf16"] == ["^single_transformer_blocks\\."]
@@ -234,11 +252,28 @@ def test_run_flux1_with_overrides(tmp_path, capsys):
     assert len(images) >= 3  # step metrics, decoded images, the static steps strip
     assert (out_dir / "compare" / "prompt0" / "steps.png").is_file() and (out_dir / "bench.json").is_file()
 
+    # the CLI twin of section 6, on its defaults, gives the notebook's numbers (float32 on CPU, the same prompt)
+    assert report["settings"]["dtype"] == "torch.float32"
+    cli = tmp_path / "cli compare"
+    rc = main(["compare", "--family", "flux1", "--candidate", str(checkpoint), "--seed", "3", "--output-dir", str(cli),
+               "--quiet"])
+    capsys.readouterr()
+    twin = json.loads((cli / "compare.json").read_text())
+    mine = report["compare"]["prompts"][0]
+    assert rc == 0 and twin["settings"]["dtype"] == "float32" and mine["settings"]["dtype"] == "float32"
+    assert twin["settings"]["prompt"] == mine["prompt"]
+    assert twin["thresholds"] == report["compare"]["thresholds"]  # the CLI's default bounds are the notebook's
+    assert twin["final_latents"]["cosine"] == pytest.approx(mine["final_latents"]["cosine"], abs=1e-9)
+    assert twin["decoded"]["frame_sets"]["all"]["psnr"] == pytest.approx(mine["psnr"], abs=1e-6)
+
 
 def test_run_wan22_ti2v_5b(tmp_path, capsys):
     """TI2V-5B through the wan22 notebook, chosen by name (the `family` parameter), without the benchmark, with the
     FP8-attention opt-in: --quantize-mha calibration, scale side file, FP8 attention in the compared model."""
     out_dir = tmp_path / "w"
+    (out_dir / "compare" / "prompt7").mkdir(parents=True)  # an earlier run's outputs: none may survive this one
+    (out_dir / "bench.json").write_text('{"speedup": 9.9}')
+    (out_dir / "compare" / "prompt7" / "compare.json").write_text("{}")
     assert main(["run", "wan22-ti2v-5b", "-p", "output_dir", str(out_dir), "-p", "run_bench", "False",
                  "-p", "fp8_attention", "True", "--quiet"]) == 0
     report = json.loads((out_dir / "report.json").read_text())
@@ -247,9 +282,40 @@ def test_run_wan22_ti2v_5b(tmp_path, capsys):
     assert report["load"]["components"]["transformer"]["fp8_attention_layers"] > 0
     assert (Path(report["checkpoint"]["transformer"]) / "fp8cookbook_attention_scales.json").is_file()
     assert list(report["checkpoint"]) == ["transformer"] and "--num-frames 5" in report["serve"]
+    assert not (out_dir / "bench.json").exists() and not (out_dir / "compare" / "prompt7").exists()
+    on_disk = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())
+    assert sorted(report["files"]) == on_disk and set(report["files"].values()) == {report["run_id"]}
+    assert "checkpoint/fp8/transformer/config.json" in report["files"] and "wan22.ipynb" in report["files"]
     capsys.readouterr()
 
 
 def test_outputs_folder_is_ignored():
     """nbval runs the notebooks inside notebooks/, whose default output_dir is outputs/NAME there."""
     assert "outputs/" in (ROOT / "notebooks" / ".gitignore").read_text().split()
+
+
+# ------------------------------------------------------------------------------------------------ Jupyter
+def test_notebooks_extra_has_a_front_end_and_nbconvert():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["notebooks"]
+    names = {re.split(r"[<>=\[ ]", r, maxsplit=1)[0].lower() for r in extra}
+    assert {"jupyterlab", "nbconvert", "ipykernel"} <= names, names
+    readme = (ROOT / "README.md").read_text()
+    assert "jupyter lab notebooks/" in readme and "jupyter nbconvert" in readme, "README must say how to open them"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_opens_in_jupyter_and_converts(name, tmp_path):
+    """What the front end does on opening (the Jupyter server's contents manager, which validates the notebook),
+    and what nbconvert does to export it (script and HTML)."""
+    pytest.importorskip("jupyterlab")
+    from jupyter_server.services.contents.filemanager import FileContentsManager
+    from nbconvert import HTMLExporter, PythonExporter
+
+    model = FileContentsManager(root_dir=str(ROOT / "notebooks")).get(f"{name}.ipynb")
+    assert model["type"] == "notebook" and model["format"] == "json" and not model.get("message"), model.get("message")
+    notebook = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    script, _ = PythonExporter().from_notebook_node(notebook)
+    assert f'workflow.start("{name}", globals())' in script and "workflow.results(run)" in script
+    html, _ = HTMLExporter().from_notebook_node(notebook)
+    assert "in FP8" in html and "<html" in html

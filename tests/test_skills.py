@@ -123,16 +123,75 @@ def test_gpu_commands(path):
     pytest.skip(f"{sum(len(commands(b)) for b in gpu)} GPU-only command(s): need real checkpoints and a CUDA GPU with FP8")
 
 
-@pytest.mark.parametrize("path", SKILLS, ids=_id)
-def test_skill_commands_run(path, tmp_path):
-    """The CPU blocks of one skill, in order, as one bash script in an empty folder."""
-    cpu = [body for info, body in blocks(path) if "gpu" not in info.split()]
-    script = "set -euo pipefail\n" + "\n".join(cpu)
+def _prose_after(path: Path) -> list[str]:
+    """For every CPU block of a skill, the text that follows it up to the next block: where it says what it prints."""
+    text = path.read_text()
+    fences = [m for m in FENCE.finditer(text)]
+    out = []
+    for i, m in enumerate(fences):
+        info = m.group("info").strip().split()
+        if info and info[0] in ("bash", "sh", "shell") and "gpu" not in info[1:]:
+            end = fences[i + 1].start() if i + 1 < len(fences) else len(text)
+            out.append(text[m.end():end])
+    return out
+
+
+WORK_PATH = re.compile(r"(?<![\w/.-])work/[A-Za-z0-9_./-]*[A-Za-z0-9_]")
+
+
+@pytest.fixture(scope="module")
+def skills_run(tmp_path_factory) -> tuple[Path, dict[tuple[str, int], str]]:
+    """Every skill's CPU blocks, the skills one after the other (SKILL.md first), as ONE bash script in ONE work
+    folder, the way an agent runs them in one shell; returns the folder and each block's output (stdout+stderr)."""
+    folder = tmp_path_factory.mktemp("skills")
+    parts = ["set -euo pipefail", "exec 2>&1"]
+    for path in SKILLS:
+        for i, (info, body) in enumerate(b for b in blocks(path) if "gpu" not in b[0].split()):
+            parts += [f"echo '@@block {_id(path)} {i}@@'", body]
+    script = "\n".join(parts) + "\necho '@@end@@'\n"
     env = dict(os.environ)
     bindir = str(Path(sys.executable).parent)  # `fp8cookbook` and `python` of this environment come first
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env.setdefault("MPLBACKEND", "Agg")
     env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: a thread pool costs more than the arithmetic (CI time)
-    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (f"{_id(path)}: a command failed (exit {proc.returncode})\n--- script\n{script}\n"
-                                  f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    proc = subprocess.run(["bash", "-c", script], cwd=folder, env=env, capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, (f"a skill command failed (exit {proc.returncode}) when the skills run one after "
+                                  f"the other in one folder\n--- script\n{script}\n--- output\n{proc.stdout[-8000:]}")
+    outputs: dict[tuple[str, int], str] = {}
+    for m in re.finditer(r"^@@block (\S+) (\d+)@@\n(.*?)(?=^@@)", proc.stdout, re.M | re.S):
+        outputs[(m.group(1), int(m.group(2)))] = m.group(3)
+    return folder, outputs
+
+
+def test_skills_run_in_sequence_in_one_work_folder(skills_run):
+    """Each skill works after the others in the same shell and folder (e.g. no "work/q: already exists")."""
+    _, outputs = skills_run
+    expected = {(_id(p), i) for p in SKILLS for i, _ in enumerate(b for b in blocks(p) if "gpu" not in b[0].split())}
+    assert set(outputs) == expected
+
+
+@pytest.mark.parametrize("path", SKILLS, ids=_id)
+def test_sample_output_matches_what_runs(path, skills_run):
+    """Counts a skill shows as sample output (`13/13 FP8 layers ran`) are what its command prints."""
+    _, outputs = skills_run
+    for i, prose in enumerate(_prose_after(path)):
+        for span in re.findall(r"`([^`]+)`", prose):
+            for count in re.findall(r"\b\d+/\d+\b", span):
+                assert count in outputs[(_id(path), i)], (f"{_id(path)}: block {i + 1} says `{span}` but prints\n"
+                                                          f"{outputs[(_id(path), i)][-3000:]}")
+
+
+@pytest.mark.parametrize("path", SKILLS, ids=_id)
+def test_work_paths_are_what_the_commands_write(path, skills_run):
+    """Every work/... path a skill names (outside GPU blocks) exists after the skills ran."""
+    folder, _ = skills_run
+    text = path.read_text()
+    for m in FENCE.finditer(text):  # GPU blocks name real-model folders elsewhere
+        if "gpu" in m.group("info").split():
+            text = text.replace(m.group(0), "")
+    missing = sorted({p for p in WORK_PATH.findall(text) if not (folder / p).exists()})
+    assert not missing, f"{_id(path)} names paths the commands never write: {missing}"
+
+
+def test_work_folder_is_git_ignored():
+    assert "work/" in (ROOT / ".gitignore").read_text().split()
