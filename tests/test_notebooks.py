@@ -221,6 +221,35 @@ def test_run_a_jupytext_file(tmp_path, monkeypatch, capsys):
     assert "stopped in cell" in err and "ValueError: asked to fail" in err and err.count("\n") <= 2, err
 
 
+DOCS = [ROOT / "README.md", ROOT / "SKILL.md", *sorted((ROOT / "skills").glob("*/SKILL.md"))]
+
+
+def _check_documented_output_paths(flux1_out: Path) -> None:
+    """Every outputs/... path in the README and the skills is a folder `fp8cookbook run` writes, and what it names
+    inside is in a real run's output (`flux1_out`; another notebook's executed copy and Wan2.2 A14B's second expert
+    are checked by name)."""
+    from fp8cookbook.families import get_family
+
+    folders = {spec.output_dir: spec.families[0] for spec in template.NOTEBOOKS.values()}
+    folders.update({preset["output_dir"]: preset["family"] for _, preset in nb.NOTEBOOK_ALIASES.values()})
+    found = 0
+    for doc in DOCS:
+        for path in re.findall(r"(?<![\w/.-])outputs/[A-Za-z0-9_./-]*[A-Za-z0-9_/]", doc.read_text()):
+            found += 1
+            parts = path.rstrip("/").split("/")
+            folder, rest = "/".join(parts[:2]), parts[2:]
+            assert folder in folders, f"{doc.name}: {path}: `fp8cookbook run` writes no folder {folder}"
+            family = get_family(folders[folder])
+            notebook = next(n for n, spec in template.NOTEBOOKS.items() if family.name in spec.families)
+            if rest == [f"{notebook}.ipynb"]:
+                rest = ["flux1.ipynb"]
+            if "transformer_2" in rest:
+                assert "transformer_2" in family.experts, f"{doc.name}: {path}: {family.title} has one transformer"
+                rest = ["transformer" if r == "transformer_2" else r for r in rest]
+            assert (flux1_out.joinpath(*rest)).exists(), f"{doc.name}: {path}: a run writes no {'/'.join(rest)}"
+    assert found >= 5
+
+
 def test_run_flux1_with_overrides(tmp_path, capsys):
     """README's main command with papermill overrides: seed and keep_bf16 reach every step; output_dir holds all."""
     out_dir = tmp_path / "flux1 run"
@@ -251,6 +280,8 @@ def test_run_flux1_with_overrides(tmp_path, capsys):
     images = [o for c in executed.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 3  # step metrics, decoded images, the static steps strip
     assert (out_dir / "compare" / "prompt0" / "steps.png").is_file() and (out_dir / "bench.json").is_file()
+
+    _check_documented_output_paths(out_dir)
 
     # the CLI twin of section 6, on its defaults, gives the notebook's numbers (float32 on CPU, the same prompt)
     assert report["settings"]["dtype"] == "torch.float32"
