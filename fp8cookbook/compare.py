@@ -420,8 +420,7 @@ def compare_trajectories(
         settings={"prompt": prompt, "seed": seed, "height": settings["height"], "width": settings["width"],
                   "num_frames": settings.get("num_frames"), "steps": settings["num_inference_steps"],
                   "guidance_scale": settings["guidance_scale"],
-                  "max_sequence_length": settings["max_sequence_length"],
-                  "dtype": str(pipe.dtype).replace("torch.", "")},
+                  "max_sequence_length": settings["max_sequence_length"]},
         reference={"seconds": ref_seconds, "components": {
             n: _component_info(m, m is own[n], ref_ran[n]) for n, m in runs["reference"].items()}},
         candidate={"seconds": cand_seconds, "components": {
@@ -440,7 +439,8 @@ def _environment(pipe) -> dict[str, Any]:
     from .bench import environment
 
     device = pipe._execution_device
-    return {"device": str(device), **environment(device)}
+    # dtype: what the pipeline ran in (notebooks and CLI: float32 on CPU, bfloat16 on CUDA unless asked otherwise)
+    return {"device": str(device), "dtype": str(pipe.dtype).replace("torch.", ""), **environment(device)}
 
 
 # ------------------------------------------------------------------------------------------ loading, output

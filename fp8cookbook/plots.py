@@ -38,10 +38,9 @@ def _values(steps: list[dict[str, Any]], metric: str) -> list[float]:
 def side_names(report: "CompareReport | dict[str, Any]") -> tuple[str, str]:
     """(candidate, reference) as a user names them: "FP8" and "BF16" when the candidate has FP8 layers and the
     reference none (every cookbook comparison), else the neutral "candidate" and "reference"."""
-    data = _as_dict(report)
-
     def fp8(side: str) -> int:
-        return sum(c.get("fp8_layers", 0) for c in (data.get(side) or {}).get("components", {}).values())
+        info = report.get(side) if isinstance(report, dict) else getattr(report, side, None)
+        return sum(c.get("fp8_layers", 0) for c in (info or {}).get("components", {}).values())
 
     return ("FP8", "BF16") if fp8("candidate") and not fp8("reference") else ("candidate", "reference")
 
@@ -119,10 +118,10 @@ def plot_images(report: "CompareReport") -> "Figure":
     frames of a video, or for the one image."""
     from matplotlib.figure import Figure
 
-    cand_name, ref_name = side_names(report)
     ref, cand = report.reference_frames, report.candidate_frames
     if ref is None or cand is None:
         raise ValueError("the report holds no frames (a report read back from JSON has none)")
+    cand_name, ref_name = side_names(report)
     sets = report.decoded["frame_sets"]
     rows = [(name, sets[name]["frames"][0]) for name in ("first", "middle")]
     rows = rows[:1] if rows[0][1] == rows[1][1] else rows  # an image: one row

@@ -121,7 +121,7 @@ class NotebookReport:
         sets = d["decoded"]["frame_sets"]
         ran = {n: (c["fp8_layers_ran"], c["fp8_layers"]) for n, c in d["candidate"]["components"].items()}
         self.data["compare"]["prompts"].append({
-            "prompt": d["settings"]["prompt"], "settings": d["settings"],
+            "prompt": d["settings"]["prompt"], "settings": d["settings"], "dtype": d["environment"].get("dtype"),
             "final_latents": d["final_latents"],
             "min_step_cosine": min(s["latents"]["cosine"] for s in d["steps"]),
             "psnr": sets["all"]["psnr"], "ssim": sets["all"]["ssim"],

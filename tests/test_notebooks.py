@@ -291,7 +291,7 @@ def test_run_flux1_with_overrides(tmp_path, capsys):
     capsys.readouterr()
     twin = json.loads((cli / "compare.json").read_text())
     mine = report["compare"]["prompts"][0]
-    assert rc == 0 and twin["settings"]["dtype"] == "float32" and mine["settings"]["dtype"] == "float32"
+    assert rc == 0 and twin["environment"]["dtype"] == mine["dtype"] == "float32"
     assert twin["settings"]["prompt"] == mine["prompt"]
     assert twin["thresholds"] == report["compare"]["thresholds"]  # the CLI's default bounds are the notebook's
     assert twin["final_latents"]["cosine"] == pytest.approx(mine["final_latents"]["cosine"], abs=1e-9)
