@@ -503,7 +503,9 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
         description=textwrap.fill("Execute a cookbook notebook with papermill: quantize, convert, inspect, load with offload "
                     "disabled, compare BF16 and FP8 trajectories, time denoising, write report.json and print the "
                     "`sglang generate` command. The executed notebook, report.json and the FP8 checkpoint go to the "
-                    "notebook's output_dir (default outputs/NAME under the current directory). Without "
+                    "notebook's output_dir (default outputs/NAME under the current directory, one folder per family "
+                    "variant), after the outputs of an earlier run there are removed; report.json lists every file "
+                    "with the run's id. Every -p value is checked before the notebook starts. Without "
                     "-p model_path the tiny offline pipeline runs on the CPU in about a minute. Exits 1 when a "
                     "threshold was missed.", 100),
         epilog="examples:\n"

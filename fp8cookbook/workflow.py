@@ -384,7 +384,7 @@ def bench(run: NotebookRun) -> None:
 
 
 def results(run: NotebookRun):
-    """8. The serve command, the notes, report.json written; returns the results table (a cell's last expression)."""
+    """8. The serve command and the notes recorded, the results table displayed, report.json written."""
     from IPython.display import display
 
     from .serve import sglang_command
