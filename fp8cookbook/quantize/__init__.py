@@ -25,11 +25,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .checkpoint import STATS_NAME, scan_tensors, write_json_atomic
-from .convert import ConvertStats, convert_checkpoint, peak_rss_mb
-from .errors import Fp8CookbookError
-from .families import Family, build_transformer, get_family
-from .pipelines import default_tiny_settings, generation_kwargs, transformer_names
+from ..checkpoint import STATS_NAME, scan_tensors, write_json_atomic
+from ..convert import ConvertStats, convert_checkpoint, peak_rss_mb
+from ..errors import Fp8CookbookError
+from ..families import Family, build_transformer, get_family
+from ..pipelines import default_tiny_settings, generation_kwargs, transformer_names
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ _INSTALL_HINT = "pip install 'fp8cookbook[modelopt]'"
 TINY_CALIB = dict(height=64, width=64, num_frames=5, text_len=8)
 
 
-def _modelopt() -> tuple[Any, Any]:
+def require_modelopt() -> tuple[Any, Any]:
     """Import ModelOpt's quantization and opt packages, or say how to install them."""
     try:
         import modelopt.torch.opt as mto
@@ -126,7 +126,7 @@ def quantize_transformer(model: nn.Module, family: Family | str, forward_loop: F
     The sensitive layers are disabled by config entries, before calibration, so they get no amax at all and the
     state file records why they are BF16. The model is changed in place and returned.
     """
-    mtq, _ = _modelopt()
+    mtq, _ = require_modelopt()
     family = get_family(family) if isinstance(family, str) else family
     cfg = dict(config or fp8_diffusion_quant_cfg(quantize_mha))
     if not isinstance(cfg.get("quant_cfg"), list):
@@ -150,7 +150,7 @@ def quantize_transformer(model: nn.Module, family: Family | str, forward_loop: F
 
 def save_modelopt_state(model: nn.Module, path: str | Path) -> Path:
     """`mto.save`: the amaxes (`M.*_quantizer._amax`, model dtype) plus a full copy of the weights."""
-    _, mto = _modelopt()
+    _, mto = require_modelopt()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _quiet():
@@ -185,7 +185,7 @@ def export_transformer(model: nn.Module, export_dir: str | Path, dtype: torch.dt
     state file first. `exact_weights` makes the FP8 codes those of ModelOpt's fake quant (see
     `_round_weights_to_fake_quant`); False keeps ModelOpt's own rounding.
     """
-    _modelopt()
+    require_modelopt()
     from modelopt.torch.export import export_hf_checkpoint
 
     check_amaxes(model)  # ModelOpt's own failure on a missing amax is far less helpful
@@ -205,7 +205,7 @@ def load_fake_quant(base_dir: str | Path, state_path: str | Path, dtype: torch.d
     Built like `build_transformer` (plain `.to(dtype)`, no fp32-kept modules), so its forward matches the
     model that was calibrated; all weights and amaxes come from the state file.
     """
-    _, mto = _modelopt()
+    _, mto = require_modelopt()
     import diffusers
 
     config = json.loads((Path(base_dir) / "config.json").read_text())
@@ -297,7 +297,7 @@ def make_tiny_export(family_name: str, out_dir: str | Path, *, seed: int = 0, qu
 
 
 # ------------------------------------------------------------------------------- whole-pipeline quantization
-PROMPTS_FILE = Path(__file__).parent / "data" / "calibration_prompts.txt"
+PROMPTS_FILE = Path(__file__).parent.parent / "data" / "calibration_prompts.txt"
 
 # Calibration defaults for real checkpoints (tiny pipelines use `default_tiny_settings`). ModelOpt's example
 # suggests 128-256 prompts at 20 steps for images; video prompts cost ~100x more each, so fewer.
@@ -486,7 +486,7 @@ def _calibrate_together(pipe, family: Family, names: list[str], prompts: list[st
     """
     from tqdm.auto import tqdm
 
-    mtq, _ = _modelopt()
+    mtq, _ = require_modelopt()
     calls = {n: 0 for n in names}
     timesteps: dict[str, set[float]] = {n: set() for n in names}
     user_stdout = sys.stdout
@@ -600,7 +600,7 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
     """
     t0 = time.perf_counter()
     family = get_family(family) if isinstance(family, str) else family
-    _modelopt()
+    require_modelopt()
     names = transformer_names(pipe)
     if names != list(family.experts):
         raise Fp8CookbookError(f"the pipeline has transformers {names}, but {family.title} has {list(family.experts)}")
@@ -698,7 +698,7 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
 def _summary(result: QuantizeResult) -> dict[str, Any]:
     import modelopt
 
-    from . import __version__
+    from .. import __version__
 
     def rel(p: Path) -> str:
         return str(p.relative_to(result.output_dir)) if p.is_relative_to(result.output_dir) else str(p)
