@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..checkpoint import scales_from_amax
 from ..errors import Fp8CookbookError
 from ..families import Family
 
@@ -105,21 +104,6 @@ def schedule(family: Family, steps: int) -> list[Step]:
         expert = family.experts[0] if not two or t >= family.boundary_ratio * 1000 else family.experts[1]
         out.append(Step(i, sig[i], sig[i + 1], t, expert))
     return out
-
-
-@torch.no_grad()
-def attention_scales(model: nn.Module, family: Family, amax: dict[str, dict[str, torch.Tensor]], *,
-                     include_fallback: bool = False) -> dict[str, tuple[float, float, float]]:
-    """Q/K/V scales from `record_attention_amax` for the modules a `--quantize-mha` checkpoint has them for.
-
-    ModelOpt disables the attention quantizers of the blocks the family keeps in BF16 (Wan2.2's edge blocks), so
-    those keep BF16 attention; `include_fallback` gives them FP8 attention too. A non-finite amax (random weights can
-    overflow) becomes 1, as for the linear layers.
-    """
-    config = dict(model.config)
-    return scales_from_amax(
-        {n: {k: (v if bool(torch.isfinite(v)) else torch.ones_like(v)) for k, v in a.items()}
-         for n, a in amax.items() if include_fallback or not family.skip_in_calibration(n, config)})
 
 
 def set_attention_backend(model: nn.Module, backend: str | None) -> None:

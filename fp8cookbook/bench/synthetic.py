@@ -18,8 +18,8 @@ from ..fp8.fastpath import CudaGraphForward, set_model_fast_path
 from ..fp8.fusion import fuse_fp8_projections
 from ..fp8.linear import FastPathConfig, count_fp8_calls, fp8_modules
 from ..fp8.numerics import triton_available
-from ..fp8.quantize import StaticFP8Config, fp8_candidates, quantize_, record_input_amax
-from .measure import (Step, Timer, attention_scales, compile_model, gb, model_bytes, schedule, set_attention_backend,
+from ..fp8.quantize import StaticFP8Config, attention_scales, fp8_candidates, quantize_, record_input_amax
+from .measure import (Step, Timer, compile_model, gb, model_bytes, schedule, set_attention_backend,
                       stats, sync, uncompile)
 from .report import finish, report_head
 from .settings import BenchSettings, Side, attention_mode_of, plan_sides

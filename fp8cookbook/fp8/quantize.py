@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 from torch import nn
 
+from ..checkpoint import scales_from_amax
 from .linear import FP8Linear, swap_linears
 
 if TYPE_CHECKING:
     from ..families import Family
 
-__all__ = ["StaticFP8Config", "fp8_filter", "fp8_candidates", "record_input_amax", "quantize_"]
+__all__ = ["StaticFP8Config", "fp8_filter", "fp8_candidates", "record_input_amax", "quantize_", "attention_scales"]
 
 
 @dataclass(frozen=True)
@@ -90,3 +91,18 @@ def quantize_(model: nn.Module, config: StaticFP8Config,
         return name in amax and (filter_fn is None or filter_fn(m, name))
 
     return swap_linears(model, chosen, lambda linear, name: FP8Linear.quantize(linear, amax[name].clamp_min(config.min_amax)))
+
+
+@torch.no_grad()
+def attention_scales(model: nn.Module, family: Family, amax: dict[str, dict[str, torch.Tensor]], *,
+                     include_fallback: bool = False) -> dict[str, tuple[float, float, float]]:
+    """Q/K/V scales from `record_attention_amax` for the modules a `--quantize-mha` checkpoint has them for.
+
+    ModelOpt disables the attention quantizers of the blocks the family keeps in BF16 (Wan2.2's edge blocks), so
+    those keep BF16 attention; `include_fallback` gives them FP8 attention too. A non-finite amax (random weights can
+    overflow) becomes 1, as for the linear layers.
+    """
+    config = dict(model.config)
+    return scales_from_amax(
+        {n: {k: (v if bool(torch.isfinite(v)) else torch.ones_like(v)) for k, v in a.items()}
+         for n, a in amax.items() if include_fallback or not family.skip_in_calibration(n, config)})
