@@ -24,9 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, FP8_MAX, INDEX_NAME, INPUT_SCALE, STATS_NAME, WEIGHT_SCALE,
+from .checkpoint import (FP8_DTYPE, FP8_MAX, INDEX_NAME, INPUT_SCALE, STATS_NAME, WEIGHT_SCALE,
                          StreamingShardWriter, TensorReader, ignored, inspect_checkpoint, module_of, quant_config, read_config,
-                         read_quant_info, shard_metadata, write_json_atomic)
+                         read_quant_info, shard_metadata, write_attention_scales, write_json_atomic)
 from .errors import Fp8CookbookError
 from .families import Family, family_for_class, get_family
 from .fp8.numerics import quantize_fp8

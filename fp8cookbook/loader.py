@@ -18,7 +18,7 @@ from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_S
                          inspect_checkpoint, read_attention_scales, read_config, read_quant_info)
 from .errors import Fp8CookbookError
 from .fp8.attention_diffusers import install_fp8_attention
-from .fp8.attention_mode import AttentionMode
+from .fp8.attention_mode import MIN_KV_TOKENS, AttentionMode
 from .fp8.linear import FP8Linear, fp8_modules, swap_linears
 
 OFFLOAD_WARNING = ("{what} disabled for the FP8 transformer: offload rebuilds weights contiguously and loses the "
