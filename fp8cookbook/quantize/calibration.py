@@ -16,8 +16,8 @@ from torch import nn
 from ..errors import Fp8CookbookError
 from ..families import Family
 from ..pipelines import default_tiny_settings, generation_kwargs
-from .recipe import (_INSTALL_HINT, _missing_amaxes, _quiet, _skip_entries, fp8_diffusion_quant_cfg, require_modelopt,
-                     tensor_quantizers)
+from .recipe import (INSTALL_HINT, fp8_diffusion_quant_cfg, missing_amaxes, quiet_modelopt, require_modelopt,
+                     skip_entries, tensor_quantizers)
 
 PROMPTS_FILE = Path(__file__).parent.parent / "data" / "calibration_prompts.txt"
 
@@ -60,13 +60,13 @@ def calibration_prompts(path: str | Path | None = None, limit: int | None = None
     return prompts
 
 
-def _is_tiny(model: nn.Module, family: Family) -> bool:
+def is_tiny(model: nn.Module, family: Family) -> bool:
     """The tiny test transformer, recognised by its config (so the tiny calibration defaults apply)."""
     config = dict(model.config)
-    return all(_as_json(config.get(k)) == v for k, v in _as_json(family.tiny_config).items())
+    return all(as_json(config.get(k)) == v for k, v in as_json(family.tiny_config).items())
 
 
-def _calibration_settings(family: Family, tiny: bool, *, num_inference_steps: int | None, height: int | None,
+def calibration_settings(family: Family, tiny: bool, *, num_inference_steps: int | None, height: int | None,
                           width: int | None, num_frames: int | None, guidance_scale: float | None) -> dict[str, Any]:
     """height, width, num_frames, num_inference_steps, guidance_scale: given values over tiny or real defaults."""
     if num_frames is not None and not family.is_video:
@@ -87,7 +87,7 @@ def _calibration_settings(family: Family, tiny: bool, *, num_inference_steps: in
     return settings
 
 
-def _no_amax_message(family: Family, name: str, bad: list[str], calibration: dict[str, Any]) -> str:
+def no_amax_message(family: Family, name: str, bad: list[str], calibration: dict[str, Any]) -> str:
     shown = ", ".join(bad[:6]) + (f", ... (+{len(bad) - 6} more)" if len(bad) > 6 else "")
     head = f"{name}: {len(bad)} enabled quantizer(s) got no amax from calibration: {shown}. "
     calls = calibration["forward_calls"][name]
@@ -105,7 +105,7 @@ def _no_amax_message(family: Family, name: str, bad: list[str], calibration: dic
             "with more prompts or steps.")
 
 
-def _calibrate_together(pipe, family: Family, names: list[str], prompts: list[str], settings: dict[str, Any], *,
+def calibrate_together(pipe, family: Family, names: list[str], prompts: list[str], settings: dict[str, Any], *,
                         seed: int, quantize_mha: bool, progress: bool) -> tuple[dict[str, int], dict[str, list[float]]]:
     """Insert quantizers into every transformer, then run the pipeline once over all prompts calibrating them all.
 
@@ -151,8 +151,8 @@ def _calibrate_together(pipe, family: Family, names: list[str], prompts: list[st
             return
         model = getattr(pipe, names[i])
         cfg = fp8_diffusion_quant_cfg(quantize_mha)
-        cfg["quant_cfg"] = cfg["quant_cfg"] + _skip_entries(model, family)
-        with _quiet():
+        cfg["quant_cfg"] = cfg["quant_cfg"] + skip_entries(model, family)
+        with quiet_modelopt():
             quantized = mtq.quantize(model, cfg, lambda _m: nest(i + 1))
         if quantized is not model:
             setattr(pipe, names[i], quantized)
@@ -163,9 +163,9 @@ def _calibrate_together(pipe, family: Family, names: list[str], prompts: list[st
         for n in names:
             if not any(q.endswith("_bmm_quantizer") and m.is_enabled for q, m in tensor_quantizers(getattr(pipe, n))):
                 raise Fp8CookbookError("quantize_mha found no attention quantizers: ModelOpt's diffusers plugin did "
-                                       f"not load (it needs `onnx`); install it: {_INSTALL_HINT}")
+                                       f"not load (it needs `onnx`); install it: {INSTALL_HINT}")
     return calls, {n: sorted(ts, reverse=True) for n, ts in timesteps.items()}
 
 
-def _as_json(value: Any) -> Any:
+def as_json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=list))

@@ -13,14 +13,15 @@ from torch import nn
 
 from ..errors import Fp8CookbookError
 from ..families import Family, build_transformer, get_family
-from .recipe import TINY_CALIB, ForwardLoop, _quiet, check_amaxes, quantize_transformer, require_modelopt, tensor_quantizers
+from .recipe import (TINY_CALIB, ForwardLoop, check_amaxes, quantize_transformer, quiet_modelopt, require_modelopt,
+                     tensor_quantizers)
 
 def save_modelopt_state(model: nn.Module, path: str | Path) -> Path:
     """`mto.save`: the amaxes (`M.*_quantizer._amax`, model dtype) plus a full copy of the weights."""
     _, mto = require_modelopt()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _quiet():
+    with quiet_modelopt():
         mto.save(model, path)
     return path
 
@@ -59,7 +60,7 @@ def export_transformer(model: nn.Module, export_dir: str | Path, dtype: torch.dt
     export_dir = Path(export_dir)
     if exact_weights:
         _round_weights_to_fake_quant(model)
-    with _quiet(), torch.no_grad():
+    with quiet_modelopt(), torch.no_grad():
         export_hf_checkpoint(model, dtype=dtype, export_dir=export_dir)
     if not (export_dir / "config.json").is_file():
         raise Fp8CookbookError(f"ModelOpt wrote no config.json to {export_dir}: was a diffusers transformer passed?")
@@ -77,7 +78,7 @@ def load_fake_quant(base_dir: str | Path, state_path: str | Path, dtype: torch.d
 
     config = json.loads((Path(base_dir) / "config.json").read_text())
     cls = getattr(diffusers, config["_class_name"])
-    with _quiet():
+    with quiet_modelopt():
         model = cls.from_config(config).to(dtype).eval().requires_grad_(False)
         mto.restore(model, str(state_path))
         return model.to(dtype)
@@ -146,7 +147,7 @@ def make_tiny_export(family_name: str, out_dir: str | Path, *, seed: int = 0, qu
         raise Fp8CookbookError(f"{family.name} has experts {family.experts}, not {expert!r}")
     out_dir = Path(out_dir)
     paths = {"base": out_dir / "base", "export": out_dir / "export", "state": out_dir / f"{expert}.pt"}
-    with _quiet():
+    with quiet_modelopt():
         model = build_transformer(family, "tiny", seed=seed + family.experts.index(expert))
     model.save_pretrained(paths["base"])
     batches = tiny_calibration_inputs(family, seed=seed, expert=expert)

@@ -22,10 +22,10 @@ from ..convert import ConvertStats, convert_checkpoint, peak_rss_mb
 from ..errors import Fp8CookbookError
 from ..families import Family, get_family
 from ..pipelines import default_tiny_settings, transformer_names
-from .calibration import (DEFAULT_NUM_PROMPTS, _as_json, _calibrate_together, _calibration_settings, _is_tiny,
-                          _no_amax_message, calibration_prompts)
+from .calibration import (DEFAULT_NUM_PROMPTS, as_json, calibrate_together, calibration_settings, is_tiny,
+                          no_amax_message, calibration_prompts)
 from .export import export_transformer, save_modelopt_state
-from .recipe import _missing_amaxes, _quiet, fp8_diffusion_quant_cfg, require_modelopt, tensor_quantizers
+from .recipe import missing_amaxes, quiet_modelopt, fp8_diffusion_quant_cfg, require_modelopt, tensor_quantizers
 
 @dataclass
 class QuantizeResult:
@@ -95,7 +95,7 @@ def _save_bf16(model: nn.Module, folder: Path) -> Path:
 
     folder.mkdir(parents=True)
     floats = [t for t in model.state_dict().values() if t.is_floating_point()]
-    with _quiet():
+    with quiet_modelopt():
         if all(t.dtype == torch.bfloat16 for t in floats):
             model.save_pretrained(folder)
         else:  # e.g. a float32 pipeline on CPU: cast per tensor, never the model itself
@@ -169,46 +169,16 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
     t0 = time.perf_counter()
     family = get_family(family) if isinstance(family, str) else family
     require_modelopt()
-    names = transformer_names(pipe)
-    if names != list(family.experts):
-        raise Fp8CookbookError(f"the pipeline has transformers {names}, but {family.title} has {list(family.experts)}")
-    models = {n: getattr(pipe, n) for n in names}
-    for n, model in models.items():
-        if type(model).__name__ != family.class_name:
-            raise Fp8CookbookError(f"pipe.{n} is a {type(model).__name__}; {family.title} needs {family.class_name}")
-        if any(True for _ in tensor_quantizers(model)):
-            raise Fp8CookbookError(f"pipe.{n} already holds ModelOpt quantizers: reload the pipeline and quantize once")
-
-    tiny = _is_tiny(models[names[0]], family)
-    if prompts is None:
-        prompts = calibration_prompts()
-        default_n = DEFAULT_NUM_PROMPTS["tiny" if tiny else "video" if family.is_video else "image"]
-    else:
-        prompts = [str(p) for p in prompts]
-        default_n = len(prompts)
-        if not prompts or not all(p.strip() for p in prompts):
-            raise Fp8CookbookError("calibration prompts must be a non-empty list of non-empty strings")
-    if num_prompts is None:
-        prompts = prompts[:default_n]
-    elif isinstance(num_prompts, bool) or int(num_prompts) != num_prompts or num_prompts < 1:
-        raise Fp8CookbookError(f"num_prompts must be a positive integer, got {num_prompts!r}")
-    elif num_prompts > len(prompts):
-        raise Fp8CookbookError(f"{num_prompts} calibration prompts asked for, {len(prompts)} available")
-    else:
-        prompts = prompts[:num_prompts]
-    settings = _calibration_settings(family, tiny, num_inference_steps=num_inference_steps, height=height,
+    models = _checked_models(family, pipe)
+    names = list(models)
+    tiny = is_tiny(models[names[0]], family)
+    prompts = _chosen_prompts(prompts, num_prompts, DEFAULT_NUM_PROMPTS["tiny" if tiny else "video" if family.is_video
+                                                                        else "image"])
+    settings = calibration_settings(family, tiny, num_inference_steps=num_inference_steps, height=height,
                                      width=width, num_frames=num_frames, guidance_scale=guidance_scale)
-
     output_dir = Path(output_dir).expanduser()
     bases = {n: _local_base(model) for n, model in models.items()}
-    target = output_dir.resolve()
-    for n, base in bases.items():
-        if base is not None and (target == base or target in base.parents):
-            raise Fp8CookbookError(f"{output_dir}: holds the pipeline's own {n} weights ({base}); choose another folder")
-    if output_dir.exists() and not overwrite:
-        raise Fp8CookbookError(f"{output_dir}: already exists (pass --overwrite / overwrite=True to replace it)")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise Fp8CookbookError(f"{output_dir}: exists and is not a folder")
+    _check_output_dir(output_dir, bases, overwrite)
 
     first = next(models[names[0]].parameters())
     _reset_peak_memory(first.device)
@@ -220,33 +190,18 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
         for n, model in models.items():  # BF16 base first: quantization changes the weights
             base = bases[n] or _save_bf16(model, tmp / "base" / n)
             paths[n] = {"base": base, "state": tmp / f"{n}.pt", "export": tmp / "export" / n, "fp8": tmp / "fp8" / n}
-
-        calls, timesteps = _calibrate_together(pipe, family, names, prompts, settings, seed=seed,
+        calls, timesteps = calibrate_together(pipe, family, names, prompts, settings, seed=seed,
                                                quantize_mha=quantize_mha, progress=progress)
         calibration: dict[str, Any] = dict(
             prompts=list(prompts), seed=seed, **settings, quantize_mha=quantize_mha,
             dtype=str(first.dtype).replace("torch.", ""), device=str(first.device), tiny=tiny,
             forward_calls=calls, timesteps=timesteps)
-        problems = [_no_amax_message(family, n, bad, calibration)
-                    for n in names if (bad := _missing_amaxes(getattr(pipe, n)))]
+        problems = [no_amax_message(family, n, bad, calibration)
+                    for n in names if (bad := missing_amaxes(getattr(pipe, n)))]
         if problems:
             raise Fp8CookbookError(" | ".join(problems))
-
-        stats: dict[str, ConvertStats] = {}
-        for n in names:
-            model = getattr(pipe, n)
-            save_modelopt_state(model, paths[n]["state"])
-            export_transformer(model, paths[n]["export"])  # FP8 in place: the model cannot run afterwards
-            stats[n] = convert_checkpoint(paths[n]["export"], paths[n]["fp8"], state_file=paths[n]["state"],
-                                          base_transformer=paths[n]["base"], family=family.name, progress=progress)
-
-        def final(p: Path) -> Path:
-            return output_dir / p.relative_to(tmp) if p.is_relative_to(tmp) else p
-
-        paths = {n: {k: final(p) for k, p in entry.items()} for n, entry in paths.items()}
-        for n, s in stats.items():  # the converter recorded the temporary folder's paths
-            s.export_dir, s.output_dir = str(paths[n]["export"]), str(paths[n]["fp8"])
-            write_json_atomic(tmp / "fp8" / n / STATS_NAME, asdict(s))
+        stats = _write_checkpoints(pipe, family, names, paths, progress)
+        paths = _final_paths(paths, stats, tmp, output_dir)
         result = QuantizeResult(family.name, output_dir, paths, stats, calibration, 0.0, 0.0)
         result.seconds = time.perf_counter() - t0
         result.peak_memory_mb = peak_rss_mb()
@@ -261,6 +216,77 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
                 parent.rmdir()
         raise
     return result
+
+
+def _checked_models(family: Family, pipe) -> dict[str, nn.Module]:
+    """The pipeline's transformers by name, refused unless they are the family's, of its class, not quantized yet."""
+    names = transformer_names(pipe)
+    if names != list(family.experts):
+        raise Fp8CookbookError(f"the pipeline has transformers {names}, but {family.title} has {list(family.experts)}")
+    models = {n: getattr(pipe, n) for n in names}
+    for n, model in models.items():
+        if type(model).__name__ != family.class_name:
+            raise Fp8CookbookError(f"pipe.{n} is a {type(model).__name__}; {family.title} needs {family.class_name}")
+        if any(True for _ in tensor_quantizers(model)):
+            raise Fp8CookbookError(f"pipe.{n} already holds ModelOpt quantizers: reload the pipeline and quantize once")
+    return models
+
+
+def _chosen_prompts(prompts: list[str] | None, num_prompts: int | None, shipped_default: int) -> list[str]:
+    """The calibration prompts: the shipped file's first `shipped_default`, or the given ones; `num_prompts` cuts."""
+    if prompts is None:
+        prompts = calibration_prompts()
+        default_n = shipped_default
+    else:
+        prompts = [str(p) for p in prompts]
+        default_n = len(prompts)
+        if not prompts or not all(p.strip() for p in prompts):
+            raise Fp8CookbookError("calibration prompts must be a non-empty list of non-empty strings")
+    if num_prompts is None:
+        return prompts[:default_n]
+    if isinstance(num_prompts, bool) or int(num_prompts) != num_prompts or num_prompts < 1:
+        raise Fp8CookbookError(f"num_prompts must be a positive integer, got {num_prompts!r}")
+    if num_prompts > len(prompts):
+        raise Fp8CookbookError(f"{num_prompts} calibration prompts asked for, {len(prompts)} available")
+    return prompts[:num_prompts]
+
+
+def _check_output_dir(output_dir: Path, bases: dict[str, Path | None], overwrite: bool) -> None:
+    """Refuse, before any slow work, an output folder that holds the pipeline's weights or exists unasked."""
+    target = output_dir.resolve()
+    for n, base in bases.items():
+        if base is not None and (target == base or target in base.parents):
+            raise Fp8CookbookError(f"{output_dir}: holds the pipeline's own {n} weights ({base}); choose another folder")
+    if output_dir.exists() and not overwrite:
+        raise Fp8CookbookError(f"{output_dir}: already exists (pass --overwrite / overwrite=True to replace it)")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise Fp8CookbookError(f"{output_dir}: exists and is not a folder")
+
+
+def _write_checkpoints(pipe, family: Family, names: list[str], paths: dict[str, dict[str, Path]],
+                       progress: bool) -> dict[str, ConvertStats]:
+    """Per transformer: the ModelOpt state, the ModelOpt export, then the SGLang checkpoint converted from it."""
+    stats: dict[str, ConvertStats] = {}
+    for n in names:
+        model = getattr(pipe, n)
+        save_modelopt_state(model, paths[n]["state"])
+        export_transformer(model, paths[n]["export"])  # FP8 in place: the model cannot run afterwards
+        stats[n] = convert_checkpoint(paths[n]["export"], paths[n]["fp8"], state_file=paths[n]["state"],
+                                      base_transformer=paths[n]["base"], family=family.name, progress=progress)
+    return stats
+
+
+def _final_paths(paths: dict[str, dict[str, Path]], stats: dict[str, ConvertStats], tmp: Path,
+                 output_dir: Path) -> dict[str, dict[str, Path]]:
+    """The paths as they will be after the rename; the converter's stats files are rewritten to say so."""
+    def final(p: Path) -> Path:
+        return output_dir / p.relative_to(tmp) if p.is_relative_to(tmp) else p
+
+    paths = {n: {k: final(p) for k, p in entry.items()} for n, entry in paths.items()}
+    for n, s in stats.items():  # the converter recorded the temporary folder's paths
+        s.export_dir, s.output_dir = str(paths[n]["export"]), str(paths[n]["fp8"])
+        write_json_atomic(tmp / "fp8" / n / STATS_NAME, asdict(s))
+    return paths
 
 
 def _summary(result: QuantizeResult) -> dict[str, Any]:

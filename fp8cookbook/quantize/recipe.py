@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 ForwardLoop = Callable[[nn.Module], Any]
 
 _E4M3 = {"num_bits": (4, 3), "axis": None}  # FP8 E4M3, one scale per tensor
-_INSTALL_HINT = "pip install 'fp8cookbook[modelopt]'"
+INSTALL_HINT = "pip install 'fp8cookbook[modelopt]'"
 
 # Shapes of the tiny calibration batches: small enough for a CPU test, large enough to reach every layer.
 TINY_CALIB = dict(height=64, width=64, num_frames=5, text_len=8)
@@ -36,12 +36,12 @@ def require_modelopt() -> tuple[Any, Any]:
         import modelopt.torch.opt as mto
         import modelopt.torch.quantization as mtq
     except ImportError as e:
-        raise Fp8CookbookError(f"NVIDIA ModelOpt is needed for this ({e}); install it: {_INSTALL_HINT}") from e
+        raise Fp8CookbookError(f"NVIDIA ModelOpt is needed for this ({e}); install it: {INSTALL_HINT}") from e
     return mtq, mto
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_modelopt() -> Iterator[None]:
     """ModelOpt prints progress and warns about its internals, diffusers about dtypes: keep that at debug level."""
     from diffusers.utils import logging as diffusers_logging  # imported first: its import resets the level
 
@@ -76,7 +76,7 @@ def fp8_diffusion_quant_cfg(quantize_mha: bool = False) -> dict:
     return {"quant_cfg": quant_cfg, "algorithm": "max"}
 
 
-def _skip_entries(model: nn.Module, family: Family) -> list[dict[str, Any]]:
+def skip_entries(model: nn.Module, family: Family) -> list[dict[str, Any]]:
     """One `enable: False` entry per topmost skipped module; a skipped module takes its submodules with it."""
     config = dict(model.config)
     entries: list[dict[str, Any]] = []
@@ -98,7 +98,7 @@ def tensor_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def check_amaxes(model: nn.Module) -> None:
     """Every enabled quantizer needs a finite positive amax, or export fails (or writes garbage scales)."""
-    bad = _missing_amaxes(model)
+    bad = missing_amaxes(model)
     if bad:
         raise Fp8CookbookError(
             f"{len(bad)} enabled quantizer(s) got no usable amax from calibration: {', '.join(bad)}. "
@@ -120,23 +120,23 @@ def quantize_transformer(model: nn.Module, family: Family | str, forward_loop: F
     if not isinstance(cfg.get("quant_cfg"), list):
         raise Fp8CookbookError("quant_cfg must be ModelOpt's list form (>= 0.44); dict-form configs are re-ordered "
                                "and can end with no weight quantizer enabled")
-    cfg["quant_cfg"] = cfg["quant_cfg"] + _skip_entries(model, family)
+    cfg["quant_cfg"] = cfg["quant_cfg"] + skip_entries(model, family)
     user_stdout = sys.stdout
 
     def loop(m: nn.Module) -> None:
         with contextlib.redirect_stdout(user_stdout):  # the caller's own progress output stays visible
             forward_loop(m)
 
-    with _quiet(), torch.no_grad():
+    with quiet_modelopt(), torch.no_grad():
         model = mtq.quantize(model, cfg, loop)
     if quantize_mha and not any(n.endswith("_bmm_quantizer") and q.is_enabled for n, q in tensor_quantizers(model)):
         raise Fp8CookbookError("quantize_mha found no attention quantizers: ModelOpt's diffusers plugin did not "
-                               f"load (it needs `onnx`); install it: {_INSTALL_HINT}")
+                               f"load (it needs `onnx`); install it: {INSTALL_HINT}")
     check_amaxes(model)
     return model
 
 
-def _missing_amaxes(model: nn.Module) -> list[str]:
+def missing_amaxes(model: nn.Module) -> list[str]:
     """Enabled quantizers without a finite positive amax, by module name."""
     bad = []
     for name, q in tensor_quantizers(model):
