@@ -188,7 +188,7 @@ def validate_notebook_parameters(values: dict[str, Any], *, families: tuple[str,
         "output_dir": lambda v: _path(v, optional=False, folder=True),
         "run_bench": _bool,
         "compile": _bool,
-        "fp8_attention": lambda v: _choice(v, ATTENTION),
+        "fp8_attention": _attention,
     }
     for name, rule in rules.items():
         if name in values:
@@ -199,6 +199,19 @@ def validate_notebook_parameters(values: dict[str, Any], *, families: tuple[str,
     if problems:
         raise Fp8CookbookError("; ".join(problems))
     return out
+
+
+def _attention(value: Any) -> Any:
+    """The library's own parse (AttentionMode, which imports no torch), so the notebook and the CLI agree."""
+    from .fp8.attention_mode import AttentionMode
+
+    if not (value is None or isinstance(value, (bool, str))):
+        raise _Bad("one of " + ", ".join(repr(c) for c in ATTENTION))
+    try:
+        AttentionMode.parse(value)
+    except Fp8CookbookError:
+        raise _Bad("one of " + ", ".join(repr(c) for c in ATTENTION)) from None
+    return value
 
 
 def _size(value: Any, multiple: int) -> int | None:

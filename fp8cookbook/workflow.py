@@ -98,11 +98,9 @@ def generation_settings(family: str | Family, model_path: str | None, *, height:
                         guidance_scale: float | None = None) -> dict[str, Any]:
     """height, width, num_frames, steps, guidance_scale for the comparison and the benchmark: the values given,
     else the tiny pipeline's small settings (model_path None) or the family's real defaults."""
-    from .pipelines import default_tiny_settings
-
     fam = get_family(family) if isinstance(family, str) else family
     if model_path is None:
-        base = default_tiny_settings(fam.name)
+        base = fam.tiny_settings.as_dict()
         base["steps"] = base.pop("num_inference_steps")
     else:
         base = dict(height=fam.height, width=fam.width, num_frames=fam.num_frames, steps=fam.num_steps,
@@ -254,7 +252,7 @@ def load_bf16(run: NotebookRun) -> None:
 
 def quantize(run: NotebookRun) -> None:
     """2. ModelOpt calibration on the pipeline, export and conversion into `output_dir/checkpoint`."""
-    from .fp8attention import attention_mode
+    from .fp8.attention_mode import AttentionMode
     from .quantize import quantize_pipeline
 
     p = run.params
@@ -262,7 +260,7 @@ def quantize(run: NotebookRun) -> None:
         run.family.name, run.pipe, run.output_dir / "checkpoint", prompts=run.calibration_prompts,
         num_prompts=p["num_calibration_prompts"], num_inference_steps=p["calibration_steps"], seed=p["seed"],
         height=p["height"], width=p["width"], num_frames=p["num_frames"], guidance_scale=p["guidance_scale"],
-        overwrite=True, quantize_mha=attention_mode(p["fp8_attention"]) != "off", progress=run.model_path is not None)
+        overwrite=True, quantize_mha=AttentionMode.parse(p["fp8_attention"]).quantize_mha, progress=run.model_path is not None)
     run.report.quantize(run.result)
     print("\n".join(run.result.lines()))
     if len(run.family.experts) > 1:
