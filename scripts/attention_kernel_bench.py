@@ -37,6 +37,8 @@ SHAPES = {  # (batch, query tokens, key tokens, heads, head_dim)
 VARIANTS = {
     "v2 int8-qk fp8-pv": {"qk": "int8", "pv": "fp8"},
     "v2 int8-qk fp8x2-pv": {"qk": "int8", "pv": "fp8x2"},
+}
+MORE_VARIANTS = {  # --all: measured once (docs/bench/attention-kernel-h200-variants.json), not paying
     "v2 fp8-qk fp8-pv": {"qk": "fp8", "pv": "fp8"},
     "v2 int8-qk fp8-pv warp-spec": {"qk": "int8", "pv": "fp8", "warp_specialize": True},
 }
@@ -106,7 +108,10 @@ def main() -> None:
     ap.add_argument("--output")
     ap.add_argument("--check-heads", type=int, default=2, help="heads compared with float32 attention")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--all", action="store_true", help="also the variants that did not pay (MORE_VARIANTS)")
     args = ap.parse_args()
+    if args.all:
+        VARIANTS.update(MORE_VARIANTS)
     import triton
 
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
