@@ -171,10 +171,14 @@ def test_kernel_matches_reference(shape, qk, pv):
     err = _rel(out, ref)
     print(f"{qk}/{pv} {shape}: kernel vs reference {err:.2e}, reference vs exact {noise:.2e}")
     assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
-    assert err < 0.5 * noise
+    # The kernel rounds P against a running row max, the reference against the whole row's: with one e4m3 term for
+    # P the two round P differently (H200: 0.49-0.64 of the noise); with the residual term (fp8x2) P's rounding is
+    # gone and everything else must agree (H200: 0.04-0.05 of the noise).
+    bound = (0.1 if pv == "fp8x2" else 0.8) * noise
+    assert err < bound
     # (B, H, S, D) inputs, strided views
     outh = ak.fp8_attention_v2(*(t.transpose(1, 2) for t in (q, k, v)), layout="bhsd", qk=qk, pv=pv)
-    assert _rel(outh.transpose(1, 2), ref) < 0.5 * noise
+    assert _rel(outh.transpose(1, 2), ref) < bound
 
 
 # Bounds from the H200 measurement (docs/bench/attention-kernel-h200.json, rel. L2 vs float32 on 2 heads); the
