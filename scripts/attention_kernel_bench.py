@@ -1,4 +1,4 @@
-"""Attention kernels per call on one GPU: BF16 SDPA vs the FP8 kernel of today vs attention_kernel (v2) variants.
+"""Attention kernels per call on one GPU: BF16 SDPA vs the static-scale FP8 kernel (`triton`) vs attention_kernel (`sage`) variants.
 
 Same process, same inputs; per shape and kernel: milliseconds (median of CUDA-event timings, quantisation passes
 included), TFLOP/s (4·B·H·Nq·Nkv·D over the time), and the relative L2 error against float32 attention on the first
@@ -22,10 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fp8cookbook.fp8 import attention_kernel as ak  # noqa: E402
 
-try:  # today's kernel: fp8cookbook/fp8attention.py, or fp8cookbook/fp8/attention.py after the package move
-    from fp8cookbook.fp8 import attention as old  # noqa: E402
-except ImportError:
-    from fp8cookbook import fp8attention as old  # noqa: E402
+from fp8cookbook.fp8 import attention as old  # noqa: E402,F401 - registers torch.ops.fp8cookbook (kernel "triton")
 
 SHAPES = {  # (batch, query tokens, key tokens, heads, head_dim)
     "wan22 self 832x480x81": (1, 32760, 32760, 40, 128),
@@ -95,8 +92,7 @@ def kernels(q, k, v, D: int) -> dict:
     out = {"bf16 sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)}
     sc = [t.abs().amax().float().reshape(1) / 448 for t in (q, k, v)]
-    old.KERNEL = "triton"
-    out["today fp8 (per-tensor)"] = lambda: torch.ops.fp8cookbook.fp8_attention(q, k, v, *sc, sm)
+    out["today fp8 (per-tensor)"] = lambda: torch.ops.fp8cookbook.fp8_attention(q, k, v, *sc, sm, "triton")
     for name, kw in VARIANTS.items():
         out[name] = (lambda kw=kw: ak.fp8_attention_v2(q, k, v, **kw))
     return out

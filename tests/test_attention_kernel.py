@@ -9,10 +9,8 @@ import torch
 from fp8cookbook.errors import Fp8CookbookError
 from fp8cookbook.fp8 import attention_kernel as ak
 
-try:
-    from fp8cookbook.fp8 import attention as fa  # after the package move
-except ImportError:
-    from fp8cookbook import fp8attention as fa
+from fp8cookbook.fp8 import attention as fa
+from fp8cookbook.fp8.numerics import quantize_fp8
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -151,6 +149,35 @@ def test_bad_shapes_name_the_tensor():
         ak.fp8_attention_v2(q.to(torch.int8), k, v)
 
 
+def test_sage_is_the_default_kernel_and_triton_stays_selectable(monkeypatch):
+    from fp8cookbook.fp8 import attention_diffusers as fd
+    from fp8cookbook.fp8.attention_mode import DEFAULT_KERNEL, KERNELS, AttentionMode
+    import inspect
+
+    monkeypatch.delenv("FP8COOKBOOK_ATTENTION_KERNEL", raising=False)
+    assert DEFAULT_KERNEL == "sage" and set(KERNELS) == {"sage", "triton", "cudnn"}
+    assert AttentionMode.parse("auto").kernel == "sage" and fa.AttentionScales(name="x").kernel == "sage"
+    assert inspect.signature(fd.install_fp8_attention).parameters["kernel"].default == "sage"
+    monkeypatch.setenv("FP8COOKBOOK_ATTENTION_KERNEL", "triton")
+    assert AttentionMode.parse("auto").kernel == "triton"
+    monkeypatch.setenv("FP8COOKBOOK_ATTENTION_KERNEL", "sage2")
+    with pytest.raises(Fp8CookbookError, match="FP8COOKBOOK_ATTENTION_KERNEL='sage2'"):
+        AttentionMode.parse("auto")
+
+
+def test_op_off_cuda_runs_the_static_reference_for_every_kernel():
+    """Off CUDA no kernel runs: the op computes the static-scale reference whichever kernel was asked for."""
+    q, k, v = _random(1, 30, 40, 2, 32, seed=9)
+    sc = _per_tensor_scales(q, k, v)
+    ref = fa.fp8_attention_reference(q, k, v, *sc, 32 ** -0.5)
+    for kernel in ("sage", "triton"):
+        out = torch.ops.fp8cookbook.fp8_attention(q, k, v, *sc, 32 ** -0.5, kernel)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert fa.pick_kernel(q, k, 32 ** -0.5, "sage") in (None, "sage")  # None here: CPU torch has no Triton
+    if not ak.attention_v2_available():
+        assert not fa.sage_ok(q)
+
+
 # --------------------------------------------------------------------------------------------- GPU
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9)
                          or not ak.attention_v2_available(),
@@ -194,7 +221,7 @@ def test_accuracy_against_exact_attention(inputs, qk, pv):
     make = _random if inputs == "random" else _outliers
     q, k, v = make(1, 1024, 8192, 2, 128, seed=8, device="cuda")
     err = _rel(ak.fp8_attention_v2(q, k, v, qk=qk, pv=pv), _exact(q, k, v))
-    old = _rel(torch.ops.fp8cookbook.fp8_attention(q, k, v, *_per_tensor_scales(q, k, v), 128 ** -0.5),
+    old = _rel(torch.ops.fp8cookbook.fp8_attention(q, k, v, *_per_tensor_scales(q, k, v), 128 ** -0.5, "triton"),
                _exact(q, k, v))
     print(f"{inputs} {qk}/{pv}: v2 {err:.4f}, today's per-tensor kernel {old:.4f}")
     assert err < ACCURACY[qk, pv][inputs == "outliers"]
@@ -205,7 +232,7 @@ def test_accuracy_against_exact_attention(inputs, qk, pv):
 @gpu
 @pytest.mark.parametrize("pv", ak.PV_MODES)
 def test_long_sequence_accumulates_exactly_enough(pv):
-    """The flat-softmax case of test_fp8attention.py: 32k keys whose values share one direction; the kernel must not
+    """The flat-softmax case of test_fp8_attention.py: 32k keys whose values share one direction; the kernel must not
     shrink O (one MMA accumulator over all key tiles had returned 0.49 of the norm on cuDNN)."""
     g = torch.Generator(device="cuda").manual_seed(2)
     B, nq, nkv, H, D = 1, 256, 32760, 2, 128
@@ -219,3 +246,18 @@ def test_long_sequence_accumulates_exactly_enough(pv):
     print(f"norm ratio kernel/reference {float(out.norm() / ref.norm()):.6f}, kernel vs exact {_rel(out, exact):.2e}")
     assert abs(float(out.norm() / ref.norm()) - 1) < 0.01
     assert _rel(out, ref) < 0.01 and _rel(out, exact) < 0.01
+
+
+@pytest.mark.gpu
+@gpu
+def test_op_runs_sage_by_default_and_triton_on_request():
+    q, k, v = _random(1, 600, 700, 2, 128, seed=10, device="cuda")
+    sc = _per_tensor_scales(q, k, v)
+    assert fa.pick_kernel(q, k, 128 ** -0.5) == "sage"
+    q8 = quantize_fp8(q, sc[0])
+    assert fa.pick_kernel(q8, q8, 128 ** -0.5, "sage") == "triton"  # e4m3 inputs: sage needs BF16 to smooth
+    out = torch.ops.fp8cookbook.fp8_attention(q, k, v, *sc, 128 ** -0.5)
+    torch.testing.assert_close(out, ak.fp8_attention_v2(q, k, v), rtol=0, atol=0)
+    old = torch.ops.fp8cookbook.fp8_attention(q, k, v, *sc, 128 ** -0.5, "triton")
+    ref = fa.fp8_attention_reference(q, k, v, *sc, 128 ** -0.5)
+    assert _rel(old, ref) < 0.5 * _rel(ref, _exact(q, k, v)) and _rel(out, old) > 1e-3

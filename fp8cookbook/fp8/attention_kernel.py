@@ -42,7 +42,7 @@ BLOCK_N = 128  # keys per tile, and the granularity of K's scales
 P_SCALE = 256.0  # P (<= 1) times 256 before its e4m3 cast: small probabilities stay out of the subnormals
 P_RES_SCALE = 16.0  # the second P term (fp8x2): the rounding residual, at most 1/16 of P, times 16
 _QMAX = {"int8": 127.0, "fp8": 448.0}
-_HEAD_DIMS = (32, 64, 128)
+HEAD_DIMS = (32, 64, 128)
 _EPS = 1e-30
 
 
@@ -144,8 +144,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, scale
             t = torch.as_tensor(s)
             if t.numel() != 1 or not (0 < float(t.float().reshape(())) < float("inf")):
                 raise Fp8CookbookError(f"fp8_attention_v2: scales[{name}] = {s}: want one positive finite number")
-    if need_cuda and q.shape[3] not in _HEAD_DIMS:
-        raise Fp8CookbookError(f"fp8_attention_v2: head_dim {q.shape[3]} has no kernel (have {_HEAD_DIMS})")
+    if need_cuda and q.shape[3] not in HEAD_DIMS:
+        raise Fp8CookbookError(f"fp8_attention_v2: head_dim {q.shape[3]} has no kernel (have {HEAD_DIMS})")
 
 
 # ------------------------------------------------------------------------------------------ Triton kernels
