@@ -232,7 +232,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="diffusers attention backend on both sides, e.g. _native_cudnn, _native_flash "
                         "(default: torch SDPA's own choice)")
     p.add_argument("--fp8-attention", **_ATTENTION_ARG,
-                   help="FP8 attention (static Q/K/V scales, Triton kernel) on top of the FP8 side, as its own "
+                   help="FP8 attention (Triton kernel 'sage' with dynamic scales; FP8COOKBOOK_ATTENTION_KERNEL=triton for the "
+                        "static Q/K/V scales) on top of the FP8 side, as its own "
                         f"headline side: auto (default; CUDA only) = calls with >= {MIN_KV_TOKENS} keys, as the loader does; "
                         "on = every call (bare --fp8-attention); off = none. Synthetic runs calibrate the scales, "
                         "--fp8 uses the checkpoint's --quantize-mha side file. Each side reports its first forward's "

@@ -18,7 +18,7 @@ from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_S
                          inspect_checkpoint, read_attention_scales, read_config, read_quant_info)
 from .errors import Fp8CookbookError
 from .fp8.attention_diffusers import install_fp8_attention
-from .fp8.attention_mode import MIN_KV_TOKENS, AttentionMode
+from .fp8.attention_mode import DEFAULT_KERNEL, MIN_KV_TOKENS, AttentionMode
 from .fp8.linear import FP8Linear, fp8_modules, swap_linears
 
 OFFLOAD_WARNING = ("{what} disabled for the FP8 transformer: offload rebuilds weights contiguously and loses the "
@@ -72,7 +72,7 @@ def has_attention_scales(path: str | Path) -> bool:
     return (Path(path) / ATTENTION_SCALES_NAME).is_file()
 
 
-def enable_fp8_attention(model: nn.Module, path: str | Path, *, min_kv_tokens: int = 0, kernel: str = "triton") -> int:
+def enable_fp8_attention(model: nn.Module, path: str | Path, *, min_kv_tokens: int = 0, kernel: str = DEFAULT_KERNEL) -> int:
     """Run the model's attention in FP8 with the Q/K/V scales of the checkpoint's side file; returns the module count.
 
     The side file comes from a `--quantize-mha` calibration (ModelOpt's q/k/v bmm amaxes, kept by the converter).

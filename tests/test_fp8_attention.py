@@ -207,7 +207,7 @@ def test_kernel_runs_under_torch_compile_and_strided_inputs(kernel, monkeypatch)
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS + ["sage"])  # "sage": attention_kernel.py, the default since issue 13
 def test_fp8_attention_model_in_cuda_graph_and_compiled(kernel, monkeypatch):
     """A tiny Wan2.2 model with FP8 attention: CUDA-graph replay equals eager, and compile_repeated_blocks runs it."""
     from fp8cookbook.fp8 import fastpath

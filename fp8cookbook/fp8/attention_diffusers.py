@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import Fp8CookbookError
-from .attention import AttentionScales, cudnn_attention_available, pick_kernel, triton_ok
+from .attention import AttentionScales, cudnn_attention_available, pick_kernel, sage_ok, triton_ok
+from .attention_mode import DEFAULT_KERNEL
 from .numerics import cuda_fp8_ok, quantize_fp8
 
 __all__ = ["bind_diffusers_dispatch", "fp8_dispatch_attention_fn", "attention_modules", "install_fp8_attention",
@@ -52,7 +53,10 @@ def fp8_dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, 
             if st.q.device != query.device:  # the model moved after the scales were installed: follow it once
                 st.q, st.k, st.v = (t.to(query.device) for t in (st.q, st.k, st.v))
             sm_scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-            if torch.compiler.is_compiling():  # torch ops: Inductor fuses the quantisation into Q/K/V's producers
+            if torch.compiler.is_compiling():
+                if st.kernel == "sage" and sage_ok(query):  # it smooths and scales BF16 Q/K/V itself: opaque op
+                    return torch.ops.fp8cookbook.fp8_attention(query, key, value, st.q, st.k, st.v, sm_scale, "sage")
+                # torch ops: Inductor fuses the quantisation into Q/K/V's producers
                 return torch.ops.fp8cookbook.fp8_attention_fp8(quantize_fp8(query, st.q), quantize_fp8(key, st.k),
                                                                quantize_fp8(value, st.v), st.q, st.k, st.v,
                                                                sm_scale, query.dtype, st.kernel)
@@ -73,7 +77,8 @@ def fp8_dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, 
 def _pays(query: torch.Tensor, key: torch.Tensor, st: AttentionScales) -> bool:
     """The "auto" rule: enough keys, and a CUDA FP8 kernel for the call (the float32 reference never runs here)."""
     return (key.shape[1] >= st.min_kv_tokens and query.is_cuda and cuda_fp8_ok(query.device)
-            and (triton_ok(query) or (st.kernel == "cudnn" and cudnn_attention_available())))
+            and (triton_ok(query) or (st.kernel == "sage" and sage_ok(query))
+                 or (st.kernel == "cudnn" and cudnn_attention_available())))
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -107,7 +112,7 @@ def _state(m: nn.Module, name: str) -> AttentionScales:
 
 
 def install_fp8_attention(model: nn.Module, scales: dict[str, tuple[float, float, float]], *,
-                          min_kv_tokens: int = 0, kernel: str = "triton") -> list[str]:
+                          min_kv_tokens: int = 0, kernel: str = DEFAULT_KERNEL) -> list[str]:
     """Give each named attention module its (q, k, v) dequantisation scales; returns the modules now FP8.
 
     Every name must be an attention module of `model`, and every scale positive and finite; modules without an
