@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import Fp8CookbookError
-from ..fp8.fusion import FusionRule
+from ..fp8.fusion_rule import FusionRule
+
+if TYPE_CHECKING:  # torch loads where a model is built, so the registry (and `fp8cookbook --help`) stay light
+    import torch
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def all_fusion_rules() -> tuple[FusionRule, ...]:
     return tuple(seen.values())
 
 
-def build_transformer(family: Family, size: str = "tiny", *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+def build_transformer(family: Family, size: str = "tiny", *, seed: int = 0, dtype: torch.dtype | None = None,
                       device: str | torch.device = "cpu") -> torch.nn.Module:
     """A transformer of the family's real class with random weights: `tiny` for CPU tests, `full` for timing.
 
@@ -152,8 +153,11 @@ def build_transformer(family: Family, size: str = "tiny", *, seed: int = 0, dtyp
     `_keep_in_fp32_modules` kept float32 as `from_pretrained` keeps them, and its values drawn on `device`:
     N(0, 1/fan_in) for matrices, N(0, 0.02) elsewhere, 1 + N(0, 0.02) for norm weights.
     """
+    import torch
+
     if size not in ("tiny", "full"):
         raise Fp8CookbookError(f"unknown size {size!r}; use 'tiny' or 'full'")
+    dtype = torch.bfloat16 if dtype is None else dtype
     cls = family.transformer_class()
     if size == "tiny":
         torch.manual_seed(seed)

@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import re
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from ..fp8.fusion import FusionRule, all_fp8, fuse_layers
+from ..fp8.fusion_rule import FusionRule
 from . import Family, LayerRule, TinySettings, register
 from ._tiny import SEED, clip_tokenizer, flux_vae, t5_tokenizer, tiny_transformer
+
+if TYPE_CHECKING:  # torch loads when inputs or models are made, not with the registry
+    import torch
+    from torch import nn
 
 
 # --------------------------------------------------------------------------------------------- dummy inputs
 def flux_ids(height: int, width: int, text_len: int, axes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Position ids as the pipelines build them: (row, col) in the last two axes, zeros elsewhere."""
+    import torch
+
     rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     img = torch.zeros(height * width, axes)
     img[:, -2] = rows.flatten()
@@ -29,8 +32,11 @@ def flux_ids(height: int, width: int, text_len: int, axes: int, device: torch.de
 
 
 def _inputs(config: dict, *, height: int, width: int, num_frames: int | None = None, batch: int = 1,
-                  text_len: int = 512, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                  text_len: int = 512, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   generator: torch.Generator | None = None) -> dict[str, Any]:
+    import torch
+
+    dtype = torch.bfloat16 if dtype is None else dtype
     h, w = height // 16, width // 16  # VAE /8, then 2x2 packing
     img_ids, txt_ids = flux_ids(h, w, text_len, 3, torch.device(device))
     g = generator
@@ -87,6 +93,7 @@ def _sglang_aliases(module_name: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ tiny pipeline
 def _build_tiny(family: Family):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    import torch
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     cfg = family.tiny_config
@@ -123,6 +130,7 @@ def flux_attention_groups(attn: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
 def _flux1_single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                                 joint_attention_kwargs=None):
     """FluxSingleTransformerBlock.forward (diffusers 0.42) with Q, K, V and the MLP input as one FP8 GEMM."""
+    import torch
     from diffusers.models.embeddings import apply_rotary_emb
 
     from ..fp8.attention_diffusers import fp8_dispatch_attention_fn as dispatch_attention_fn  # diffusers' own, + FP8
@@ -162,6 +170,7 @@ def _flux1_single_block_forward(self, hidden_states, encoder_hidden_states, temb
 def _fuse_flux1_single_block(block: nn.Module) -> list[str]:
     """to_q/to_k/to_v/proj_mlp -> to_qkv_mlp, with a forward that splits it (FLUX.2 ships that one fused already)."""
     from ..fp8.attention_diffusers import bind_diffusers_dispatch
+    from ..fp8.fusion import all_fp8, fuse_layers
 
     attn = block.attn
     layers = [getattr(attn, "to_q", None), getattr(attn, "to_k", None), getattr(attn, "to_v", None),

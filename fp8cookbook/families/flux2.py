@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..fp8.fusion import FusionRule
+from ..fp8.fusion_rule import FusionRule
 from . import Family, LayerRule, TinySettings, register
 from ._tiny import SEED, flux_vae, mistral_tokenizer, tiny_transformer
 from .flux1 import flux_attention_groups, flux_ids, flux_sensitive
 
+if TYPE_CHECKING:  # torch loads when inputs or models are made, not with the registry
+    import torch
+    from torch import nn
+
 
 # --------------------------------------------------------------------------------------------- dummy inputs
 def _inputs(config: dict, *, height: int, width: int, num_frames: int | None = None, batch: int = 1,
-                  text_len: int = 512, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                  text_len: int = 512, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   generator: torch.Generator | None = None) -> dict[str, Any]:
+    import torch
+
+    dtype = torch.bfloat16 if dtype is None else dtype
     h, w = height // 16, width // 16
     axes = len(config["axes_dims_rope"])
     img_ids, txt_ids = flux_ids(h, w, text_len, axes, torch.device(device))
@@ -47,6 +52,7 @@ FLUX2_FALLBACK = (
 # ------------------------------------------------------------------------------------------ tiny pipeline
 def _build_tiny(family: Family):
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    import torch
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     cfg = family.tiny_config

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from ..fp8.fusion import FusionRule
+from ..fp8.fusion_rule import FusionRule
 from . import Family, InputMaker, LayerRule, TinySettings, register
 from ._tiny import SEED, t5_tokenizer, tiny_transformer
+
+if TYPE_CHECKING:  # torch loads when inputs or models are made, not with the registry
+    import torch
+    from torch import nn
 
 
 # --------------------------------------------------------------------------------------------- dummy inputs
 def _inputs(spatial: int) -> InputMaker:
     def make(config: dict, *, height: int, width: int, num_frames: int | None = 81, batch: int = 1,
-             text_len: int = 512, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+             text_len: int = 512, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              generator: torch.Generator | None = None) -> dict[str, Any]:
+        import torch
+
+        dtype = torch.bfloat16 if dtype is None else dtype
         frames = ((num_frames or 1) - 1) // 4 + 1  # the Wan VAE compresses time by 4
         g = generator
         return {
@@ -47,6 +51,7 @@ def _sensitive(config: dict) -> tuple[LayerRule, ...]:
 # ------------------------------------------------------------------------------------------ tiny pipeline
 def _build_tiny(family: Family):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    import torch
     from transformers import UMT5Config, UMT5EncoderModel
 
     cfg = family.tiny_config

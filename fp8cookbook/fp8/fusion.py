@@ -7,7 +7,6 @@ read one input is family knowledge: each family lists its `FusionRule`s (`Family
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -15,20 +14,9 @@ from torch import nn
 
 from .linear import FP8Linear
 from .numerics import quantize_fp8
+from .fusion_rule import FusionRule, Groups  # noqa: F401 - the rule lives torch-free
 
 __all__ = ["FusionRule", "fuse_layers", "all_fp8", "fuse_attention", "fuse_fp8_projections"]
-
-Groups = list[tuple[str, tuple[str, ...]]]  # (fused layer name, the shard layer names it replaces)
-
-
-@dataclass(frozen=True)
-class FusionRule:
-    """How to fuse one diffusers module class: attention `groups`, or a whole-block `fuse_block` (run first)."""
-
-    class_name: str
-    groups: Callable[[nn.Module], Groups] | None = None
-    fuse_block: Callable[[nn.Module], list[str]] | None = None
-
 
 def fuse_layers(layers: list[nn.Module]) -> FP8Linear:
     """One FP8Linear computing all `layers` on a shared input: weights requantised to the largest weight scale."""
