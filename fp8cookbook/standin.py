@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .checkpoint import StreamingShardWriter, write_json_atomic
+from .checkpoint import StreamingShardWriter
 from .errors import Fp8CookbookError
 from .families import Family, get_family
 
@@ -594,8 +594,8 @@ def write_standin(family_name: str, output_dir: str | Path, *, size: str = "full
                 tc = time.perf_counter()
                 _write_component(c, tmp / c.name, seed, workers, shard_bytes, bar.update)
                 if not bar_on:
-                    gb = next(s.nbytes for s in sizes if s.name == c.name) / 1e9
-                    log(f"  wrote {c.name} ({gb:.2f} GB) in {time.perf_counter() - tc:.1f} s")
+                    n = next(s.nbytes for s in sizes if s.name == c.name)
+                    log(f"  wrote {c.name} ({_gb(n)}) in {time.perf_counter() - tc:.1f} s")
         modules: dict[str, Any] = {name: make() for name, make in plan.tokenizers.items()}
         for name, tok in modules.items():
             tok.save_pretrained(tmp / name)
@@ -609,7 +609,7 @@ def write_standin(family_name: str, output_dir: str | Path, *, size: str = "full
         result.written_bytes = _folder_bytes(tmp)
         info = dict(result.as_dict(), layers=layers, all_components=[c.name for c in plan.components],
                     note="random weights in the real configs: for time, memory and disk, not for images")
-        write_json_atomic(tmp / MARKER, info)
+        (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")  # the whole folder is renamed in at once
         _move_into_place(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -617,7 +617,7 @@ def write_standin(family_name: str, output_dir: str | Path, *, size: str = "full
             with contextlib.suppress(OSError):
                 parent.rmdir()
         raise
-    log(f"wrote {output_dir} ({result.written_bytes / 1e9:.2f} GB in {result.seconds:.1f} s)")
+    log(f"wrote {output_dir} ({_gb(result.written_bytes)} in {result.seconds:.1f} s)")
     return result
 
 
