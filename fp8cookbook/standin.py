@@ -332,13 +332,14 @@ class ComponentSize:
                     tensors=self.tensors, source=self.source)
 
 
-def size_table(plan: Recipe, components: list[str] | None = None) -> list[ComponentSize]:
-    """Per weight component: parameter count and BF16 bytes, from the configs on the meta device."""
+def size_table(plan: Recipe, components: list[str] | None = None,
+               models: dict[str, nn.Module] | None = None) -> list[ComponentSize]:
+    """Per weight component: parameter count and bytes as stored, from the configs on the meta device."""
     out = []
     for c in plan.components:
         if components is not None and c.name not in components:
             continue
-        specs = _specs(c, _meta_model(c))
+        specs = _specs(c, models[c.name] if models else _meta_model(c))
         out.append(ComponentSize(c.name, c.class_name, sum(math.prod(s.shape) for s in specs),
                                  sum(s.nbytes for s in specs), len(specs), c.source))
     return out
@@ -437,9 +438,8 @@ def _shard(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
     return shards
 
 
-def _write_component(component: Component, folder: Path, seed: int, workers: int, shard_bytes: int,
-                     advance: Callable[[int], None]) -> None:
-    model = _meta_model(component)
+def _write_component(component: Component, model: nn.Module, folder: Path, seed: int, workers: int,
+                     shard_bytes: int, advance: Callable[[int], None]) -> None:
     folder.mkdir(parents=True)
     if component.library == "diffusers":
         model.save_config(folder)
@@ -561,7 +561,8 @@ def write_standin(family_name: str, output_dir: str | Path, *, size: str = "full
             raise Fp8CookbookError(f"{output_dir}: already exists (pass --overwrite to replace it)")
         if not output_dir.is_dir():
             raise Fp8CookbookError(f"{output_dir}: exists and is not a folder")
-    sizes = size_table(plan, wanted)
+    models = {c.name: _meta_model(c) for c in plan.components if c.name in wanted}
+    sizes = size_table(plan, wanted, models)
     total = sum(s.nbytes for s in sizes)
     for line in size_lines(plan, sizes):
         log(line)
@@ -592,7 +593,7 @@ def write_standin(family_name: str, output_dir: str | Path, *, size: str = "full
                 if c.name not in wanted:
                     continue
                 tc = time.perf_counter()
-                _write_component(c, tmp / c.name, seed, workers, shard_bytes, bar.update)
+                _write_component(c, models[c.name], tmp / c.name, seed, workers, shard_bytes, bar.update)
                 if not bar_on:
                     n = next(s.nbytes for s in sizes if s.name == c.name)
                     log(f"  wrote {c.name} ({_gb(n)}) in {time.perf_counter() - tc:.1f} s")
@@ -601,9 +602,7 @@ def write_standin(family_name: str, output_dir: str | Path, *, size: str = "full
             tok.save_pretrained(tmp / name)
         modules["scheduler"] = _scheduler(plan)
         modules["scheduler"].save_pretrained(tmp / "scheduler")
-        for c in plan.components:
-            if c.name in wanted:
-                modules[c.name] = _meta_model(c)
+        modules.update(models)
         _pipeline_object(plan, modules).save_config(tmp)  # model_index.json; absent components are [null, null]
         result.seconds = time.perf_counter() - t0
         result.written_bytes = _folder_bytes(tmp)
@@ -631,14 +630,16 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 @torch.no_grad()
 def build_component(component: Component, *, seed: int = 0, device: str | torch.device = "cpu",
                     workers: int | None = None) -> nn.Module:
-    """One component in memory with the same values `write_standin` writes, as `from_pretrained` would hold it
-    (BF16, `_keep_in_fp32_modules` float32), drawn slice by slice straight into tensors on `device`."""
+    """One component in memory with the same values `write_standin` writes, as `load_pipeline` holds it (BF16, a
+    diffusers model's `_keep_in_fp32_modules` float32), drawn slice by slice straight into tensors on `device`."""
     model = _meta_model(component)
     specs = {s.name: s for s in _specs(component, model)}
     params = [(n, p) for n, p in model.named_parameters()]  # tied parameters appear once
     order = [specs[n] for n, _ in params if n in specs]
     for spec, parts in _stream(component.name, order, seed, workers or min(16, os.cpu_count() or 1)):
-        dtype = torch.float32 if _keep_fp32(model, spec.name) else spec.dtype
+        # diffusers keeps `_keep_in_fp32_modules` float32 in a BF16 load; transformers 5 does so only for float16
+        keep = component.library == "diffusers" and _keep_fp32(model, spec.name)
+        dtype = torch.float32 if keep else DTYPE if spec.dtype.is_floating_point else spec.dtype
         t = torch.empty(spec.shape, dtype=dtype, device=device)
         row = 0
         for part in parts:
@@ -649,7 +650,7 @@ def build_component(component: Component, *, seed: int = 0, device: str | torch.
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     for name, b in list(model.named_buffers()):
-        if b.is_floating_point() and not _keep_fp32(model, name):
+        if b.is_floating_point() and not (component.library == "diffusers" and _keep_fp32(model, name)):
             b.data = b.data.to(DTYPE)
     return model.to(device).eval().requires_grad_(False)
 
