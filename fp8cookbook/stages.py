@@ -47,13 +47,14 @@ class StageRecord:
         return asdict(self)
 
     def line(self) -> str:
-        parts = [f"stage {self.name:12s} {self.seconds:8.1f} s"]
+        parts = [f"stage {self.name:20s} {self.seconds:8.1f} s"]
         if self.peak_gpu_mb is not None:
             parts.append(f"GPU peak {self.peak_gpu_mb / 1024:6.1f} GiB")
         if self.peak_rss_mb is not None:
             parts.append(f"RSS peak {self.peak_rss_mb / 1024:6.1f} GiB" + (" (sampled)" if self.rss_method != "VmHWM" else ""))
         if self.bytes_written is not None:
-            parts.append(f"wrote {self.bytes_written / 1e9:.2f} GB")
+            n = self.bytes_written
+            parts.append(f"wrote {n / 1e9:.2f} GB" if abs(n) >= 10**8 else f"wrote {n / 1e6:.2f} MB")
         if self.status != "ok":
             parts.append(f"{self.status.upper()}: {self.error}")
         return "  ".join(parts)

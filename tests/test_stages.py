@@ -39,7 +39,7 @@ def test_record_fields_and_json(tmp_path):
     assert r.peak_rss_mb > 0 and r.rss_method in ("VmHWM", "sampled")
     assert r.peak_gpu_mb is None or not torch.cuda.is_available() or r.peak_gpu_mb >= 0
     assert r.extra == {"flavour": "fp8", "layers": 7}
-    assert lines == [r.line()] and lines[0].startswith("stage convert") and "wrote 0.00 GB" in lines[0]
+    assert lines == [r.line()] and lines[0].startswith("stage convert") and "wrote 0.00 MB" in lines[0]
     path = log.write_json(tmp_path / "stages.json", family="flux1")
     data = json.loads(path.read_text())
     assert data["family"] == "flux1" and data["stages"] == [r.as_dict()]

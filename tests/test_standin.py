@@ -190,3 +190,27 @@ def test_unknown_size_and_family():
         standin.recipe("flux1", "huge")
     with pytest.raises(Fp8CookbookError, match="unknown model family"):
         standin.recipe("sdxl")
+
+
+def test_full_size_script_runs_every_stage_at_reduced_size(tmp_path, capsys, one_thread):
+    """scripts/full_size.py (the lead's GPU script) end to end on the CPU, so a GPU run does not find its bugs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("full_size", Path(__file__).parents[1] / "scripts" / "full_size.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, work = tmp_path / "stages.json", tmp_path / "work"
+    assert script.main(["--family", "wan22", "--size", "reduced", "--device", "cpu", "--out", str(out),
+                        "--work", str(work), "--stages", "build,quantize,convert,load,compare"]) == 0
+    data = json.loads(out.read_text())
+    names = [s["name"] for s in data["stages"]]
+    assert names == ["build", "quantize", "cp-transformer", "convert-transformer", "cp-transformer_2",
+                     "convert-transformer_2", "cat-transformer", "load-transformer", "cat-transformer_2",
+                     "load-transformer_2", "compare"]
+    assert all(s["status"] == "ok" and s["peak_rss_mb"] > 0 for s in data["stages"])
+    quantize = data["stages"][1]
+    assert quantize["bytes_written"] > 0 and set(quantize["extra"]["disk"]) == {"transformer", "transformer_2"}
+    assert quantize["extra"]["calibration"]["forward_calls"]["transformer_2"] > 0
+    assert data["stages"][-1]["extra"]["final_latents"]["cosine"] > 0.99
+    assert not work.exists()  # removed unless --keep
+    assert "summary" in capsys.readouterr().out
