@@ -414,7 +414,7 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
                     "temporary folder and renames it to OUTPUT_DIR at the end, so a failure leaves nothing behind. "
                     "Without --model-path the tiny test pipeline and its small settings are used.", 100),
         epilog="output layout (NAME = transformer, and transformer_2 for Wan2.2 A14B):\n"
-               "  OUTPUT_DIR/NAME.pt        ModelOpt state (mto.save): quantizer config, amaxes, weights\n"
+               "  OUTPUT_DIR/NAME.pt        ModelOpt state: quantizer config, amaxes (weights only for a BF16-flavour export)\n"
                "  OUTPUT_DIR/export/NAME/   ModelOpt export (export_hf_checkpoint)\n"
                "  OUTPUT_DIR/fp8/NAME/      SGLang FP8 checkpoint: pass it to SGLang's --transformer-path\n"
                "  OUTPUT_DIR/base/NAME/     BF16 weights, only if the pipeline's own transformer folder is not local BF16\n"

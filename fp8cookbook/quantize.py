@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .checkpoint import STATS_NAME, scan_tensors, write_json_atomic
+from .checkpoint import STATS_NAME, scan_tensors, shard_files, write_json_atomic
 from .convert import ConvertStats, convert_checkpoint, peak_rss_mb
 from .errors import Fp8CookbookError
 from .families import Family, build_transformer, get_family
@@ -148,14 +148,34 @@ def quantize_transformer(model: nn.Module, family: Family | str, forward_loop: F
     return model
 
 
-def save_modelopt_state(model: nn.Module, path: str | Path) -> Path:
-    """`mto.save`: the amaxes (`M.*_quantizer._amax`, model dtype) plus a full copy of the weights."""
+LEAN_STATE_KEY = "fp8cookbook_weights_omitted"  # in a state file written with weights=False
+
+
+def save_modelopt_state(model: nn.Module, path: str | Path, *, weights: bool = True) -> Path:
+    """`mto.save`'s layout: ModelOpt's state (quantizer config) and `model_state_dict` with the amaxes
+    (`M.*_quantizer._amax`, model dtype).
+
+    `weights=True` is `mto.save` itself, with a full copy of the weights. `weights=False` keeps only the quantizer
+    tensors: when the export holds the FP8 weights and the base folder the BF16 ones, a third copy is waste (FLUX.2:
+    64 GB); `load_fake_quant` then reads the weights from the base folder. A BF16-flavour export (no FP8 weights)
+    needs the full file: there the state is the only record of the calibrated model besides the export.
+    """
     _, mto = _modelopt()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _quiet():
-        mto.save(model, path)
+        if weights:
+            mto.save(model, path)
+        else:
+            quantizers = {k: v for k, v in model.state_dict().items() if "_quantizer." in k}
+            torch.save({"modelopt_state": mto.modelopt_state(model), "model_state_dict": quantizers,
+                        LEAN_STATE_KEY: True}, path)
     return path
+
+
+def export_has_fp8_weights(export_dir: str | Path) -> bool:
+    """The export holds FP8 weights (ModelOpt's usual flavour), not BF16 ones with the amaxes left in the state."""
+    return any(t.dtype == torch.float8_e4m3fn for t in scan_tensors(Path(export_dir)).values())
 
 
 @torch.no_grad()
@@ -210,10 +230,30 @@ def load_fake_quant(base_dir: str | Path, state_path: str | Path, dtype: torch.d
 
     config = json.loads((Path(base_dir) / "config.json").read_text())
     cls = getattr(diffusers, config["_class_name"])
+    state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
     with _quiet():
         model = cls.from_config(config).to(dtype).eval().requires_grad_(False)
-        mto.restore(model, str(state_path))
-        return model.to(dtype)
+        if not state.get(LEAN_STATE_KEY):
+            mto.restore(model, str(state_path))
+            return model.to(dtype)
+        from safetensors.torch import load_file  # a state without weights: they are the base folder's
+
+        loaded: set[str] = set()
+        for shard in shard_files(Path(base_dir)):
+            tensors = load_file(shard)
+            model.load_state_dict(tensors, strict=False)
+            loaded |= tensors.keys()
+        lacking = [k for k in model.state_dict() if k not in loaded]
+        if lacking:
+            raise Fp8CookbookError(f"{base_dir}: lacks {lacking[0]} (+{len(lacking) - 1} more); {state_path} holds no "
+                                   "weights, so the base folder must hold them all")
+        model = mto.restore_from_modelopt_state(model, state["modelopt_state"])
+        result = model.load_state_dict(state["model_state_dict"], strict=False)
+    missing = [k for k in result.missing_keys if "_quantizer." in k]
+    if missing or result.unexpected_keys:
+        bad = (missing or result.unexpected_keys)[0]
+        raise Fp8CookbookError(f"{state_path}: quantizer state does not fit {base_dir} ({bad})")
+    return model.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------- tiny exports
@@ -289,7 +329,7 @@ def make_tiny_export(family_name: str, out_dir: str | Path, *, seed: int = 0, qu
             m(**inputs)
 
     model = quantize_transformer(model, family, forward_loop, quantize_mha=quantize_mha)
-    save_modelopt_state(model, paths["state"])
+    save_modelopt_state(model, paths["state"], weights=bf16_export)  # the full copy only where it is needed
     export_transformer(model, paths["export"])
     if bf16_export:
         _bf16_flavour(paths["export"], paths["base"])
@@ -587,8 +627,9 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
     succeeded; an existing `output_dir` is refused unless `overwrite`)::
 
         output_dir/
-          <name>.pt          ModelOpt state (`mto.save`): quantizer config, amaxes and weights; the fake-quant
-                             reference is `load_fake_quant(paths[name]["base"], <name>.pt)`
+          <name>.pt          ModelOpt state (`save_modelopt_state`): quantizer config and amaxes, without the
+                             weights (the export has them in FP8, base/ in BF16) unless the export is BF16-flavour;
+                             the fake-quant reference is `load_fake_quant(paths[name]["base"], <name>.pt)`
           export/<name>/     ModelOpt export (`export_hf_checkpoint`): FP8 weights, 0-d scales, quantization_config
           fp8/<name>/        SGLang FP8 checkpoint (`convert_checkpoint`): `--transformer-path` for SGLang
           base/<name>/       BF16 weights saved before quantizing, only when the pipeline's own transformer folder
@@ -667,8 +708,12 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
         stats: dict[str, ConvertStats] = {}
         for n in names:
             model = getattr(pipe, n)
-            save_modelopt_state(model, paths[n]["state"])
+            # Without the weights: the export holds them in FP8 and the base in BF16. An export without FP8 weights
+            # (BF16 flavour, left by offloaded calibration) did not convert the model in place: the full state then.
+            save_modelopt_state(model, paths[n]["state"], weights=False)
             export_transformer(model, paths[n]["export"])  # FP8 in place: the model cannot run afterwards
+            if not export_has_fp8_weights(paths[n]["export"]):
+                save_modelopt_state(model, paths[n]["state"], weights=True)
             stats[n] = convert_checkpoint(paths[n]["export"], paths[n]["fp8"], state_file=paths[n]["state"],
                                           base_transformer=paths[n]["base"], family=family.name, progress=progress)
 
