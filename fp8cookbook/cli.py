@@ -34,10 +34,13 @@ def _command(name: str):
 @_command("convert")
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
+    from .stages import StageLog
 
-    stats = convert_checkpoint(args.export_dir, args.output_dir, state_file=args.state_file,
-                               base_transformer=args.base_transformer, family=args.family, keep_bf16=args.keep_bf16,
-                               overwrite=args.overwrite, dry_run=args.dry_run, progress=not args.quiet)
+    with (contextlib.nullcontext() if args.dry_run else StageLog().stage("convert", output=args.output_dir)):
+        stats = convert_checkpoint(args.export_dir, args.output_dir, state_file=args.state_file,
+                                   base_transformer=args.base_transformer, family=args.family,
+                                   keep_bf16=args.keep_bf16, overwrite=args.overwrite, dry_run=args.dry_run,
+                                   progress=not args.quiet)
     head = "plan (dry run, nothing written)" if args.dry_run else f"wrote {args.output_dir}"
     print(head)
     for line in stats.lines():
@@ -71,15 +74,19 @@ def _load(args: argparse.Namespace) -> int:
     from .fp8attention import count_fp8_attention_calls
     from .fp8linear import count_fp8_calls
     from .loader import load_fp8_transformer
+    from .stages import StageLog
 
-    model, report = load_fp8_transformer(args.checkpoint, device=args.device, fp8_attention=args.fp8_attention)
+    log = StageLog()
+    with log.stage("load", hint="load with --device cpu, or free the GPU"):
+        model, report = load_fp8_transformer(args.checkpoint, device=args.device, fp8_attention=args.fp8_attention)
     print("\n".join(report.lines()))
     family = family_for_class(report.class_name)
     if family is not None and args.forward:
         config = dict(model.config)
         inputs = family.make_inputs(config, height=64, width=64, num_frames=5 if family.is_video else None,
                                     text_len=8, device=args.device, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad(), count_fp8_calls(model) as calls, count_fp8_attention_calls(model) as attn:
+        with log.stage("forward"), torch.no_grad(), count_fp8_calls(model) as calls, \
+                count_fp8_attention_calls(model) as attn:
             out = model(**inputs)[0]
         ran_attn = sum(1 for c in attn.values() if c["fp8"])
         print(f"forward          output {list(out.shape)}, {len(calls)}/{report.fp8_layers} FP8 layers ran"
@@ -171,7 +178,10 @@ def _bench(args: argparse.Namespace) -> int:
         warmup=args.warmup, text_len=args.text_len, compile=args.compile, cuda_graphs=args.cuda_graphs,
         fast=False if args.plain else None, levers=args.levers, include_fallback=args.include_fallback,
         attention_backend=args.attention_backend, fp8_attention=args.fp8_attention, device=args.device)
-    report = run_bench(settings, output=args.output, log=_log_stderr if args.verbose else (lambda m: None))
+    from .stages import StageLog
+
+    with StageLog().stage("bench", hint="time fewer --steps, or a smaller --height/--width (--frames)"):
+        report = run_bench(settings, output=args.output, log=_log_stderr if args.verbose else (lambda m: None))
     print("\n".join(summary_lines(report)))
     if args.output:
         print(f"wrote {args.output}")
@@ -247,25 +257,32 @@ def _compare(args: argparse.Namespace) -> int:
     from .compare import Thresholds, compare_trajectories, load_transformer, write_outputs
     from .families import get_family
     from .pipelines import default_tiny_settings, load_pipeline
+    from .stages import StageLog
 
     family = get_family(args.family)
     if "transformer_2" not in family.experts and (args.candidate_2 or args.reference_2):
         raise Fp8CookbookError(f"{family.title} has one transformer; --candidate-2/--reference-2 apply to Wan2.2 A14B")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     load_to = "cpu" if args.offload_idle else device
+    log = StageLog()
+    hint = "pass --offload-idle (the BF16 and FP8 copies never share the GPU)" if not args.offload_idle else (
+        "compare at a smaller --height/--width (--frames for video)")
     # Transformers first: a bad path fails before the pipeline is loaded.
-    candidate = {name: load_transformer(path, device=load_to, fp8_attention=args.fp8_attention)
-                 for name, path in (("transformer", args.candidate), ("transformer_2", args.candidate_2)) if path}
-    reference = {name: load_transformer(path, device=load_to)
-                 for name, path in (("transformer", args.reference), ("transformer_2", args.reference_2)) if path}
-    pipe = load_pipeline(family.name, args.model_path, device=device)
+    with log.stage("load", hint=hint):
+        candidate = {name: load_transformer(path, device=load_to, fp8_attention=args.fp8_attention)
+                     for name, path in (("transformer", args.candidate), ("transformer_2", args.candidate_2)) if path}
+        reference = {name: load_transformer(path, device=load_to)
+                     for name, path in (("transformer", args.reference), ("transformer_2", args.reference_2)) if path}
+        pipe = load_pipeline(family.name, args.model_path, device=device)
     tiny = default_tiny_settings(family.name) if args.model_path is None else {}
     pick = lambda value, key: tiny.get(key) if value is None else value  # noqa: E731
-    report = compare_trajectories(
-        pipe, reference, candidate, family=family, prompt=args.prompt, seed=args.seed,
-        height=pick(args.height, "height"), width=pick(args.width, "width"), num_frames=pick(args.frames, "num_frames"),
-        steps=pick(args.steps, "num_inference_steps"), guidance_scale=pick(args.guidance, "guidance_scale"),
-        progress=not args.quiet, offload_idle=args.offload_idle)
+    with log.stage("compare", hint=hint, output=args.output_dir):
+        report = compare_trajectories(
+            pipe, reference, candidate, family=family, prompt=args.prompt, seed=args.seed,
+            height=pick(args.height, "height"), width=pick(args.width, "width"),
+            num_frames=pick(args.frames, "num_frames"), steps=pick(args.steps, "num_inference_steps"),
+            guidance_scale=pick(args.guidance, "guidance_scale"), progress=not args.quiet,
+            offload_idle=args.offload_idle)
     thresholds = Thresholds(min_cosine=args.min_cosine, min_step_cosine=args.min_step_cosine,
                             max_rel_l2=args.max_rel_l2, min_psnr=args.min_psnr, min_ssim=args.min_ssim)
     paths = write_outputs(report, args.output_dir, thresholds)
@@ -325,6 +342,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from .families import get_family
     from .pipelines import load_pipeline
     from .quantize import _modelopt, calibration_prompts, quantize_pipeline
+    from .stages import StageLog
 
     # Everything a user can get wrong is checked before the (possibly minutes-long) pipeline load.
     family = get_family(args.family)
@@ -342,13 +360,14 @@ def _quantize(args: argparse.Namespace) -> int:
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
 
-    with _progress_bars(not args.quiet):
+    log = StageLog()  # one line per step (time, peak memory, bytes written); also in quantize.json
+    with _progress_bars(not args.quiet), log.stage("load", hint="load on --device cpu (--dtype bfloat16)"):
         pipe = load_pipeline(family.name, args.model_path, dtype=dtype, device=device)
     result = quantize_pipeline(
         family.name, pipe, args.output_dir, prompts=prompts, num_prompts=args.num_prompts,
         num_inference_steps=args.calib_steps, seed=args.seed, height=args.height, width=args.width,
         num_frames=args.frames, guidance_scale=args.guidance, quantize_mha=args.quantize_mha,
-        overwrite=args.overwrite, progress=not args.quiet)
+        overwrite=args.overwrite, progress=not args.quiet, stages=log)
     print("\n".join(result.lines()))
     fp8 = {name: p["fp8"] for name, p in result.paths.items()}
     for name, path in fp8.items():

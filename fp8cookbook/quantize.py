@@ -30,6 +30,7 @@ from .convert import ConvertStats, convert_checkpoint, peak_rss_mb
 from .errors import Fp8CookbookError
 from .families import Family, build_transformer, get_family
 from .pipelines import default_tiny_settings, generation_kwargs, transformer_names
+from .stages import StageLog
 
 log = logging.getLogger(__name__)
 
@@ -603,11 +604,25 @@ def _move_into_place(tmp: Path, output_dir: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+_CALIBRATE_HINT = ("calibrate at a smaller size (--height/--width, --frames for video) or keep the text encoders on "
+                   "the CPU; the transformer(s) must fit the GPU")
+_EXPORT_HINT = "export converts the transformer in place on its device: free GPU memory held by other components"
+
+
+def _stage(log: StageLog | None, name: str, **kwargs: Any):
+    """`log.stage(...)`, or nothing when no log was given."""
+    return contextlib.nullcontext() if log is None else log.stage(name, **kwargs)
+
+
+def _named(stage: str, expert: str, names: list[str]) -> str:
+    return stage if len(names) == 1 else f"{stage}-{expert}"
+
+
 def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, prompts: list[str] | None = None,
                       num_prompts: int | None = None, num_inference_steps: int | None = None, seed: int = 0,
                       height: int | None = None, width: int | None = None, num_frames: int | None = None,
                       guidance_scale: float | None = None, quantize_mha: bool = True, overwrite: bool = False,
-                      progress: bool = True) -> QuantizeResult:
+                      progress: bool = True, stages: StageLog | None = None) -> QuantizeResult:
     """Quantize every transformer of a diffusers pipeline to FP8 with ModelOpt, calibrating on the real pipeline,
     and write each as a ModelOpt state, a ModelOpt export and an SGLang FP8 checkpoint.
 
@@ -638,6 +653,9 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
 
     `<name>` is `transformer` (and `transformer_2` for Wan2.2 A14B). The transformers are changed in place and
     hold FP8 export weights afterwards: reload the pipeline to generate with it.
+
+    `stages` records the steps (base, calibrate, state, export, convert: time, peak memory, bytes written; see
+    `fp8cookbook.stages`) into that log and quantize.json; an out-of-memory in one is one line naming it.
     """
     t0 = time.perf_counter()
     family = get_family(family) if isinstance(family, str) else family
@@ -691,11 +709,16 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
     try:
         paths: dict[str, dict[str, Path]] = {}
         for n, model in models.items():  # BF16 base first: quantization changes the weights
-            base = bases[n] or _save_bf16(model, tmp / "base" / n)
+            if bases[n] is None:
+                with _stage(stages, _named("base", n, names), output=tmp / "base" / n):
+                    base = _save_bf16(model, tmp / "base" / n)
+            else:
+                base = bases[n]
             paths[n] = {"base": base, "state": tmp / f"{n}.pt", "export": tmp / "export" / n, "fp8": tmp / "fp8" / n}
 
-        calls, timesteps = _calibrate_together(pipe, family, names, prompts, settings, seed=seed,
-                                               quantize_mha=quantize_mha, progress=progress)
+        with _stage(stages, "calibrate", hint=_CALIBRATE_HINT, prompts=len(prompts), **settings):
+            calls, timesteps = _calibrate_together(pipe, family, names, prompts, settings, seed=seed,
+                                                   quantize_mha=quantize_mha, progress=progress)
         calibration: dict[str, Any] = dict(
             prompts=list(prompts), seed=seed, **settings, quantize_mha=quantize_mha,
             dtype=str(first.dtype).replace("torch.", ""), device=str(first.device), tiny=tiny,
@@ -710,12 +733,17 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
             model = getattr(pipe, n)
             # Without the weights: the export holds them in FP8 and the base in BF16. An export without FP8 weights
             # (BF16 flavour, left by offloaded calibration) did not convert the model in place: the full state then.
-            save_modelopt_state(model, paths[n]["state"], weights=False)
-            export_transformer(model, paths[n]["export"])  # FP8 in place: the model cannot run afterwards
+            with _stage(stages, _named("state", n, names), output=paths[n]["state"]):
+                save_modelopt_state(model, paths[n]["state"], weights=False)
+            with _stage(stages, _named("export", n, names), output=paths[n]["export"], hint=_EXPORT_HINT):
+                export_transformer(model, paths[n]["export"])  # FP8 in place: the model cannot run afterwards
             if not export_has_fp8_weights(paths[n]["export"]):
-                save_modelopt_state(model, paths[n]["state"], weights=True)
-            stats[n] = convert_checkpoint(paths[n]["export"], paths[n]["fp8"], state_file=paths[n]["state"],
-                                          base_transformer=paths[n]["base"], family=family.name, progress=progress)
+                with _stage(stages, _named("state-full", n, names), output=paths[n]["state"]):
+                    save_modelopt_state(model, paths[n]["state"], weights=True)
+            with _stage(stages, _named("convert", n, names), output=paths[n]["fp8"]):
+                stats[n] = convert_checkpoint(paths[n]["export"], paths[n]["fp8"], state_file=paths[n]["state"],
+                                              base_transformer=paths[n]["base"], family=family.name,
+                                              progress=progress)
 
         def final(p: Path) -> Path:
             return output_dir / p.relative_to(tmp) if p.is_relative_to(tmp) else p
@@ -729,7 +757,12 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
         result.peak_memory_mb = peak_rss_mb()
         if first.device.type == "cuda":
             result.peak_cuda_memory_mb = torch.cuda.max_memory_allocated(first.device) / 2**20
-        write_json_atomic(tmp / "quantize.json", _summary(result))
+        summary = _summary(result)
+        if stages is not None:
+            for record in stages.records:  # they name the temporary folder
+                record.output = [str(final(Path(o))) for o in record.output]
+            summary["stages"] = stages.as_dicts()
+        write_json_atomic(tmp / "quantize.json", summary)
         _move_into_place(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

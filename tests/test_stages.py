@@ -113,3 +113,37 @@ def test_stage_without_log_prints_its_line(capsys):
     with stage("bench") as record:
         pass
     assert capsys.readouterr().out.strip() == record.line()
+
+
+def test_quantize_cli_records_each_step_and_its_disk(tmp_path, capsys, tiny_cache_env):
+    from fp8cookbook.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--family", "flux1", "--num-prompts", "1", "--calib-steps", "1", "--output-dir", str(out),
+                 "--quiet"]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stage ")]
+    names = [line.split()[1] for line in printed]
+    assert names == ["load", "calibrate", "state", "export", "convert"]  # the tiny folder is the BF16 base
+    records = {r["name"]: r for r in json.loads((out / "quantize.json").read_text())["stages"]}
+    assert records["state"]["bytes_written"] == (out / "transformer.pt").stat().st_size
+    assert records["export"]["output"] == [str(out / "export" / "transformer")]  # final paths, not the staging ones
+    # the stats file is rewritten with the final paths after the stage: a few bytes differ
+    assert abs(records["convert"]["bytes_written"] - stages.tree_bytes([out / "fp8" / "transformer"])) < 4096
+    assert records["calibrate"]["extra"]["prompts"] == 1 and records["calibrate"]["peak_rss_mb"] > 0
+
+
+def test_cli_out_of_memory_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, tiny_cache_env):
+    from fp8cookbook import quantize
+    from fp8cookbook.cli import main
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 30.00 GiB. GPU 0 has a total capacity of "
+                                     "79.19 GiB of which 2.00 GiB is free.\nIncluding non-PyTorch memory ...")
+
+    monkeypatch.setattr(quantize, "_calibrate_together", oom)
+    out = tmp_path / "q"
+    assert main(["quantize", "--family", "flux1", "--num-prompts", "1", "--output-dir", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fp8cookbook quantize: error: stage calibrate: out of GPU memory (CUDA")
+    assert "--height/--width" in err[0]
+    assert list(tmp_path.iterdir()) == []
