@@ -8,17 +8,18 @@ host RSS, bytes written) and an out-of-memory ends the run with one line naming 
 
 Stages (pick with --stages, in this order):
   build     the pipeline in memory: transformer(s) on --device, text encoder(s) on --text-encoder-device
-  quantize  ModelOpt calibration through the pipeline (--calib-prompts prompts x --calib-steps steps at the
-            family's size, or --height/--width/--frames), state file, export, conversion (quantize_pipeline)
+  quantize  quantize_pipeline, recorded as its steps: base (the BF16 copy), calibrate (ModelOpt through the
+            pipeline: --calib-prompts prompts x --calib-steps steps at the family's size, or --height/--width/
+            --frames), state, export, convert (per expert for A14B), then the whole as "quantize"
   convert   the converter again on the export just written (its own time and RSS), beside a `cp -r` of the same
             files (the disk's plain copy speed, for the converter's read rate)
   load      each FP8 checkpoint from disk to --device, beside `cat` of its files (the disk's read speed)
   compare   BF16 (the same seeded weights, rebuilt) vs the FP8 checkpoints through the pipeline, --compare-steps
   bench     the transformer-only benchmark (`fp8cookbook bench --synthetic full`), --bench-steps
 
-Disk: quantize writes the BF16 base (an in-memory pipeline has no folder to point at), the ModelOpt state, the
-export and the FP8 checkpoint under --work; the script prints its estimate first and refuses when the disk is too
-small. Calibration defaults here are short (2 prompts x 4 steps) because the stage's cost scales linearly: the
+Disk: quantize writes the BF16 base (an in-memory pipeline has no folder to point at), the ModelOpt state (no
+weights), the export and the FP8 checkpoint under --work, about 2.2x the transformers' BF16 size (FLUX.2 ~142 GB,
+A14B ~126 GB: more than a 64 GB disk); the script prints its estimate first and refuses when the disk is too small. Calibration defaults here are short (2 prompts x 4 steps) because the stage's cost scales linearly: the
 record holds seconds per prompt-step, and a real run (quantize's defaults: 64 image / 16 video prompts x 20 steps)
 costs that times prompts x steps.
 
@@ -77,15 +78,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def disk_estimate(family_name: str, size: str, layers: int | None, stages: list[str]) -> int:
-    """Upper bound of what the stages write: base + state (BF16 each) + export + FP8 (about half each) per expert."""
+    """Upper bound of what the stages write, per expert: the BF16 base (an in-memory pipeline has no folder to
+    reuse) and export + FP8 checkpoint at a little over half of it each; the state file holds no weights."""
     plan = recipe(family_name, size, layers=layers)
     fam = get_family(family_name)
     bf16 = sum(s.nbytes for s in size_table(plan, list(fam.experts)))
     need = 0
     if "quantize" in stages:
-        need += 3 * bf16  # base, state (with the weights), export + FP8 at half each
-    if "convert" in stages:
-        need += bf16  # a second FP8 copy and a `cp` of the export, one at a time
+        need += int(2.2 * bf16)
+    if "convert" in stages:  # one expert's second FP8 copy, then its `cp`, each removed after its stage
+        need += int(0.6 * bf16 / len(fam.experts))
     return need
 
 
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                            "--text-encoder-device cpu") as r:
                 result = quantize_pipeline(fam.name, pipe, out, num_prompts=args.calib_prompts,
                                            num_inference_steps=args.calib_steps, quantize_mha=True, progress=False,
-                                           **{k: v for k, v in size.items() if v is not None})
+                                           stages=log, **{k: v for k, v in size.items() if v is not None})
                 calib = result.calibration
                 r.extra.update(calibration={k: v for k, v in calib.items() if k != "prompts"},
                                prompt_steps=len(calib["prompts"]) * calib["num_inference_steps"],

@@ -204,11 +204,13 @@ def test_full_size_script_runs_every_stage_at_reduced_size(tmp_path, capsys, one
                         "--work", str(work), "--stages", "build,quantize,convert,load,compare"]) == 0
     data = json.loads(out.read_text())
     names = [s["name"] for s in data["stages"]]
-    assert names == ["build", "quantize", "cp-transformer", "convert-transformer", "cp-transformer_2",
+    assert names == ["build", "base-transformer", "base-transformer_2", "calibrate", "state-transformer",
+                     "export-transformer", "convert-transformer", "state-transformer_2", "export-transformer_2",
+                     "convert-transformer_2", "quantize", "cp-transformer", "convert-transformer", "cp-transformer_2",
                      "convert-transformer_2", "cat-transformer", "load-transformer", "cat-transformer_2",
                      "load-transformer_2", "compare"]
     assert all(s["status"] == "ok" and s["peak_rss_mb"] > 0 for s in data["stages"])
-    quantize = data["stages"][1]
+    quantize = data["stages"][names.index("quantize")]
     assert quantize["bytes_written"] > 0 and set(quantize["extra"]["disk"]) == {"transformer", "transformer_2"}
     assert quantize["extra"]["calibration"]["forward_calls"]["transformer_2"] > 0
     assert data["stages"][-1]["extra"]["final_latents"]["cosine"] > 0.99
