@@ -159,11 +159,11 @@ class Recipe:
 
 
 def _tokenizers(kind: str) -> dict[str, Callable[[], Any]]:
-    from .pipelines import _clip_tokenizer, _mistral_tokenizer, _t5_tokenizer
+    from .families._tiny import clip_tokenizer, mistral_tokenizer, t5_tokenizer
 
-    return {"flux1": {"tokenizer": _clip_tokenizer, "tokenizer_2": lambda: _t5_tokenizer(model_max_length=512)},
-            "flux2": {"tokenizer": lambda: _mistral_tokenizer(model_max_length=512)},
-            "wan": {"tokenizer": lambda: _t5_tokenizer(model_max_length=512)}}[kind]
+    return {"flux1": {"tokenizer": clip_tokenizer, "tokenizer_2": lambda: t5_tokenizer(model_max_length=512)},
+            "flux2": {"tokenizer": lambda: mistral_tokenizer(model_max_length=512)},
+            "wan": {"tokenizer": lambda: t5_tokenizer(model_max_length=512)}}[kind]
 
 
 def _with_layers(family: Family, config: dict[str, Any], layers: int | None) -> dict[str, Any]:

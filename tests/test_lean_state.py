@@ -87,7 +87,7 @@ def test_bf16_flavour_export_keeps_the_full_state(tmp_path, monkeypatch):
         (export_dir / "config.json").write_text(json.dumps(config, default=list))
         return export_dir
 
-    monkeypatch.setattr(q, "export_transformer", bf16_export)
+    monkeypatch.setattr(q.pipeline, "export_transformer", bf16_export)
     pipe = build_tiny_pipeline("flux1")
     result = q.quantize_pipeline("flux1", pipe, tmp_path / "out", num_prompts=1, progress=False)
     paths = result.paths["transformer"]

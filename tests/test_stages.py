@@ -133,14 +133,14 @@ def test_quantize_cli_records_each_step_and_its_disk(tmp_path, capsys, tiny_cach
 
 
 def test_cli_out_of_memory_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, tiny_cache_env):
-    from fp8cookbook import quantize
     from fp8cookbook.cli import main
+    from fp8cookbook.quantize import pipeline
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 30.00 GiB. GPU 0 has a total capacity of "
                                      "79.19 GiB of which 2.00 GiB is free.\nIncluding non-PyTorch memory ...")
 
-    monkeypatch.setattr(quantize, "_calibrate_together", oom)
+    monkeypatch.setattr(pipeline, "calibrate_together", oom)
     out = tmp_path / "q"
     assert main(["quantize", "--family", "flux1", "--num-prompts", "1", "--output-dir", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
