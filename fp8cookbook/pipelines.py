@@ -141,6 +141,16 @@ def load_pipeline(family_name: str, model_path: str | Path | None = None, *, dty
     return pipe.to(device)
 
 
+def require_components(pipe, family: Family, purpose: str) -> None:
+    """Refuse, in one line, a pipeline whose needed components are None (a stand-in written with --components or
+    --transformer-only loads so): `purpose` says what needs them."""
+    optional = set(getattr(pipe, "_optional_components", [])) - set(family.experts)  # Wan: TI2V-5B's transformer_2
+    absent = [n for n, m in pipe.components.items() if m is None and n not in optional]
+    if absent:
+        raise Fp8CookbookError(f"the {family.title} pipeline has no {', '.join(absent)} (a folder written with "
+                               f"--components or --transformer-only?): {purpose} runs the whole pipeline")
+
+
 def transformer_names(pipe) -> list[str]:
     """The denoiser components to quantize/calibrate: "transformer", plus "transformer_2" for Wan2.2 A14B."""
     return [name for name in ("transformer", "transformer_2") if getattr(pipe, name, None) is not None]

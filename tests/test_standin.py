@@ -165,6 +165,15 @@ def test_transformer_only_folder_loads_with_the_rest_none(tmp_path, capsys, one_
     pipe = load_pipeline("wan22", out)
     assert pipe.text_encoder is None and pipe.vae is None and pipe.tokenizer is not None
     assert len(pipe.transformer.blocks) == 2 and len(pipe.transformer_2.blocks) == 2
+    from fp8cookbook.compare import compare_trajectories
+    from fp8cookbook.quantize import quantize_pipeline
+
+    # what needs the whole pipeline says so in one line, before any slow work
+    with pytest.raises(Fp8CookbookError, match=r"has no vae, text_encoder .*--transformer-only.*: calibration runs"):
+        quantize_pipeline("wan22", pipe, tmp_path / "q", progress=False)
+    with pytest.raises(Fp8CookbookError, match=r"has no vae, text_encoder .*: a comparison runs the whole pipeline"):
+        compare_trajectories(pipe, {}, {}, family="wan22")
+    assert not (tmp_path / "q").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -21,7 +21,7 @@ from ..checkpoint import STATS_NAME, scan_tensors, write_json_atomic
 from ..convert import ConvertStats, convert_checkpoint, peak_rss_mb
 from ..errors import Fp8CookbookError
 from ..families import Family, get_family
-from ..pipelines import default_tiny_settings, transformer_names
+from ..pipelines import default_tiny_settings, require_components, transformer_names
 from ..stages import StageLog
 from .calibration import (DEFAULT_NUM_PROMPTS, as_json, calibrate_together, calibration_settings, is_tiny,
                           no_amax_message, calibration_prompts)
@@ -233,6 +233,7 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
 
 def _checked_models(family: Family, pipe) -> dict[str, nn.Module]:
     """The pipeline's transformers by name, refused unless they are the family's, of its class, not quantized yet."""
+    require_components(pipe, family, "calibration")
     names = transformer_names(pipe)
     if names != list(family.experts):
         raise Fp8CookbookError(f"the pipeline has transformers {names}, but {family.title} has {list(family.experts)}")
