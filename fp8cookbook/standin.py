@@ -161,9 +161,9 @@ class Recipe:
 def _tokenizers(kind: str) -> dict[str, Callable[[], Any]]:
     from .families._tiny import clip_tokenizer, mistral_tokenizer, t5_tokenizer
 
-    return {"flux1": {"tokenizer": clip_tokenizer, "tokenizer_2": lambda: t5_tokenizer(model_max_length=512)},
-            "flux2": {"tokenizer": lambda: mistral_tokenizer(model_max_length=512)},
-            "wan": {"tokenizer": lambda: t5_tokenizer(model_max_length=512)}}[kind]
+    return {"FluxPipeline": {"tokenizer": clip_tokenizer, "tokenizer_2": lambda: t5_tokenizer(model_max_length=512)},
+            "Flux2Pipeline": {"tokenizer": lambda: mistral_tokenizer(model_max_length=512)},
+            "WanPipeline": {"tokenizer": lambda: t5_tokenizer(model_max_length=512)}}[kind]
 
 
 def _with_layers(family: Family, config: dict[str, Any], layers: int | None) -> dict[str, Any]:
@@ -188,10 +188,13 @@ def recipe(family_name: str, size: str = "full", *, layers: int | None = None) -
     repo = family.hub_id
     transformers = tuple(Component(name, "diffusers", family.class_name, tf, source=f"{repo} {name}/config.json")
                          for name in family.experts)
-    tokenizers = _tokenizers({"flux1": "flux1", "flux2": "flux2"}.get(family.name, "wan"))
+    if family.pipeline_class not in ("FluxPipeline", "Flux2Pipeline", "WanPipeline"):
+        raise Fp8CookbookError(f"no stand-in recipe for {family.title} ({family.pipeline_class})")
+    # Keyed by pipeline class (library modules outside families/ name no family): Wan2.2 covers A14B and TI2V-5B.
+    tokenizers = _tokenizers(family.pipeline_class)
     tok = {name: make() for name, make in tokenizers.items()}  # their special-token ids go into the encoders
 
-    if family.name == "flux1":
+    if family.pipeline_class == "FluxPipeline":
         clip_tok, t5_tok = tok["tokenizer"], tok["tokenizer_2"]
         clip = dict(_CLIP_L) if full else dict(_CLIP_L, vocab_size=_REDUCED_VOCAB, hidden_size=tf["pooled_projection_dim"],
                                                 intermediate_size=64, projection_dim=tf["pooled_projection_dim"],
@@ -214,7 +217,7 @@ def recipe(family_name: str, size: str = "full", *, layers: int | None = None) -
         return Recipe(family, size, transformers + others, ("FlowMatchEulerDiscreteScheduler", _FLUX1_SCHEDULER),
                       tokenizers)
 
-    if family.name == "flux2":
+    if family.pipeline_class == "Flux2Pipeline":
         mtok = tok["tokenizer"]
         mistral = json.loads(json.dumps(_MISTRAL_SMALL))
         if not full:  # 30 layers: Flux2Pipeline reads hidden states 10, 20 and 30
