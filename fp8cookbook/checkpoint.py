@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -257,6 +257,20 @@ class StreamingShardWriter:
                                f"got {name} {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
         self._file.write(memoryview(data))
+        self._next += 1
+
+    def write_parts(self, name: str, parts: Iterable[torch.Tensor]) -> None:
+        """Write one tensor from consecutive slices along its first dim, so a huge tensor is never whole in memory."""
+        want_name, want_dtype, want_shape = self._expected[self._next]
+        rows = 0
+        for part in parts:
+            if (name, part.dtype, tuple(part.shape[1:])) != (want_name, want_dtype, tuple(want_shape[1:])):
+                raise RuntimeError(f"shard writer: expected slices of {want_name} {want_dtype} {want_shape}, "
+                                   f"got {name} {part.dtype} {tuple(part.shape)}")
+            rows += part.shape[0] if part.dim() else 1
+            self._file.write(memoryview(part.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+        if rows != (want_shape[0] if want_shape else 1):
+            raise RuntimeError(f"shard writer: {want_name} got {rows} rows of {want_shape}")
         self._next += 1
 
     def close(self) -> None:

@@ -35,13 +35,15 @@ def _command(name: str):
 @_command("convert")
 def _convert(args: argparse.Namespace) -> int:
     from .convert import base_from_quantize_report, convert_checkpoint
+    from .stages import StageLog
 
     base = args.base_transformer
     if base is None and (base := base_from_quantize_report(args.export_dir)) is not None:
         print(f"base transformer {base} (from quantize.json)")
-    stats = convert_checkpoint(args.export_dir, args.output_dir, state_file=args.state_file,
-                               base_transformer=base, family=args.family, keep_bf16=args.keep_bf16,
-                               overwrite=args.overwrite, dry_run=args.dry_run, progress=not args.quiet)
+    with (contextlib.nullcontext() if args.dry_run else StageLog().stage("convert", output=args.output_dir)):
+        stats = convert_checkpoint(args.export_dir, args.output_dir, state_file=args.state_file,
+                                   base_transformer=base, family=args.family, keep_bf16=args.keep_bf16,
+                                   overwrite=args.overwrite, dry_run=args.dry_run, progress=not args.quiet)
     head = "plan (dry run, nothing written)" if args.dry_run else f"wrote {args.output_dir}"
     print(head)
     for line in stats.lines():
@@ -75,15 +77,19 @@ def _load(args: argparse.Namespace) -> int:
     from .fp8.attention_diffusers import count_fp8_attention_calls
     from .fp8.linear import count_fp8_calls
     from .loader import load_fp8_transformer
+    from .stages import StageLog
 
-    model, report = load_fp8_transformer(args.checkpoint, device=args.device, fp8_attention=args.fp8_attention)
+    log = StageLog()
+    with log.stage("load", hint="load with --device cpu, or free the GPU"):
+        model, report = load_fp8_transformer(args.checkpoint, device=args.device, fp8_attention=args.fp8_attention)
     print("\n".join(report.lines()))
     family = family_for_class(report.class_name)
     if family is not None and args.forward:
         config = dict(model.config)
         inputs = family.make_inputs(config, height=64, width=64, num_frames=5 if family.is_video else None,
                                     text_len=8, device=args.device, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad(), count_fp8_calls(model) as calls, count_fp8_attention_calls(model) as attn:
+        with log.stage("forward"), torch.no_grad(), count_fp8_calls(model) as calls, \
+                count_fp8_attention_calls(model) as attn:
             out = model(**inputs)[0]
         ran_attn = sum(1 for c in attn.values() if c["fp8"])
         print(f"forward          output {list(out.shape)}, {len(calls)}/{report.fp8_layers} FP8 layers ran"
@@ -177,7 +183,10 @@ def _bench(args: argparse.Namespace) -> int:
         warmup=args.warmup, text_len=args.text_len, compile=args.compile, cuda_graphs=args.cuda_graphs,
         fast=False if args.plain else None, levers=args.levers, include_fallback=args.include_fallback,
         attention_backend=args.attention_backend, fp8_attention=args.fp8_attention, device=args.device)
-    report = run_bench(settings, output=args.output, log=log_stderr if args.verbose else (lambda m: None))
+    from .stages import StageLog
+
+    with StageLog().stage("bench", hint="time fewer --steps, or a smaller --height/--width (--frames)"):
+        report = run_bench(settings, output=args.output, log=log_stderr if args.verbose else (lambda m: None))
     print("\n".join(summary_lines(report)))
     if args.output:
         print(f"wrote {args.output}")
@@ -255,6 +264,7 @@ def _compare(args: argparse.Namespace) -> int:
                           write_outputs)
     from .families import get_family
     from .pipelines import default_tiny_settings, load_pipeline
+    from .stages import StageLog
     from .workflow import resolve_dtype
 
     family = get_family(args.family)
@@ -263,19 +273,25 @@ def _compare(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)  # the notebooks' rule: float32 on CPU, bfloat16 on CUDA
     load_to = "cpu" if args.offload_idle else device
+    log = StageLog()
+    hint = "pass --offload-idle (the BF16 and FP8 copies never share the GPU)" if not args.offload_idle else (
+        "compare at a smaller --height/--width (--frames for video)")
     # Transformers first: a bad path fails before the pipeline is loaded.
-    candidate = {name: load_transformer(path, device=load_to, dtype=dtype, fp8_attention=args.fp8_attention)
-                 for name, path in (("transformer", args.candidate), ("transformer_2", args.candidate_2)) if path}
-    reference = {name: load_transformer(path, device=load_to, dtype=dtype)
-                 for name, path in (("transformer", args.reference), ("transformer_2", args.reference_2)) if path}
-    pipe = load_pipeline(family.name, args.model_path, dtype=dtype, device=device)
+    with log.stage("load", hint=hint):
+        candidate = {name: load_transformer(path, device=load_to, dtype=dtype, fp8_attention=args.fp8_attention)
+                     for name, path in (("transformer", args.candidate), ("transformer_2", args.candidate_2)) if path}
+        reference = {name: load_transformer(path, device=load_to, dtype=dtype)
+                     for name, path in (("transformer", args.reference), ("transformer_2", args.reference_2)) if path}
+        pipe = load_pipeline(family.name, args.model_path, dtype=dtype, device=device)
     tiny = default_tiny_settings(family.name) if args.model_path is None else {}
     pick = lambda value, key: tiny.get(key) if value is None else value  # noqa: E731
-    report = compare_trajectories(
-        pipe, reference, candidate, family=family, prompt=args.prompt or default_prompt(family), seed=args.seed,
-        height=pick(args.height, "height"), width=pick(args.width, "width"), num_frames=pick(args.frames, "num_frames"),
-        steps=pick(args.steps, "num_inference_steps"), guidance_scale=pick(args.guidance, "guidance_scale"),
-        progress=not args.quiet, offload_idle=args.offload_idle)
+    with log.stage("compare", hint=hint, output=args.output_dir):
+        report = compare_trajectories(
+            pipe, reference, candidate, family=family, prompt=args.prompt or default_prompt(family), seed=args.seed,
+            height=pick(args.height, "height"), width=pick(args.width, "width"),
+            num_frames=pick(args.frames, "num_frames"), steps=pick(args.steps, "num_inference_steps"),
+            guidance_scale=pick(args.guidance, "guidance_scale"), progress=not args.quiet,
+            offload_idle=args.offload_idle)
     defaults = default_thresholds(family)  # the notebooks' bounds, unless set here
     thresholds = Thresholds(**{k: (v if getattr(args, k) is None else getattr(args, k))
                                for k, v in defaults.as_dict().items()})
@@ -340,6 +356,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from .families import get_family
     from .pipelines import load_pipeline
     from .quantize import calibration_prompts, require_modelopt, quantize_pipeline
+    from .stages import StageLog
 
     # Everything a user can get wrong is checked before the (possibly minutes-long) pipeline load.
     family = get_family(args.family)
@@ -357,13 +374,14 @@ def _quantize(args: argparse.Namespace) -> int:
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
 
-    with _progress_bars(not args.quiet):
+    log = StageLog()  # one line per step (time, peak memory, bytes written); also in quantize.json
+    with _progress_bars(not args.quiet), log.stage("load", hint="load on --device cpu (--dtype bfloat16)"):
         pipe = load_pipeline(family.name, args.model_path, dtype=dtype, device=device)
     result = quantize_pipeline(
         family.name, pipe, args.output_dir, prompts=prompts, num_prompts=args.num_prompts,
         num_inference_steps=args.calib_steps, seed=args.seed, height=args.height, width=args.width,
         num_frames=args.frames, guidance_scale=args.guidance, quantize_mha=args.quantize_mha,
-        overwrite=args.overwrite, progress=not args.quiet)
+        overwrite=args.overwrite, progress=not args.quiet, stages=log)
     print("\n".join(result.lines()))
     fp8 = {name: p["fp8"] for name, p in result.paths.items()}
     for name, path in fp8.items():
@@ -429,7 +447,7 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
                     "temporary folder and renames it to OUTPUT_DIR at the end, so a failure leaves nothing behind. "
                     "Without --model-path the tiny test pipeline and its small settings are used.", 100),
         epilog="output layout (NAME = transformer, and transformer_2 for Wan2.2 A14B):\n"
-               "  OUTPUT_DIR/NAME.pt        ModelOpt state (mto.save): quantizer config, amaxes, weights\n"
+               "  OUTPUT_DIR/NAME.pt        ModelOpt state: quantizer config, amaxes (weights only for a BF16-flavour export)\n"
                "  OUTPUT_DIR/export/NAME/   ModelOpt export (export_hf_checkpoint)\n"
                "  OUTPUT_DIR/fp8/NAME/      SGLang FP8 checkpoint: pass it to SGLang's --transformer-path\n"
                "  OUTPUT_DIR/base/NAME/     BF16 weights, only if the pipeline's own transformer folder is not local BF16\n"
@@ -528,6 +546,69 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
 
 
 _EXTRA_PARSERS.append(_run_parser)
+
+
+# ------------------------------------------------------------------------------------------------ standin
+@_command("standin")
+def _standin(args: argparse.Namespace) -> int:
+    from .families import get_family
+    from .standin import write_standin
+
+    family = get_family(args.family)
+    components = [c for c in args.components.split(",") if c] if args.components else None
+    if args.transformer_only:
+        if components is not None:
+            raise Fp8CookbookError("--transformer-only and --components exclude each other")
+        components = list(family.experts)
+    write_standin(family.name, args.output_dir, size=args.size, layers=args.layers, components=components,
+                  seed=args.seed, overwrite=args.overwrite, dry_run=args.dry_run,
+                  progress=False if args.quiet else None)
+    if not args.dry_run:
+        print(f"next             fp8cookbook run {family.name} -p model_path {args.output_dir} -p device cuda")
+    return 0
+
+
+def _standin_parser(sub: argparse._SubParsersAction) -> None:
+    import textwrap
+
+    p = sub.add_parser(
+        "standin", help="write a full-size stand-in pipeline folder: the real configs with random weights",
+        description=textwrap.fill("Write a complete diffusers pipeline folder of FAMILY's real configs with seeded random "
+                    "weights: every component (transformer(s), text encoder(s) at their real sizes, VAE), tokenizers "
+                    "built offline, scheduler and model_index.json, so that `model_path` takes it like a download. "
+                    "Time, memory and disk behave as with the real weights (the images are noise): test a GPU, a disk "
+                    "and a setup before a 60 GB download. Prints the size of each component first (from the "
+                    "configs, nothing allocated), checks the free disk space, streams the weights in 64 MiB slices to "
+                    "5 GB safetensors shards (never a whole model in memory) into a temporary folder, and renames it "
+                    "to OUTPUT_DIR at the end. The same seed gives the same bytes.", 100),
+        epilog="sizes (full): flux1 33.74 GB, flux2 112.64 GB, wan22 (T2V-A14B) 69.14 GB, wan22-ti2v-5b 24.20 GB\n\n"
+               "examples:\n"
+               "  fp8cookbook standin flux1 /data/flux1-standin --dry-run       # the size table only\n"
+               "  fp8cookbook standin flux1 /data/flux1-standin                 # 33.74 GB\n"
+               "  fp8cookbook standin wan22 /data/a14b --transformer-only       # both experts, nothing else\n"
+               "  fp8cookbook standin flux2 /tmp/f2 --size reduced              # same classes, small, for CPU tests\n"
+               "  fp8cookbook run flux1 -p model_path /data/flux1-standin -p device cuda",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("family", metavar="FAMILY", help="flux1, flux2, wan22 (= wan22-a14b), wan22-ti2v-5b")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", type=Path, help="pipeline folder to create")
+    p.add_argument("--size", choices=["full", "reduced"], default="full",
+                   help="full = the real configs (default); reduced = the same classes and config keys with small "
+                        "widths and few layers (megabytes, for CPU tests)")
+    p.add_argument("--layers", type=_positive_int, metavar="N",
+                   help="transformer blocks of each kind (FLUX: double and single; Wan: blocks), e.g. 2 for a quick "
+                        "full-width smoke test; default: the real count")
+    p.add_argument("--components", metavar="LIST",
+                   help="comma-separated weight components to write, e.g. transformer,vae; the others are listed as "
+                        "absent in model_index.json and load as None (default: all)")
+    p.add_argument("--transformer-only", action="store_true",
+                   help="only the transformer(s) (Wan2.2 A14B: both experts), plus tokenizers and scheduler")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--dry-run", action="store_true", help="print the size table and write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists (once all is written)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (plain lines per component instead)")
+
+
+_EXTRA_PARSERS.append(_standin_parser)
 
 
 def main(argv: list[str] | None = None) -> int:

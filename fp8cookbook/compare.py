@@ -370,11 +370,12 @@ def compare_trajectories(
     None take the family's defaults. `offload_idle` keeps whichever side is not running on the CPU, so a BF16 and an
     FP8 copy of a large model (Wan2.2 A14B: two experts each) never share the GPU.
     """
-    from .pipelines import generation_kwargs, transformer_names
+    from .pipelines import generation_kwargs, require_components, transformer_names
 
     fam = get_family(family) if isinstance(family, str) else family
     if not fam.is_video and num_frames not in (None, 1):
         raise Fp8CookbookError(f"{fam.title} makes images; num_frames does not apply")
+    require_components(pipe, fam, "a comparison")
     names = transformer_names(pipe)
     own = {name: getattr(pipe, name) for name in names}
     for side, mods in (("reference", reference), ("candidate", candidate)):

@@ -114,27 +114,41 @@ def load_pipeline(family_name: str, model_path: str | Path | None = None, *, dty
     family = get_family(family_name)
     source = str(tiny_pipeline_dir(family.name) if model_path is None else model_path)
     local = Path(source).expanduser()
+    absent: dict[str, None] = {}
     if local.exists():
         index = local / "model_index.json"
         if not index.is_file():
             raise Fp8CookbookError(f"{source}: not a diffusers pipeline folder (no model_index.json)")
         try:
-            class_name = json.loads(index.read_text()).get("_class_name")
+            entries = json.loads(index.read_text())
+            class_name = entries.get("_class_name")
         except ValueError as e:
             raise Fp8CookbookError(f"{source}: unreadable model_index.json ({e})") from e
         if class_name != family.pipeline_class:
             raise Fp8CookbookError(f"{source}: model_index.json names {class_name}, but {family.title} needs "
                                    f"{family.pipeline_class}")
         source = str(local)
+        # Components listed as [null, null] (e.g. a stand-in written with --components) load as None.
+        absent = {k: None for k, v in entries.items() if not k.startswith("_") and v == [None, None]}
     elif not _HUB_ID.fullmatch(source):
         raise Fp8CookbookError(f"{source}: no such folder (and not a hub id like {family.hub_id})")
     cls = getattr(diffusers, family.pipeline_class)
     try:
-        pipe = cls.from_pretrained(source, dtype=dtype)
+        pipe = cls.from_pretrained(source, dtype=dtype, **absent)
     except Exception as e:  # noqa: BLE001 - whatever the hub or a broken folder raises, say which path failed
         raise Fp8CookbookError(f"cannot load {family.title} pipeline from {source}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def require_components(pipe, family: Family, purpose: str) -> None:
+    """Refuse, in one line, a pipeline whose needed components are None (a stand-in written with --components or
+    --transformer-only loads so): `purpose` says what needs them."""
+    optional = set(getattr(pipe, "_optional_components", [])) - set(family.experts)  # Wan: TI2V-5B's transformer_2
+    absent = [n for n, m in pipe.components.items() if m is None and n not in optional]
+    if absent:
+        raise Fp8CookbookError(f"the {family.title} pipeline has no {', '.join(absent)} (a folder written with "
+                               f"--components or --transformer-only?): {purpose} runs the whole pipeline")
 
 
 def transformer_names(pipe) -> list[str]:

@@ -12,13 +12,14 @@ static FP8 of the benchmark and the tests is `fp8cookbook.fp8.quantize.quantize_
 from __future__ import annotations
 
 from .calibration import DEFAULT_NUM_PROMPTS, PROMPTS_FILE, REAL_CALIB_STEPS, calibration_prompts
-from .export import (export_transformer, load_fake_quant, make_tiny_export, save_modelopt_state,
-                     tiny_calibration_inputs)
+from .export import (LEAN_STATE_KEY, export_has_fp8_weights, export_transformer, load_fake_quant, make_tiny_export,
+                     save_modelopt_state, tiny_calibration_inputs)
 from .pipeline import QuantizeResult, quantize_pipeline
 from .recipe import (TINY_CALIB, check_amaxes, fp8_diffusion_quant_cfg, quantize_transformer, require_modelopt,
                      tensor_quantizers)
 
 __all__ = ["DEFAULT_NUM_PROMPTS", "PROMPTS_FILE", "REAL_CALIB_STEPS", "calibration_prompts", "export_transformer",
+           "LEAN_STATE_KEY", "export_has_fp8_weights",
            "load_fake_quant", "make_tiny_export", "save_modelopt_state", "tiny_calibration_inputs", "QuantizeResult",
            "quantize_pipeline", "TINY_CALIB", "check_amaxes", "fp8_diffusion_quant_cfg", "quantize_transformer",
            "require_modelopt", "tensor_quantizers"]

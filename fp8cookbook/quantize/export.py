@@ -11,19 +11,40 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint import scan_tensors, shard_files
 from ..errors import Fp8CookbookError
 from ..families import Family, build_transformer, get_family
 from .recipe import (TINY_CALIB, ForwardLoop, check_amaxes, quantize_transformer, quiet_modelopt, require_modelopt,
                      tensor_quantizers)
 
-def save_modelopt_state(model: nn.Module, path: str | Path) -> Path:
-    """`mto.save`: the amaxes (`M.*_quantizer._amax`, model dtype) plus a full copy of the weights."""
+LEAN_STATE_KEY = "fp8cookbook_weights_omitted"  # in a state file written with weights=False
+
+
+def save_modelopt_state(model: nn.Module, path: str | Path, *, weights: bool = True) -> Path:
+    """`mto.save`'s layout: ModelOpt's state (quantizer config) and `model_state_dict` with the amaxes
+    (`M.*_quantizer._amax`, model dtype).
+
+    `weights=True` is `mto.save` itself, with a full copy of the weights. `weights=False` keeps only the quantizer
+    tensors: when the export holds the FP8 weights and the base folder the BF16 ones, a third copy is waste (FLUX.2:
+    64 GB); `load_fake_quant` then reads the weights from the base folder. A BF16-flavour export (no FP8 weights)
+    needs the full file: there the state is the only record of the calibrated model besides the export.
+    """
     _, mto = require_modelopt()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with quiet_modelopt():
-        mto.save(model, path)
+        if weights:
+            mto.save(model, path)
+        else:
+            quantizers = {k: v for k, v in model.state_dict().items() if "_quantizer." in k}
+            torch.save({"modelopt_state": mto.modelopt_state(model), "model_state_dict": quantizers,
+                        LEAN_STATE_KEY: True}, path)
     return path
+
+
+def export_has_fp8_weights(export_dir: str | Path) -> bool:
+    """The export holds FP8 weights (ModelOpt's usual flavour), not BF16 ones with the amaxes left in the state."""
+    return any(t.dtype == torch.float8_e4m3fn for t in scan_tensors(Path(export_dir)).values())
 
 
 @torch.no_grad()
@@ -71,17 +92,38 @@ def load_fake_quant(base_dir: str | Path, state_path: str | Path, dtype: torch.d
     """ModelOpt's fake-quant model (the reference an FP8 checkpoint must reproduce), from base config + state.
 
     Built like `build_transformer` (plain `.to(dtype)`, no fp32-kept modules), so its forward matches the
-    model that was calibrated; all weights and amaxes come from the state file.
+    model that was calibrated; the amaxes come from the state file, the weights too unless it was written without
+    them (`save_modelopt_state(weights=False)`): then from the base folder.
     """
     _, mto = require_modelopt()
     import diffusers
 
     config = json.loads((Path(base_dir) / "config.json").read_text())
     cls = getattr(diffusers, config["_class_name"])
+    state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
     with quiet_modelopt():
         model = cls.from_config(config).to(dtype).eval().requires_grad_(False)
-        mto.restore(model, str(state_path))
-        return model.to(dtype)
+        if not state.get(LEAN_STATE_KEY):
+            mto.restore(model, str(state_path))
+            return model.to(dtype)
+        from safetensors.torch import load_file  # a state without weights: they are the base folder's
+
+        loaded: set[str] = set()
+        for shard in shard_files(Path(base_dir)):
+            tensors = load_file(shard)
+            model.load_state_dict(tensors, strict=False)
+            loaded |= tensors.keys()
+        lacking = [k for k in model.state_dict() if k not in loaded]
+        if lacking:
+            raise Fp8CookbookError(f"{base_dir}: lacks {lacking[0]} (+{len(lacking) - 1} more); {state_path} holds no "
+                                   "weights, so the base folder must hold them all")
+        model = mto.restore_from_modelopt_state(model, state["modelopt_state"])
+        result = model.load_state_dict(state["model_state_dict"], strict=False)
+    missing = [k for k in result.missing_keys if "_quantizer." in k]
+    if missing or result.unexpected_keys:
+        bad = (missing or result.unexpected_keys)[0]
+        raise Fp8CookbookError(f"{state_path}: quantizer state does not fit {base_dir} ({bad})")
+    return model.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------- tiny exports
@@ -157,7 +199,7 @@ def make_tiny_export(family_name: str, out_dir: str | Path, *, seed: int = 0, qu
             m(**inputs)
 
     model = quantize_transformer(model, family, forward_loop, quantize_mha=quantize_mha)
-    save_modelopt_state(model, paths["state"])
+    save_modelopt_state(model, paths["state"], weights=bf16_export)  # the full copy only where it is needed
     export_transformer(model, paths["export"])
     if bf16_export:
         _bf16_flavour(paths["export"], paths["base"])

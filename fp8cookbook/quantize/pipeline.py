@@ -21,10 +21,11 @@ from ..checkpoint import STATS_NAME, scan_tensors, write_json_atomic
 from ..convert import ConvertStats, convert_checkpoint, peak_rss_mb
 from ..errors import Fp8CookbookError
 from ..families import Family, get_family
-from ..pipelines import default_tiny_settings, transformer_names
+from ..pipelines import default_tiny_settings, require_components, transformer_names
+from ..stages import StageLog
 from .calibration import (DEFAULT_NUM_PROMPTS, as_json, calibrate_together, calibration_settings, is_tiny,
                           no_amax_message, calibration_prompts)
-from .export import export_transformer, save_modelopt_state
+from .export import export_has_fp8_weights, export_transformer, save_modelopt_state
 from .recipe import missing_amaxes, quiet_modelopt, fp8_diffusion_quant_cfg, require_modelopt, tensor_quantizers
 
 @dataclass
@@ -135,7 +136,7 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
                       num_prompts: int | None = None, num_inference_steps: int | None = None, seed: int = 0,
                       height: int | None = None, width: int | None = None, num_frames: int | None = None,
                       guidance_scale: float | None = None, quantize_mha: bool = True, overwrite: bool = False,
-                      progress: bool = True) -> QuantizeResult:
+                      progress: bool = True, stages: StageLog | None = None) -> QuantizeResult:
     """Quantize every transformer of a diffusers pipeline to FP8 with ModelOpt, calibrating on the real pipeline,
     and write each as a ModelOpt state, a ModelOpt export and an SGLang FP8 checkpoint.
 
@@ -155,8 +156,9 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
     succeeded; an existing `output_dir` is refused unless `overwrite`)::
 
         output_dir/
-          <name>.pt          ModelOpt state (`mto.save`): quantizer config, amaxes and weights; the fake-quant
-                             reference is `load_fake_quant(paths[name]["base"], <name>.pt)`
+          <name>.pt          ModelOpt state (`save_modelopt_state`): quantizer config and amaxes, without the
+                             weights (the export has them in FP8, base/ in BF16) unless the export is BF16-flavour;
+                             the fake-quant reference is `load_fake_quant(paths[name]["base"], <name>.pt)`
           export/<name>/     ModelOpt export (`export_hf_checkpoint`): FP8 weights, 0-d scales, quantization_config
           fp8/<name>/        SGLang FP8 checkpoint (`convert_checkpoint`): `--transformer-path` for SGLang
           base/<name>/       BF16 weights saved before quantizing, only when the pipeline's own transformer folder
@@ -165,6 +167,9 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
 
     `<name>` is `transformer` (and `transformer_2` for Wan2.2 A14B). The transformers are changed in place and
     hold FP8 export weights afterwards: reload the pipeline to generate with it.
+
+    `stages` records the steps (base, calibrate, state, export, convert: time, peak memory, bytes written; see
+    `fp8cookbook.stages`) into that log and quantize.json; an out-of-memory in one is one line naming it.
     """
     t0 = time.perf_counter()
     family = get_family(family) if isinstance(family, str) else family
@@ -188,10 +193,15 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
     try:
         paths: dict[str, dict[str, Path]] = {}
         for n, model in models.items():  # BF16 base first: quantization changes the weights
-            base = bases[n] or _save_bf16(model, tmp / "base" / n)
+            if bases[n] is None:
+                with _stage(stages, _named("base", n, names), output=tmp / "base" / n):
+                    base = _save_bf16(model, tmp / "base" / n)
+            else:
+                base = bases[n]
             paths[n] = {"base": base, "state": tmp / f"{n}.pt", "export": tmp / "export" / n, "fp8": tmp / "fp8" / n}
-        calls, timesteps = calibrate_together(pipe, family, names, prompts, settings, seed=seed,
-                                               quantize_mha=quantize_mha, progress=progress)
+        with _stage(stages, "calibrate", hint=_CALIBRATE_HINT, prompts=len(prompts), **settings):
+            calls, timesteps = calibrate_together(pipe, family, names, prompts, settings, seed=seed,
+                                                  quantize_mha=quantize_mha, progress=progress)
         calibration: dict[str, Any] = dict(
             prompts=list(prompts), seed=seed, **settings, quantize_mha=quantize_mha,
             dtype=str(first.dtype).replace("torch.", ""), device=str(first.device), tiny=tiny,
@@ -200,14 +210,17 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
                     for n in names if (bad := missing_amaxes(getattr(pipe, n)))]
         if problems:
             raise Fp8CookbookError(" | ".join(problems))
-        stats = _write_checkpoints(pipe, family, names, paths, progress)
-        paths = _final_paths(paths, stats, tmp, output_dir)
+        stats = _write_checkpoints(pipe, family, names, paths, progress, stages)
+        paths = _final_paths(paths, stats, tmp, output_dir, stages)
         result = QuantizeResult(family.name, output_dir, paths, stats, calibration, 0.0, 0.0)
         result.seconds = time.perf_counter() - t0
         result.peak_memory_mb = peak_rss_mb()
         if first.device.type == "cuda":
             result.peak_cuda_memory_mb = torch.cuda.max_memory_allocated(first.device) / 2**20
-        write_json_atomic(tmp / "quantize.json", _summary(result))
+        summary = _summary(result)
+        if stages is not None:
+            summary["stages"] = stages.as_dicts()
+        write_json_atomic(tmp / "quantize.json", summary)
         _move_into_place(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -220,6 +233,7 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
 
 def _checked_models(family: Family, pipe) -> dict[str, nn.Module]:
     """The pipeline's transformers by name, refused unless they are the family's, of its class, not quantized yet."""
+    require_components(pipe, family, "calibration")
     names = transformer_names(pipe)
     if names != list(family.experts):
         raise Fp8CookbookError(f"the pipeline has transformers {names}, but {family.title} has {list(family.experts)}")
@@ -264,20 +278,45 @@ def _check_output_dir(output_dir: Path, bases: dict[str, Path | None], overwrite
 
 
 def _write_checkpoints(pipe, family: Family, names: list[str], paths: dict[str, dict[str, Path]],
-                       progress: bool) -> dict[str, ConvertStats]:
-    """Per transformer: the ModelOpt state, the ModelOpt export, then the SGLang checkpoint converted from it."""
+                       progress: bool, stages: StageLog | None = None) -> dict[str, ConvertStats]:
+    """Per transformer: the ModelOpt state, the ModelOpt export, then the SGLang checkpoint converted from it.
+
+    The state goes without the weights: the export holds them in FP8 and the base in BF16. An export without FP8
+    weights (BF16 flavour, left by offloaded calibration) did not convert the model in place, so the full state
+    is written then.
+    """
     stats: dict[str, ConvertStats] = {}
     for n in names:
         model = getattr(pipe, n)
-        save_modelopt_state(model, paths[n]["state"])
-        export_transformer(model, paths[n]["export"])  # FP8 in place: the model cannot run afterwards
-        stats[n] = convert_checkpoint(paths[n]["export"], paths[n]["fp8"], state_file=paths[n]["state"],
-                                      base_transformer=paths[n]["base"], family=family.name, progress=progress)
+        with _stage(stages, _named("state", n, names), output=paths[n]["state"]):
+            save_modelopt_state(model, paths[n]["state"], weights=False)
+        with _stage(stages, _named("export", n, names), output=paths[n]["export"], hint=_EXPORT_HINT):
+            export_transformer(model, paths[n]["export"])  # FP8 in place: the model cannot run afterwards
+        if not export_has_fp8_weights(paths[n]["export"]):
+            with _stage(stages, _named("state-full", n, names), output=paths[n]["state"]):
+                save_modelopt_state(model, paths[n]["state"], weights=True)
+        with _stage(stages, _named("convert", n, names), output=paths[n]["fp8"]):
+            stats[n] = convert_checkpoint(paths[n]["export"], paths[n]["fp8"], state_file=paths[n]["state"],
+                                          base_transformer=paths[n]["base"], family=family.name, progress=progress)
     return stats
 
 
+_CALIBRATE_HINT = ("calibrate at a smaller size (--height/--width, --frames for video) or keep the text encoders on "
+                   "the CPU; the transformer(s) must fit the GPU")
+_EXPORT_HINT = "export converts the transformer in place on its device: free GPU memory held by other components"
+
+
+def _stage(log: StageLog | None, name: str, **kwargs: Any):
+    """`log.stage(...)`, or nothing when no log was given."""
+    return contextlib.nullcontext() if log is None else log.stage(name, **kwargs)
+
+
+def _named(stage: str, expert: str, names: list[str]) -> str:
+    return stage if len(names) == 1 else f"{stage}-{expert}"
+
+
 def _final_paths(paths: dict[str, dict[str, Path]], stats: dict[str, ConvertStats], tmp: Path,
-                 output_dir: Path) -> dict[str, dict[str, Path]]:
+                 output_dir: Path, stages: StageLog | None = None) -> dict[str, dict[str, Path]]:
     """The paths as they will be after the rename; the converter's stats files are rewritten to say so."""
     def final(p: Path) -> Path:
         return output_dir / p.relative_to(tmp) if p.is_relative_to(tmp) else p
@@ -286,6 +325,8 @@ def _final_paths(paths: dict[str, dict[str, Path]], stats: dict[str, ConvertStat
     for n, s in stats.items():  # the converter recorded the temporary folder's paths
         s.export_dir, s.output_dir = str(paths[n]["export"]), str(paths[n]["fp8"])
         write_json_atomic(tmp / "fp8" / n / STATS_NAME, asdict(s))
+    for record in stages.records if stages is not None else []:  # they name the temporary folder too
+        record.output = [str(final(Path(o))) for o in record.output]
     return paths
 
 

@@ -1,0 +1,253 @@
+"""Every stage of one family at full size from an in-memory stand-in pipeline, each measured; JSON to --out.
+
+Why in memory: FLUX.2-dev (112.64 GB) and Wan2.2 T2V-A14B (69.14 GB) plus their outputs do not fit the GPU machine's
+64 GB disk as a stand-in folder, but time, memory and disk of every stage depend only on the shapes. The pipeline
+is `fp8cookbook.standin.build_standin_pipeline` (the real configs, seeded random weights, the same values a
+`fp8cookbook standin` folder holds); each stage runs under `fp8cookbook.stages` (wall time, peak GPU memory, peak
+host RSS, bytes written) and an out-of-memory ends the run with one line naming the stage and what to change.
+
+Stages (pick with --stages, in this order):
+  build     the pipeline in memory: transformer(s) on --device, text encoder(s) on --text-encoder-device
+  quantize  quantize_pipeline, recorded as its steps: base (the BF16 copy), calibrate (ModelOpt through the
+            pipeline: --calib-prompts prompts x --calib-steps steps at the family's size, or --height/--width/
+            --frames), state, export, convert (per expert for A14B), then the whole as "quantize"
+  convert   the converter again on the export just written (its own time and RSS), beside a `cp -r` of the same
+            files (the disk's plain copy speed, for the converter's read rate)
+  load      each FP8 checkpoint from disk to --device, beside `cat` of its files (the disk's read speed)
+  compare   BF16 (the same seeded weights, rebuilt) vs the FP8 checkpoints through the pipeline, --compare-steps
+  bench     the transformer-only benchmark (`fp8cookbook bench --synthetic full`), --bench-steps
+
+Disk: quantize writes the BF16 base (an in-memory pipeline has no folder to point at), the ModelOpt state (no
+weights), the export and the FP8 checkpoint under --work, about 2.2x the transformers' BF16 size (FLUX.2 ~142 GB,
+A14B ~126 GB: more than a 64 GB disk); the script prints its estimate first and refuses when the disk is too small. Calibration defaults here are short (2 prompts x 4 steps) because the stage's cost scales linearly: the
+record holds seconds per prompt-step, and a real run (quantize's defaults: 64 image / 16 video prompts x 20 steps)
+costs that times prompts x steps.
+
+  python scripts/full_size.py --family flux2 --out flux2.json --work /data/fs-flux2
+  python scripts/full_size.py --family wan22 --out a14b.json --work /data/fs-a14b --stages build,quantize,load
+  python scripts/full_size.py --family flux1 --size reduced --device cpu --out /tmp/f1.json   # CPU check, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fp8cookbook.errors import Fp8CookbookError
+from fp8cookbook.families import get_family
+from fp8cookbook.stages import StageLog, tree_bytes
+from fp8cookbook.standin import build_component, build_standin_pipeline, recipe, size_table
+
+STAGES = ("build", "quantize", "convert", "load", "compare", "bench")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", required=True, help="flux1, flux2, wan22 (= wan22-a14b), wan22-ti2v-5b")
+    p.add_argument("--out", required=True, type=Path, help="JSON of the stage records (written after every stage)")
+    p.add_argument("--work", type=Path, default=Path("full-size-work"), help="folder for what the stages write")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--size", choices=["full", "reduced"], default="full", help="reduced: a CPU check of the script")
+    p.add_argument("--layers", type=int, help="transformer blocks of each kind (default: the real count)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--text-encoder-device", default=None,
+                   help="where the text encoder(s) live; 'cpu' = offloaded to the GPU only while encoding "
+                        "(default: --device, except FLUX.2's 48 GB Mistral: cpu)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--frames", type=int, help="video frames, 4k+1 (default: the family's)")
+    p.add_argument("--calib-prompts", type=int, default=2)
+    p.add_argument("--calib-steps", type=int, default=4, help="Wan2.2 A14B needs >= 2 to reach both experts")
+    p.add_argument("--compare-steps", type=int, default=4)
+    p.add_argument("--bench-steps", type=int, default=4)
+    p.add_argument("--offload-idle", action="store_true", help="compare: the idle side waits on the CPU")
+    p.add_argument("--keep", action="store_true", help="keep --work afterwards (default: removed at the end)")
+    args = p.parse_args(argv)
+    args.stages = [s for s in args.stages.split(",") if s]
+    bad = [s for s in args.stages if s not in STAGES]
+    if bad:
+        p.error(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
+    return args
+
+
+def disk_estimate(family_name: str, size: str, layers: int | None, stages: list[str]) -> int:
+    """Upper bound of what the stages write, per expert: the BF16 base (an in-memory pipeline has no folder to
+    reuse) and export + FP8 checkpoint at a little over half of it each; the state file holds no weights."""
+    plan = recipe(family_name, size, layers=layers)
+    fam = get_family(family_name)
+    bf16 = sum(s.nbytes for s in size_table(plan, list(fam.experts)))
+    need = 0
+    if "quantize" in stages:
+        need += int(2.2 * bf16)
+    if "convert" in stages:  # one expert's second FP8 copy, then its `cp`, each removed after its stage
+        need += int(0.6 * bf16 / len(fam.experts))
+    return need
+
+
+def _free(path: Path) -> int:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _timed_command(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    fam = get_family(args.family)
+    log = StageLog(printer=lambda line: print(line, flush=True))
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    meta = dict(family=fam.name, size=args.size, layers=args.layers, gpu=gpu, torch=torch.__version__,
+                argv=sys.argv[1:] if argv is None else argv)
+
+    def save() -> None:
+        log.write_json(args.out, **meta)
+
+    need = disk_estimate(fam.name, args.size, args.layers, args.stages)
+    free = _free(args.work.absolute())
+    meta["disk"] = dict(estimate_bytes=need, free_bytes=free)
+    print(f"{fam.title} {args.size}: stages {','.join(args.stages)}; disk needed <= {need / 1e9:.1f} GB, "
+          f"free {free / 1e9:.1f} GB under {args.work}", flush=True)
+    if need > free:
+        raise Fp8CookbookError(f"{args.work}: these stages write up to {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free; "
+                               "drop quantize/convert from --stages, pass --layers, or use a bigger disk")
+    if args.work.exists() and any(args.work.iterdir()):
+        raise Fp8CookbookError(f"{args.work}: not empty; pass a new folder")
+    args.work.mkdir(parents=True, exist_ok=True)
+    te_device = args.text_encoder_device or ("cpu" if fam.name == "flux2" and args.size == "full" else args.device)
+    size = dict(height=args.height, width=args.width, num_frames=args.frames if fam.is_video else None)
+    if args.size == "reduced":  # the tiny pipelines' small sizes, unless given
+        from fp8cookbook.pipelines import default_tiny_settings
+
+        tiny = default_tiny_settings(fam.name)
+        size = {k: tiny[k] if v is None else v for k, v in size.items()}
+    plan = recipe(fam.name, args.size, layers=args.layers)
+    experts = list(fam.experts)
+    pipe = None
+    fp8_paths: dict[str, Path] = {}
+    try:
+        if "build" in args.stages or any(s in args.stages for s in ("quantize", "compare")):
+            with log.stage("build", hint="pass --text-encoder-device cpu", text_encoder_device=te_device) as r:
+                encoders = [c.name for c in plan.components if c.name.startswith("text_encoder")]
+                pipe = build_standin_pipeline(fam.name, size=args.size, layers=args.layers, device=args.device,
+                                              component_devices={n: te_device for n in encoders})
+                if te_device == "cpu" and args.device != "cpu":
+                    from fp8cookbook.offload import place_pipeline
+
+                    place_pipeline(pipe, args.device, text_encoder_cpu_offload=True)
+                r.extra["components"] = {s.name: s.nbytes for s in size_table(plan)}
+            save()
+
+        if "quantize" in args.stages:
+            from fp8cookbook.quantize import quantize_pipeline
+
+            out = args.work / "quantize"
+            with log.stage("quantize", output=out, hint="calibrate with fewer --calib-prompts or a smaller size; "
+                           "--text-encoder-device cpu") as r:
+                result = quantize_pipeline(fam.name, pipe, out, num_prompts=args.calib_prompts,
+                                           num_inference_steps=args.calib_steps, quantize_mha=True, progress=False,
+                                           stages=log, **{k: v for k, v in size.items() if v is not None})
+                calib = result.calibration
+                r.extra.update(calibration={k: v for k, v in calib.items() if k != "prompts"},
+                               prompt_steps=len(calib["prompts"]) * calib["num_inference_steps"],
+                               disk={n: {k: tree_bytes([Path(p)]) for k, p in paths.items()}
+                                     for n, paths in result.paths.items()})
+            r.extra["seconds_per_prompt_step"] = r.seconds / r.extra["prompt_steps"]
+            fp8_paths = {n: Path(p["fp8"]) for n, p in result.paths.items()}
+            save()
+            for n in experts:  # the quantized models hold export weights now: they cannot run
+                setattr(pipe, n, None)
+            _release()
+
+        if "convert" in args.stages and fp8_paths:
+            from fp8cookbook.convert import convert_checkpoint
+
+            for n in experts:
+                export, copy = args.work / "quantize" / "export" / n, args.work / "cp" / n
+                again = args.work / "convert" / n
+                with log.stage(f"cp-{n}", output=copy) as r:
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    r.extra["seconds_cp"] = _timed_command(["cp", "-r", str(export), str(copy)])
+                    r.extra["read_gb_per_s"] = tree_bytes([export]) / 1e9 / max(r.extra["seconds_cp"], 1e-9)
+                shutil.rmtree(copy)
+                with log.stage(f"convert-{n}", output=again) as r:
+                    stats = convert_checkpoint(export, again, state_file=args.work / "quantize" / f"{n}.pt",
+                                               base_transformer=args.work / "quantize" / "base" / n,
+                                               family=fam.name, progress=False)
+                    r.extra["read_gb_per_s"] = tree_bytes([export]) / 1e9 / max(stats.seconds, 1e-9)
+                    r.extra["converter_peak_rss_mb"] = stats.peak_rss_mb
+                shutil.rmtree(again)
+                save()
+
+        loaded: dict[str, torch.nn.Module] = {}
+        if "load" in args.stages and fp8_paths:
+            from fp8cookbook.loader import load_fp8_transformer
+
+            for n, path in fp8_paths.items():
+                files = sorted(str(p) for p in path.glob("*.safetensors"))
+                with log.stage(f"cat-{n}") as r:
+                    r.extra["seconds_cat"] = _timed_command(["cat", *files])
+                with log.stage(f"load-{n}", hint="load one expert at a time (--stages without compare)") as r:
+                    model, report = load_fp8_transformer(path, device=args.device)
+                    r.extra.update(fp8_bytes=report.fp8_bytes, other_bytes=report.other_bytes,
+                                   fp8_layers=report.fp8_layers, report=report.lines())
+                loaded[n] = model
+                save()
+
+        if "compare" in args.stages and loaded and pipe is not None:
+            from fp8cookbook.compare import compare_trajectories
+
+            with log.stage("compare", hint="pass --offload-idle", steps=args.compare_steps) as r:
+                for n in experts:  # the BF16 reference: the same seeded weights as before quantization
+                    setattr(pipe, n, build_component(plan.component(n), device=args.device))
+                report = compare_trajectories(pipe, {}, loaded, family=fam, steps=args.compare_steps,
+                                              progress=False, offload_idle=args.offload_idle, **size)
+                r.extra["summary"] = report.summary_lines()
+                r.extra["final_latents"] = report.final_latents
+            save()
+        pipe = None
+        loaded.clear()
+        _release()
+
+        if "bench" in args.stages:
+            from fp8cookbook.bench import BenchSettings, run_bench, summary_lines
+
+            synthetic = "full" if args.size == "full" else "tiny"
+            with log.stage("bench", hint="fewer --bench-steps, or a smaller --height/--width") as r:
+                report = run_bench(BenchSettings(family=fam.name, synthetic=synthetic, steps=args.bench_steps,
+                                                 height=args.height, width=args.width, num_frames=size["num_frames"],
+                                                 device=args.device))
+                r.extra["summary"] = summary_lines(report)
+            save()
+    finally:
+        save()
+        if not args.keep:
+            shutil.rmtree(args.work, ignore_errors=True)
+    print("summary\n" + "\n".join(log.lines()) + f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Fp8CookbookError as e:
+        print(f"full_size: error: {e}", file=sys.stderr)
+        sys.exit(2)
