@@ -83,8 +83,8 @@ def resolve_export_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise Fp8CookbookError(f"{path}: export folder does not exist")
-    if (path / "config.json").is_file():
-        return path
+    if os.path.lexists(path / "config.json"):
+        return path  # read_config then refuses anything but a regular file
     subs = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name.startswith("transformer") and (p / "config.json").is_file())
     if len(subs) == 1:
         return path / subs[0]
