@@ -14,12 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, TensorReader, ignored,
+from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, TensorReader,
                          inspect_checkpoint, read_config, read_quant_info)
 from .errors import Fp8CookbookError
 from .fp8attention import (MIN_KV_TOKENS, attention_mode, install_fp8_attention, min_kv_tokens,
                            read_attention_scales)
 from .fp8linear import FP8Linear, fp8_modules
+
+MAX_CONFIG_INT = 1 << 20  # above every dimension, layer and token count of the supported families
 
 OFFLOAD_WARNING = ("{what} disabled for the FP8 transformer: offload rebuilds weights contiguously and loses the "
                    "column-major FP8 weight view that torch._scaled_mm needs; text-encoder and VAE offload stay allowed")
@@ -152,16 +154,23 @@ def load_fp8_transformer(
     from accelerate import init_empty_weights
 
     cls = getattr(diffusers, str(class_name), None)
-    if cls is None:
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):  # not a module, pipeline or function
         raise Fp8CookbookError(f"{path / 'config.json'}: unknown _class_name {class_name!r} (not a diffusers model class)")
     report = LoadReport(str(path), class_name, offload_disabled=refuse_dit_offload(dit_cpu_offload, dit_layerwise_offload))
     init_config = {k: v for k, v in config.items() if k != "quantization_config"}
-    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # from_config warns about keys it does not know (e.g. _diffusers_version)
-        model = cls.from_config(init_config)
+    for key, value in init_config.items():  # a layer count of 10**9 would build for hours before any check
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_INT:
+            raise Fp8CookbookError(f"{path / 'config.json'}: {key} is {value}; no model dimension is that large")
+    try:
+        with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # from_config warns about keys it does not know (e.g. _diffusers_version)
+            model = cls.from_config(init_config)
+    except Exception as e:  # noqa: BLE001 - whatever a bad value makes the model's __init__ raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise Fp8CookbookError(f"{path / 'config.json'}: cannot build {class_name} from it ({first})") from None
 
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and not ignored(name, info.ignore):
+        if isinstance(module, nn.Linear) and not info.rules.matches(name):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             with torch.device("meta"):
