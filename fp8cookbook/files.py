@@ -178,7 +178,12 @@ def current_umask() -> int:
 
 
 def _host_tag() -> str:
-    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+    """Host name and pid namespace: a pid means the same process only within both (containers share folders)."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return hashlib.sha1(f"{socket.gethostname()}/{ns}".encode()).hexdigest()[:8]
 
 
 def _start_time(pid: int) -> int | None:

@@ -432,3 +432,39 @@ def test_json_cleaner_and_scale_check():
     for bad in (torch.zeros(0), torch.ones(4, 4), torch.ones(16), float("nan"), 0.0, -1.0, "x"):
         with pytest.raises(Fp8CookbookError, match="f: s"):
             files.check_scale("s", bad, "f")
+
+
+# ---------------------------------------------------------------------------------------------- load
+@pytest.fixture
+def converted(handmade, tmp_path):
+    out = tmp_path / "fp8"
+    assert main([str(a) for a in convert_args(handmade, out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("class_name", ["DiffusionPipeline", "FluxPipeline", "models", "load_image", "AutoencoderKL"])
+def test_load_refuses_non_transformer_class_names(class_name, converted, capsys):
+    edit_config(converted, lambda c: c.update(_class_name=class_name))
+    capsys.readouterr()
+    err = assert_refused(capsys, ["load", converted, "--no-forward"], ["config.json"])
+    assert class_name in err
+
+
+@pytest.mark.parametrize("key,value,fragment", [("num_layers", 10**9, "config.json"),
+                                                ("num_layers", -3, "does not exist in FluxTransformer2DModel"),
+                                                ("num_layers", "two", "config.json")])
+def test_load_refuses_impossible_config_values(key, value, fragment, converted, capsys):
+    edit_config(converted, lambda c: c.update({key: value}))
+    capsys.readouterr()
+    t0 = time.monotonic()
+    assert_refused(capsys, ["load", converted, "--no-forward"], [fragment])
+    assert time.monotonic() - t0 < 30
+
+
+def test_load_and_inspect_refuse_a_fifo_shard(converted, capsys):
+    shard = next(converted.glob("*.safetensors"))
+    shard.unlink()
+    os.mkfifo(shard)
+    capsys.readouterr()
+    assert_refused(capsys, ["load", converted, "--no-forward"], ["not a regular file"])
+    assert_refused(capsys, ["inspect", converted], ["not a regular file"])
