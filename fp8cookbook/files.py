@@ -154,10 +154,10 @@ def read_bounded(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> bytes:
     """A regular file's bytes, refused when larger than `max_bytes`."""
     fd = open_regular(path)
     with os.fdopen(fd, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > max_bytes:
-            raise Fp8CookbookError(f"{path}: {size} bytes, larger than the {max_bytes} this file may have")
-        return f.read(max_bytes + 1)[: max_bytes + 1]
+        data = f.read(max_bytes + 1)  # the size is not trusted (a file may grow while read)
+    if len(data) > max_bytes:
+        raise Fp8CookbookError(f"{path}: larger than the {max_bytes} bytes this file may have")
+    return data
 
 
 def read_json(path: str | Path, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
@@ -166,17 +166,6 @@ def read_json(path: str | Path, *, max_bytes: int = MAX_JSON_BYTES, max_depth: i
 
 
 # ----------------------------------------------------------------------------------- modes, owners, names
-def current_umask() -> int:
-    """The process umask, read without changing it where Linux allows (os.umask can only read by writing)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _host_tag() -> str:
     """Host name and pid namespace: a pid means the same process only within both (containers share folders)."""
     try:
