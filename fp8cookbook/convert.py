@@ -26,7 +26,8 @@ from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, FP8_MAX, INDEX_NAME, 
                          IgnoreRules, StreamingShardWriter, TensorReader, inspect_checkpoint, module_of, quant_config,
                          read_config, read_quant_info, shard_metadata)
 from .errors import Fp8CookbookError
-from .files import check_scale, check_target, open_regular, staged_dir, write_json_atomic, write_text_atomic
+from .files import (check_scale, check_target, open_regular, staged_dir, write_json_atomic,
+                    write_text_atomic)
 from .families import Family, family_for_class, get_family
 from .fp8linear import quantize_fp8
 
