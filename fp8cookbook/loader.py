@@ -21,7 +21,8 @@ from .fp8attention import (MIN_KV_TOKENS, attention_mode, install_fp8_attention,
                            read_attention_scales)
 from .fp8linear import FP8Linear, fp8_modules
 
-MAX_CONFIG_INT = 1 << 20  # above every dimension, layer and token count of the supported families
+MAX_CONFIG_INT = 1 << 20  # above every dimension and token count of the supported families
+MAX_LAYERS = 1024  # config keys naming layers or blocks: FLUX.2 has 56, Wan2.2 A14B 40
 
 OFFLOAD_WARNING = ("{what} disabled for the FP8 transformer: offload rebuilds weights contiguously and loses the "
                    "column-major FP8 weight view that torch._scaled_mm needs; text-encoder and VAE offload stay allowed")
@@ -158,9 +159,10 @@ def load_fp8_transformer(
         raise Fp8CookbookError(f"{path / 'config.json'}: unknown _class_name {class_name!r} (not a diffusers model class)")
     report = LoadReport(str(path), class_name, offload_disabled=refuse_dit_offload(dit_cpu_offload, dit_layerwise_offload))
     init_config = {k: v for k, v in config.items() if k != "quantization_config"}
-    for key, value in init_config.items():  # a layer count of 10**9 would build for hours before any check
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_INT:
-            raise Fp8CookbookError(f"{path / 'config.json'}: {key} is {value}; no model dimension is that large")
+    for key, value in init_config.items():  # a layer count of 10**6 would build for minutes before any check
+        limit = MAX_LAYERS if ("layers" in key or "blocks" in key) else MAX_CONFIG_INT
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit:
+            raise Fp8CookbookError(f"{path / 'config.json'}: {key} is {value}, above the {limit} any model here has")
     try:
         with init_empty_weights(include_buffers=False), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # from_config warns about keys it does not know (e.g. _diffusers_version)

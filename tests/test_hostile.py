@@ -30,8 +30,11 @@ SHARD = "diffusion_pytorch_model.safetensors"
 @pytest.fixture(autouse=True)
 def _time_bound():
     """A hang fails the test after 60 s instead of stalling the suite."""
+    class Hung(BaseException):  # not an OSError (as TimeoutError is), which the CLI would print as one line
+        pass
+
     def boom(*_):
-        raise TimeoutError("hung")
+        raise Hung("hung")
     old = signal.signal(signal.SIGALRM, boom)
     signal.alarm(60)
     yield
@@ -450,7 +453,7 @@ def test_load_refuses_non_transformer_class_names(class_name, converted, capsys)
     assert class_name in err
 
 
-@pytest.mark.parametrize("key,value,fragment", [("num_layers", 10**9, "config.json"),
+@pytest.mark.parametrize("key,value,fragment", [("num_layers", 10**9, "config.json"), ("num_single_layers", 1_000_001, "config.json"),
                                                 ("num_layers", -3, "does not exist in FluxTransformer2DModel"),
                                                 ("num_layers", "two", "config.json")])
 def test_load_refuses_impossible_config_values(key, value, fragment, converted, capsys):
