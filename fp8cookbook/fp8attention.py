@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from torch import nn
 
 from .checkpoint import ATTENTION_SCALES_NAME, FP8_MAX
 from .errors import Fp8CookbookError
+from .files import check_scale, read_json
 from .fp8linear import _cuda_fp8_ok, fp8_gemm_supported, quantize_fp8
 
 __all__ = ["P_SCALE", "MIN_KV_TOKENS", "MODES", "attention_mode", "min_kv_tokens", "ATTENTION_SCALES_NAME",
@@ -603,21 +603,33 @@ def scales_from_amax(amax: dict[str, dict[str, Any]]) -> dict[str, tuple[float, 
             raise Fp8CookbookError(f"attention amax of {name}: have {sorted(a)}, need q, k and v")
         vals = []
         for what in ("q", "k", "v"):
-            x = float(torch.as_tensor(a[what]).float().reshape(()))
-            if not (x > 0 and x < float("inf")):
-                raise Fp8CookbookError(f"attention amax {name}.{what}_bmm_quantizer = {x}: must be positive and finite")
-            vals.append(x / FP8_MAX)
+            label = f"{name}.{what}_bmm_quantizer"
+            x = a[what] if isinstance(a[what], torch.Tensor) else _number(a[what], label)
+            try:
+                vals.append(check_scale(label, x, "attention amax") / FP8_MAX)
+            except Fp8CookbookError:
+                shown = f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) and x.numel() != 1 else float(x)
+                raise Fp8CookbookError(f"attention amax {label} = {shown}: must be one positive and finite value") from None
         out[name] = tuple(vals)
     return out
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Fp8CookbookError(f"attention amax {name} is {value!r}, not a number")
+    return float(value)
 
 
 def read_attention_scales(folder: str | Path) -> dict[str, tuple[float, float, float]] | None:
     """The (q, k, v) scales per attention module from a checkpoint's side file; None when the folder has none."""
     path = Path(folder) / ATTENTION_SCALES_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):  # a FIFO or other non-file is refused by read_json, not skipped
         return None
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
+    except Fp8CookbookError as e:
+        raise Fp8CookbookError(f"{path}: not an attention-scale file ({str(e).removeprefix(f'{path}: ')})") from None
+    try:
         entries = data["amax"]
         if data.get("format") != "amax" or not isinstance(entries, dict):
             raise ValueError("expected {\"format\": \"amax\", \"amax\": {...}}")

@@ -2,7 +2,7 @@
 through convert, inspect and load (issue 15). Every case ends in success or one named error line within a time
 bound, never a traceback, a hang or a partial output, and its inputs are byte-identical afterwards.
 
-CI runs a seeded sample (FP8COOKBOOK_FUZZ_N, default 240 cases, every class in turn). The full run:
+CI runs a seeded sample (FP8COOKBOOK_FUZZ_N, default 240 cases, the six classes in turn). The full run:
 `FP8COOKBOOK_FUZZ_N=10000 PYTHONPATH=$PWD python -m pytest -q tests/test_fuzz.py -k mutation -s`
 (docs/reliability.md records its last figures). FP8COOKBOOK_FUZZ_SEED picks another sample.
 """
@@ -344,13 +344,26 @@ def _alarm(*_):
     raise CaseTimeout(f"case ran past {CASE_SECONDS} s")
 
 
-CLASSES = ["config", "header", "index", "scale", "state"]
+def m_side(folder: Path, rng: random.Random) -> None:
+    """The attention side file (Q/K/V amaxes), read by load with --fp8-attention on."""
+    path = folder / "fp8cookbook_attention_scales.json"
+    if rng.random() < 0.5:
+        obj = json.loads(path.read_text())
+        key = rng.choice(sorted(obj["amax"]))
+        obj["amax"][key] = rng.choice(WILD + [float("nan"), float("inf"), -1.0, 0.0, [1.0]])
+        path.write_text(json.dumps(obj))  # NaN and Infinity as Python writes them
+    else:
+        _edit_json_file(path, rng)
+
+
+CLASSES = ["config", "header", "index", "scale", "state", "side"]
 
 
 def _run_case(i: int, rng: random.Random, seeds: dict[str, Path], work: Path) -> tuple[str, str, str | None]:
     """Mutate one input, run one command, check every promise; returns (class, outcome, failure or None)."""
     kind = CLASSES[i % len(CLASSES)]
-    target = "convert" if kind == "state" else rng.choice(["convert", "convert", "inspect", "load"])
+    target = ("convert" if kind == "state" else "load" if kind == "side"
+              else rng.choice(["convert", "convert", "inspect", "load"]))
     case = work / f"c{i}"
     case.mkdir()
     root = case / "in"
@@ -360,7 +373,8 @@ def _run_case(i: int, rng: random.Random, seeds: dict[str, Path], work: Path) ->
     else:
         shutil.copytree(seeds["fp8"], root / "fp8")
         folder = root / "fp8"
-    {"config": m_config, "header": m_header, "index": m_index, "scale": m_scale}.get(kind, lambda f, r: None)(folder, rng)
+    {"config": m_config, "header": m_header, "index": m_index, "scale": m_scale,
+     "side": m_side}.get(kind, lambda f, r: None)(folder, rng)
     if kind == "state":
         m_state(root, rng)
     before = _digest(root)
@@ -372,7 +386,7 @@ def _run_case(i: int, rng: random.Random, seeds: dict[str, Path], work: Path) ->
     elif target == "inspect":
         argv = ["inspect", str(folder)]
     else:
-        argv = ["load", str(folder), "--no-forward", "--fp8-attention", "off"]
+        argv = ["load", str(folder), "--no-forward", "--fp8-attention", "on" if kind == "side" else "off"]
     err, failure = io.StringIO(), None
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(CASE_SECONDS)
