@@ -20,8 +20,7 @@ import torch
 from .errors import Fp8CookbookError
 from .files import check_scale, open_regular, parse_json, read_json, write_json_atomic  # noqa: F401 (re-exported)
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3fn value
+from .fp8.numerics import FP8_DTYPE, FP8_MAX  # noqa: E402,F401 - the format's dtype and range live with the numerics
 WEIGHT_SCALE = "weight_scale"
 INPUT_SCALE = "input_scale"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -590,3 +589,69 @@ def inspect_checkpoint(folder: str | Path) -> InspectReport:
     report.weight_scale_range = (min(ws), max(ws)) if ws else None
     report.input_scale_range = (min(xs), max(xs)) if xs else None
     return report
+
+
+# ------------------------------------------------------------------------------ the attention side file
+def scales_from_amax(amax: dict[str, dict[str, Any]]) -> dict[str, tuple[float, float, float]]:
+    """{module: {"q","k","v": amax}} -> {module: (s_q, s_k, s_v)} with s = amax/448; modules never called are left out.
+
+    A zero or non-finite amax would give a useless scale: it raises, naming the module.
+    """
+    out = {}
+    for name, a in sorted(amax.items()):
+        if not a:
+            continue
+        if set(a) != {"q", "k", "v"}:
+            raise Fp8CookbookError(f"attention amax of {name}: have {sorted(a)}, need q, k and v")
+        vals = []
+        for what in ("q", "k", "v"):
+            label = f"{name}.{what}_bmm_quantizer"
+            x = a[what] if isinstance(a[what], torch.Tensor) else _number(a[what], label)
+            try:
+                vals.append(check_scale(label, x, "attention amax") / FP8_MAX)
+            except Fp8CookbookError:
+                shown = f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) and x.numel() != 1 else float(x)
+                raise Fp8CookbookError(f"attention amax {label} = {shown}: must be one positive and finite value") from None
+        out[name] = tuple(vals)
+    return out
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Fp8CookbookError(f"attention amax {name} is {value!r}, not a number")
+    return float(value)
+
+
+def read_attention_scales(folder: str | Path) -> dict[str, tuple[float, float, float]] | None:
+    """The (q, k, v) scales per attention module from a checkpoint's side file; None when the folder has none."""
+    path = Path(folder) / ATTENTION_SCALES_NAME
+    if not os.path.lexists(path):  # a FIFO or other non-file is refused by read_json, not skipped
+        return None
+    try:
+        data = read_json(path)
+    except Fp8CookbookError as e:
+        raise Fp8CookbookError(f"{path}: not an attention-scale file ({str(e).removeprefix(f'{path}: ')})") from None
+    try:
+        entries = data["amax"]
+        if data.get("format") != "amax" or not isinstance(entries, dict):
+            raise ValueError("expected {\"format\": \"amax\", \"amax\": {...}}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise Fp8CookbookError(f"{path}: not an attention-scale file ({e})") from None
+    amax: dict[str, dict[str, float]] = {}
+    for key, val in entries.items():
+        module, _, quantizer = key.rpartition(".")
+        if quantizer not in ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer"):
+            raise Fp8CookbookError(f"{path}: unexpected entry {key!r} (want <module>.[qkv]_bmm_quantizer)")
+        amax.setdefault(module, {})[quantizer[0]] = val
+    try:
+        return scales_from_amax(amax)
+    except Fp8CookbookError as e:
+        raise Fp8CookbookError(f"{path}: {e}") from None
+
+
+def write_attention_scales(folder: str | Path, amax: dict[str, float]) -> Path:
+    """Write the side file of Q/K/V amaxes ({"<module>.[qkv]_bmm_quantizer": amax}); SGLang never reads it."""
+    path = Path(folder) / ATTENTION_SCALES_NAME
+    write_json_atomic(path, {"format": "amax", "amax": amax})
+    return path
+

@@ -22,14 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, FP8_MAX, INDEX_NAME, INPUT_SCALE, STATS_NAME, WEIGHT_SCALE,
-                         IgnoreRules, StreamingShardWriter, TensorReader, inspect_checkpoint, module_of, quant_config,
-                         read_config, read_quant_info, shard_metadata)
+from .checkpoint import (FP8_DTYPE, FP8_MAX, INDEX_NAME, INPUT_SCALE, STATS_NAME, WEIGHT_SCALE, IgnoreRules,
+                         StreamingShardWriter, TensorReader, inspect_checkpoint, module_of, quant_config, read_config,
+                         read_quant_info, shard_metadata, write_attention_scales)
 from .errors import Fp8CookbookError
 from .files import (check_scale, check_target, open_regular, staged_dir, write_json_atomic,
                     write_text_atomic)
 from .families import Family, family_for_class, get_family
-from .fp8linear import quantize_fp8
+from .fp8.numerics import quantize_fp8
 
 
 @dataclass
@@ -400,7 +400,7 @@ def _write(folder: Path, shards: dict[str, list[_Out]], qconfig: dict, config: d
     write_json_atomic(folder / index_name, {"metadata": {"total_size": stats.total_bytes}, "weight_map": weight_map}, sort_keys=True)
     write_json_atomic(folder / "config.json", out_config, sort_keys=True)
     if attention:
-        write_json_atomic(folder / ATTENTION_SCALES_NAME, {"format": "amax", "amax": attention})
+        write_attention_scales(folder, attention)
     write_text_atomic(folder / "README.md", _model_card(config, stats))
 
 
