@@ -6,12 +6,9 @@ and `inspect` agree by construction.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
-import re
 import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,6 +18,7 @@ from typing import Any, Iterable
 import torch
 
 from .errors import Fp8CookbookError
+from .files import check_scale, open_regular, parse_json, read_json, write_json_atomic  # noqa: F401 (re-exported)
 
 from .fp8.numerics import FP8_DTYPE, FP8_MAX  # noqa: E402,F401 - the format's dtype and range live with the numerics
 WEIGHT_SCALE = "weight_scale"
@@ -40,14 +38,86 @@ ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
 # ------------------------------------------------------------------------------------------- ignore patterns
-@lru_cache(maxsize=4096)
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
+MAX_IGNORE_PATTERNS = 100_000  # ModelOpt lists every ignored module by name: thousands at most
+MAX_WILDCARD_PATTERNS = 512  # patterns with `*` are checked one by one, so their number is bounded
+MAX_PATTERN_LENGTH = 1_000
 
 
-def ignored(module_name: str, patterns: list[str] | tuple[str, ...]) -> bool:
+class IgnoreRules:
+    """The `ignore` (or `exclude_modules`) patterns of a quantization config, checked in linear time.
+
+    Spec section 4: only `*` is special and a pattern matches the whole module name. Plain names go into a set;
+    each glob is split once at its stars and matched by prefix, suffix and a left-to-right search for the pieces
+    between (greedy leftmost search is exact for `*`-only globs), so no pattern can backtrack, and pattern count and
+    length are capped with an error that names the config.
+    """
+
+    def __init__(self, patterns: tuple[str, ...] = ()):
+        self.patterns = tuple(patterns)
+        self._exact = {p for p in self.patterns if "*" not in p}
+        self._globs = [(parts[0], parts[1:-1], parts[-1]) for p in self.patterns if "*" in p for parts in [p.split("*")]]
+        self._cache: dict[str, bool] = {}
+
+    @classmethod
+    def parse(cls, value: Any, source: str) -> "IgnoreRules":
+        """Rules from a config value (a list of strings, or null); anything else is refused naming `source`."""
+        if value is None:
+            return cls()
+        if not isinstance(value, list):
+            raise Fp8CookbookError(f"{source}: must be a list of module-name patterns, found {type(value).__name__}"
+                                   + (f" {value[:40]!r}" if isinstance(value, str) else ""))
+        if len(value) > MAX_IGNORE_PATTERNS:
+            raise Fp8CookbookError(f"{source}: {len(value)} patterns, more than the {MAX_IGNORE_PATTERNS} allowed")
+        globs = 0
+        for i, p in enumerate(value):
+            if not isinstance(p, str):
+                raise Fp8CookbookError(f"{source}: entry {i} is {type(p).__name__} {p!r}, not a module-name pattern")
+            if len(p) > MAX_PATTERN_LENGTH:
+                raise Fp8CookbookError(f"{source}: entry {i} is {len(p)} characters long, more than the "
+                                       f"{MAX_PATTERN_LENGTH} allowed")
+            globs += "*" in p
+        if globs > MAX_WILDCARD_PATTERNS:
+            raise Fp8CookbookError(f"{source}: {globs} patterns with `*`, more than the {MAX_WILDCARD_PATTERNS} "
+                                   "allowed (list module names instead)")
+        return cls(tuple(value))
+
+    def matches(self, name: str) -> bool:
+        """True if a pattern matches the whole of `name`."""
+        hit = self._cache.get(name)
+        if hit is None:
+            hit = name in self._exact or any(_glob_match(g, name) for g in self._globs)
+            self._cache[name] = hit
+        return hit
+
+    def __len__(self) -> int:
+        return len(self.patterns)
+
+    def __iter__(self):
+        return iter(self.patterns)
+
+
+def _glob_match(glob: tuple[str, list[str], str], name: str) -> bool:
+    prefix, middles, suffix = glob
+    if len(name) < len(prefix) + len(suffix) or not name.startswith(prefix) or not name.endswith(suffix):
+        return False
+    pos, end = len(prefix), len(name) - len(suffix)
+    for piece in middles:
+        i = name.find(piece, pos, end)
+        if i < 0:
+            return False
+        pos = i + len(piece)
+    return True
+
+
+@lru_cache(maxsize=64)
+def _rules_for(patterns: tuple[str, ...]) -> IgnoreRules:
+    return IgnoreRules.parse(list(patterns), "ignore")
+
+
+def ignored(module_name: str, patterns: list[str] | tuple[str, ...] | IgnoreRules) -> bool:
     """Spec section 4: only `*` is special and a pattern must match the whole module name."""
-    return any(_pattern_regex(p).fullmatch(module_name) for p in patterns)
+    rules = patterns if isinstance(patterns, IgnoreRules) else _rules_for(tuple(patterns))
+    return rules.matches(module_name)
 
 
 def module_of(tensor_name: str) -> str:
@@ -74,36 +144,58 @@ class QuantInfo:
 
     quant_algo: str | None
     ignore: list[str]
+    rules: IgnoreRules = field(default_factory=IgnoreRules)
 
 
 def read_quant_info(config: dict[str, Any], where: str) -> QuantInfo | None:
-    """Read the flat form (`quantization_config`) or the nested one (`{"quantization": {...}}`); None if absent."""
+    """Read the flat form (`quantization_config`) or the nested one (`{"quantization": {...}}`); None if absent.
+
+    Types are checked, so `ignore: "abc"` is refused instead of being read as the patterns a, b and c.
+    """
     qc = config.get("quantization_config", config if "quantization" in config else None)
     if qc is None:
         return None
     if not isinstance(qc, dict):
         raise Fp8CookbookError(f"{where}: quantization_config must be an object, found {type(qc).__name__}")
-    if "quantization" in qc and isinstance(qc["quantization"], dict):
-        nested = qc["quantization"]
-        return QuantInfo(nested.get("quant_algo"), list(nested.get("exclude_modules") or nested.get("ignore") or []))
-    return QuantInfo(qc.get("quant_algo"), list(qc.get("ignore") or qc.get("exclude_modules") or []))
+    key = "quantization_config"
+    if "quantization" in qc:
+        if not isinstance(qc["quantization"], dict):
+            raise Fp8CookbookError(f"{where}: quantization must be an object, found {type(qc['quantization']).__name__}")
+        qc, key = qc["quantization"], f"{key}.quantization" if "quantization_config" in config else "quantization"
+        order = ("exclude_modules", "ignore")
+    else:
+        order = ("ignore", "exclude_modules")
+    algo = qc.get("quant_algo")
+    if algo is not None and not isinstance(algo, str):
+        raise Fp8CookbookError(f"{where}: {key}.quant_algo must be a string, found {type(algo).__name__} {algo!r}")
+    rules = {k: IgnoreRules.parse(qc.get(k), f"{where}: {key}.{k}") for k in order}
+    chosen = next((r for r in rules.values() if len(r)), IgnoreRules())
+    return QuantInfo(algo, list(chosen.patterns), chosen)
+
+
+MAX_CONFIG_BYTES = 16 * 2**20
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    """config.json of a diffusers model folder, with errors that name the file."""
+    """config.json of a diffusers model folder, read within bounds, with errors that name the file."""
     path = Path(folder) / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise Fp8CookbookError(f"{path}: missing (expected a diffusers transformer folder with config.json)")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Fp8CookbookError(f"{path}: invalid JSON ({e})") from None
+    config = read_json(path, max_bytes=MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise Fp8CookbookError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    name = config.get("_class_name")
+    if name is not None and not isinstance(name, str):
+        raise Fp8CookbookError(f"{path}: _class_name must be a string, found {type(name).__name__} {name!r}")
     return config
 
 
 # ------------------------------------------------------------------------------------------ reading shards
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+MAX_INDEX_BYTES = 64 * 2**20
+MAX_DIMS = 16
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -121,47 +213,142 @@ def _read_header(path: Path) -> dict[str, Any]:
     return _read_header_and_size(path)[0]
 
 
-def _read_header_and_size(path: Path) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header ourselves so a corrupt file gives an error that names it (and costs no I/O)."""
+def _is_uint(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _utf8(text: str) -> bool:
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _validate_header(header: Any, size: int, data_start: int) -> None:
+    """The safetensors library's rules (and a few more), each failure a ValueError naming the tensor."""
+    if not isinstance(header, dict):
+        raise ValueError(f"header is a JSON {type(header).__name__}, expected an object")
+    meta = header.get("__metadata__")
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise ValueError(f"__metadata__ is {type(meta).__name__}, expected an object of strings")
+        for k, v in meta.items():
+            if not isinstance(v, str) or not _utf8(k) or not _utf8(v):
+                raise ValueError(f"__metadata__[{k!r}] is {type(v).__name__}, expected a UTF-8 string")
+    spans: list[tuple[int, int, str]] = []
+    for name, value in header.items():
+        if name == "__metadata__":
+            continue
+        if not _utf8(name):
+            raise ValueError(f"tensor name {name!r} is not valid UTF-8")
+        if not isinstance(value, dict):
+            raise ValueError(f"tensor {name}: entry is {type(value).__name__}, expected an object")
+        dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+            raise ValueError(f"tensor {name}: unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_uint(d) for d in shape):
+            raise ValueError(f"tensor {name}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
+            raise ValueError(f"tensor {name}: data_offsets {offsets!r} are not two non-negative integers")
+        start, stop = offsets
+        if start > stop:
+            raise ValueError(f"tensor {name}: data_offsets {offsets} are out of order")
+        if stop - start != math.prod(shape) * ST_DTYPES[dtype].itemsize:
+            raise ValueError(f"tensor {name}: data_offsets {offsets} do not hold {shape} {dtype}")
+        spans.append((start, stop, name))
+    spans.sort()
+    end = 0
+    for start, stop, name in spans:
+        if start != end:
+            what = "overlap another tensor's bytes" if start < end else f"leave a gap after byte {end}"
+            raise ValueError(f"tensor {name}: data_offsets [{start}, {stop}] {what}")
+        end = stop
+    if data_start + end > size:
+        raise ValueError(f"truncated: header promises {data_start + end} bytes, file has {size}")
+    if data_start + end < size:
+        raise ValueError(f"{size - data_start - end} bytes after the last tensor's data")
+
+
+def _read_header_and_size(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse and validate a safetensors header ourselves (the data is never touched), so a corrupt file gives an
+    error that names it; the safetensors library then checks it too, so we accept nothing it refuses."""
+    fd = open_regular(path)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(8)
             if len(raw) < 8:
                 raise ValueError("file shorter than its 8-byte header length")
             (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
-        end = 8 + n
-        data_len = 0
-        for key, value in header.items():
-            if key == "__metadata__":
-                continue
-            start, stop = value["data_offsets"]
-            data_len = max(data_len, stop)
-            if value["dtype"] not in ST_DTYPES:
-                raise ValueError(f"tensor {key}: unsupported dtype {value['dtype']}")
-        if end + data_len > size:
-            raise ValueError(f"truncated: header promises {end + data_len} bytes, file has {size}")
-        return header, end
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            if n > size - 8 or n > MAX_HEADER_BYTES:
+                raise ValueError(f"header length {n} exceeds the file size {size}" if n > size - 8
+                                 else f"header length {n} exceeds the {MAX_HEADER_BYTES} allowed")
+            blob = f.read(n)
+        if not blob.startswith(b"{"):
+            raise ValueError("header does not start with '{'")
+        try:
+            header = parse_json(blob, "header", max_depth=4)
+        except Fp8CookbookError as e:
+            raise ValueError(str(e)) from None
+        _validate_header(header, size, 8 + n)
+        _library_check(path)
+        return header, 8 + n
+    except (OSError, ValueError) as e:
         raise Fp8CookbookError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _library_check(path: Path) -> None:
+    """Open the header with the safetensors library as well (a memory map, no data read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - SafetensorError and friends: the library refuses the file
+        raise ValueError(f"refused by the safetensors library: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _plain_shard_name(name: Any) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and not os.path.isabs(name) and name.endswith(".safetensors") and _utf8(name))
+
+
+def read_index(folder: Path) -> tuple[Path, dict[str, str]] | None:
+    """The folder's `*.safetensors.index.json` and its weight_map, checked; None without an index.
+
+    Shard names must be plain file names inside the folder: `../x`, `/etc/passwd` or `a/b` are refused before any
+    shard is opened.
+    """
+    indexes = sorted(Path(folder).glob("*.safetensors.index.json"))
+    if not indexes:
+        return None
+    if len(indexes) > 1:
+        raise Fp8CookbookError(f"{folder}: several indexes ({', '.join(p.name for p in indexes)}); keep one")
+    path = indexes[0]
+    data = read_json(path, max_bytes=MAX_INDEX_BYTES, max_depth=8)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise Fp8CookbookError(f"{path}: invalid index (expected an object with a weight_map object)")
+    for tensor, shard in weight_map.items():
+        if not _utf8(tensor):
+            raise Fp8CookbookError(f"{path}: tensor name {tensor!r} is not valid UTF-8")
+        if not _plain_shard_name(shard):
+            raise Fp8CookbookError(f"{path}: weight_map gives {shard!r} for {tensor}; shard names must be plain "
+                                   "*.safetensors file names inside the folder")
+    return path, weight_map
 
 
 def shard_files(folder: Path) -> list[Path]:
     """The shards of a model folder: those the index names, else every *.safetensors file."""
     folder = Path(folder)
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise Fp8CookbookError(f"{indexes[0]}: invalid index ({e})") from None
+    index = read_index(folder)
+    if index is not None:
+        path, weight_map = index
         files = sorted({folder / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.is_file()]
+        missing = [str(f) for f in files if not f.exists()]
         if missing:
-            raise Fp8CookbookError(f"{indexes[0]}: names shard(s) that do not exist: {', '.join(missing)}")
+            raise Fp8CookbookError(f"{path}: names shard(s) that do not exist: {', '.join(missing)}")
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -170,20 +357,42 @@ def shard_files(folder: Path) -> list[Path]:
 
 
 def scan_tensors(folder: Path) -> dict[str, TensorInfo]:
-    """Name -> dtype/shape/file for every tensor of a folder, read from headers only."""
+    """Name -> dtype/shape/file for every tensor of a folder, read from headers only.
+
+    With an index, the index and the headers must agree exactly: a shard whose header lost its tensors, or a tensor
+    the index does not list, is an error (not a silently smaller model).
+    """
+    return _scan(Path(folder))[0]
+
+
+def _scan(folder: Path) -> tuple[dict[str, TensorInfo], dict[str, dict[str, str]]]:
     tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, dict[str, str]] = {}
     for path in shard_files(folder):
         header, data_start = _read_header_and_size(path)
+        metadata[path.name] = dict(header.get("__metadata__") or {})
+        if len(header) == ("__metadata__" in header):
+            raise Fp8CookbookError(f"{path}: holds no tensors")
         for name, value in header.items():
             if name == "__metadata__":
                 continue
             if name in tensors:
                 raise Fp8CookbookError(f"{path}: tensor {name} also stored in {tensors[name].file}")
-            info = TensorInfo(name, path, ST_DTYPES[value["dtype"]], tuple(value["shape"]), data_start + value["data_offsets"][0])
-            if value["data_offsets"][1] - value["data_offsets"][0] != info.nbytes:
-                raise Fp8CookbookError(f"{path}: tensor {name}: {value['data_offsets']} does not hold {info.shape} {info.dtype}")
-            tensors[name] = info
-    return tensors
+            tensors[name] = TensorInfo(name, path, ST_DTYPES[value["dtype"]], tuple(value["shape"]),
+                                       data_start + value["data_offsets"][0])
+    index = read_index(folder)
+    if index is not None:
+        path, weight_map = index
+        for name, shard in weight_map.items():
+            if name not in tensors:
+                raise Fp8CookbookError(f"{path}: lists {name} in {shard}, whose header does not hold it")
+            if tensors[name].file.name != shard:
+                raise Fp8CookbookError(f"{path}: lists {name} in {shard}, but it is stored in {tensors[name].file.name}")
+        extra = sorted(set(tensors) - set(weight_map))
+        if extra:
+            raise Fp8CookbookError(f"{tensors[extra[0]].file}: tensor {extra[0]} is not listed in {path.name}"
+                                   + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""))
+    return tensors, metadata
 
 
 class TensorReader:
@@ -194,13 +403,13 @@ class TensorReader:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.index = scan_tensors(self.folder)
+        self.index, self._metadata = _scan(self.folder)
         indexes = sorted(self.folder.glob("*.safetensors.index.json"))
         self.index_name: str | None = indexes[0].name if indexes else None
 
     def metadata(self, file_name: str) -> dict[str, str]:
         """A shard's header metadata (SGLang keeps the source's keys)."""
-        return dict(_read_header(self.folder / file_name).get("__metadata__") or {})
+        return dict(self._metadata[file_name])
 
     def __contains__(self, name: str) -> bool:
         return name in self.index
@@ -209,7 +418,7 @@ class TensorReader:
         info = self.index[name]
         buf = bytearray(info.nbytes)
         try:
-            with open(info.file, "rb", buffering=0) as f:
+            with os.fdopen(open_regular(info.file), "rb", buffering=0) as f:
                 f.seek(info.offset)
                 got = f.readinto(buf)
         except OSError as e:
@@ -276,6 +485,8 @@ class StreamingShardWriter:
     def close(self) -> None:
         if self._next != len(self._expected):
             raise RuntimeError(f"shard writer: {len(self._expected) - self._next} tensors were never written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
 
     def __enter__(self) -> "StreamingShardWriter":
@@ -291,23 +502,6 @@ class StreamingShardWriter:
 def shard_metadata(qconfig: dict[str, Any]) -> dict[str, str]:
     text = json.dumps(qconfig, sort_keys=True)
     return {"format": "pt", "quantization_config": text, "_quantization_metadata": text}
-
-
-def write_json_atomic(path: str | Path, obj: Any, sort_keys: bool = False) -> Path:
-    """Write JSON through a temporary file in the same folder and `os.replace`, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=sort_keys)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 # ------------------------------------------------------------------------------------------------- inspect
@@ -353,11 +547,10 @@ class InspectReport:
 
 
 def _scale_problem(name: str, t: torch.Tensor) -> str | None:
-    if t.numel() != 1 or t.dim() > 1:
-        return f"{name}: scale must be 0-d or [1], found shape {list(t.shape)}"
-    v = float(t.float().reshape(()))
-    if not math.isfinite(v) or v <= 0:
-        return f"{name}: scale must be finite and positive, found {v}"
+    try:
+        check_scale(name, t, "scale")
+    except Fp8CookbookError as e:
+        return f"{name}: {str(e).removeprefix('scale: ').removeprefix(name + ' ')}"
     return None
 
 
@@ -367,7 +560,7 @@ def inspect_checkpoint(folder: str | Path) -> InspectReport:
     config = read_config(folder)
     info = read_quant_info(config, str(folder / "config.json"))
     report = InspectReport(str(folder), config.get("_class_name"), info.quant_algo if info else None)
-    ignore = info.ignore if info else []
+    ignore = info.rules if info else IgnoreRules()
     report.ignore_patterns = len(ignore)
     tensors = scan_tensors(folder)
     report.shards = len({t.file for t in tensors.values()})
@@ -431,21 +624,33 @@ def scales_from_amax(amax: dict[str, dict[str, Any]]) -> dict[str, tuple[float, 
             raise Fp8CookbookError(f"attention amax of {name}: have {sorted(a)}, need q, k and v")
         vals = []
         for what in ("q", "k", "v"):
-            x = float(torch.as_tensor(a[what]).float().reshape(()))
-            if not (x > 0 and x < float("inf")):
-                raise Fp8CookbookError(f"attention amax {name}.{what}_bmm_quantizer = {x}: must be positive and finite")
-            vals.append(x / FP8_MAX)
+            label = f"{name}.{what}_bmm_quantizer"
+            x = a[what] if isinstance(a[what], torch.Tensor) else _number(a[what], label)
+            try:
+                vals.append(check_scale(label, x, "attention amax") / FP8_MAX)
+            except Fp8CookbookError:
+                shown = f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) and x.numel() != 1 else float(x)
+                raise Fp8CookbookError(f"attention amax {label} = {shown}: must be one positive and finite value") from None
         out[name] = tuple(vals)
     return out
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Fp8CookbookError(f"attention amax {name} is {value!r}, not a number")
+    return float(value)
 
 
 def read_attention_scales(folder: str | Path) -> dict[str, tuple[float, float, float]] | None:
     """The (q, k, v) scales per attention module from a checkpoint's side file; None when the folder has none."""
     path = Path(folder) / ATTENTION_SCALES_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):  # a FIFO or other non-file is refused by read_json, not skipped
         return None
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
+    except Fp8CookbookError as e:
+        raise Fp8CookbookError(f"{path}: not an attention-scale file ({str(e).removeprefix(f'{path}: ')})") from None
+    try:
         entries = data["amax"]
         if data.get("format") != "amax" or not isinstance(entries, dict):
             raise ValueError("expected {\"format\": \"amax\", \"amax\": {...}}")

@@ -611,6 +611,10 @@ def _standin_parser(sub: argparse._SubParsersAction) -> None:
 _EXTRA_PARSERS.append(_standin_parser)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n")).strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -619,7 +623,13 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("default")
             return COMMANDS[args.command](args)
     except Fp8CookbookError as e:
-        print(f"fp8cookbook {args.command}: error: {e}", file=sys.stderr)
+        print(f"fp8cookbook {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system's own refusals (read-only, disk full, permissions) not caught nearer
+        from .files import disk_error
+
+        where = e.filename or "file system"
+        print(f"fp8cookbook {args.command}: error: {_one_line(str(disk_error(e, where)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fp8cookbook {args.command}: interrupted", file=sys.stderr)

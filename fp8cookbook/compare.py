@@ -26,6 +26,7 @@ from torch import nn
 
 from . import __version__
 from .errors import Fp8CookbookError
+from .files import to_jsonable
 from .families import Family, get_family
 
 SCHEMA_VERSION = 1
@@ -209,7 +210,7 @@ class CompareReport:
     def to_dict(self, thresholds: Thresholds | None = None) -> dict[str, Any]:
         """The JSON document (schema in docs/compare-report-schema.md); inf and NaN become null."""
         thresholds = thresholds or Thresholds()
-        return _jsonable({
+        return to_jsonable({
             "schema_version": SCHEMA_VERSION,
             "tool": f"fp8cookbook {__version__}",
             "created": self.created,
@@ -264,19 +265,6 @@ def _fmt(x: float, digits: int = 6) -> str:
 
 def _span(frames: list[int]) -> str:
     return str(frames[0]) if len(frames) == 1 else f"{frames[0]}-{frames[-1]}"
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types; non-finite floats become null (JSON has no inf/NaN)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 # ------------------------------------------------------------------------------------------------- running
@@ -479,7 +467,7 @@ REPORT_NAME, METRICS_PLOT_NAME, IMAGES_PLOT_NAME = "compare.json", "compare_metr
 
 def write_outputs(report: CompareReport, output_dir: str | Path, thresholds: Thresholds | None = None) -> list[Path]:
     """compare.json and the two figures; each file is written beside its final name and renamed in."""
-    from .checkpoint import write_json_atomic
+    from .files import write_json_atomic
     from .plots import plot_images, plot_step_metrics, save_figure
 
     out = Path(output_dir)

@@ -3,7 +3,8 @@
 Streaming by design: the plan is made from safetensors headers alone, then each output tensor is read,
 transformed and written before the next is touched, so memory holds one model tensor plus the amax table.
 Output goes to a temporary folder beside the target, is checked with `inspect_checkpoint`, and is renamed into
-place only when everything succeeded.
+place only when everything succeeded (`files.staged_dir`: exclusive for a new target, an atomic swap with
+`overwrite`). No target may be, hold or lie inside an input, symlinks resolved, so an input is never changed.
 """
 
 from __future__ import annotations
@@ -11,23 +12,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import (FP8_DTYPE, FP8_MAX, INDEX_NAME, INPUT_SCALE, STATS_NAME, WEIGHT_SCALE,
-                         StreamingShardWriter, TensorReader, ignored, inspect_checkpoint, module_of, quant_config, read_config,
-                         read_quant_info, shard_metadata, write_attention_scales, write_json_atomic)
+from .checkpoint import (FP8_DTYPE, FP8_MAX, INDEX_NAME, INPUT_SCALE, STATS_NAME, WEIGHT_SCALE, IgnoreRules,
+                         StreamingShardWriter, TensorReader, inspect_checkpoint, module_of, quant_config, read_config,
+                         read_quant_info, shard_metadata, write_attention_scales)
 from .errors import Fp8CookbookError
+from .files import (check_scale, check_target, open_regular, staged_dir, write_json_atomic,
+                    write_text_atomic)
 from .families import Family, family_for_class, get_family
 from .fp8.numerics import quantize_fp8
 
@@ -84,8 +84,8 @@ def resolve_export_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise Fp8CookbookError(f"{path}: export folder does not exist")
-    if (path / "config.json").is_file():
-        return path
+    if os.path.lexists(path / "config.json"):
+        return path  # read_config then refuses anything but a regular file
     subs = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name.startswith("transformer") and (p / "config.json").is_file())
     if len(subs) == 1:
         return path / subs[0]
@@ -97,8 +97,9 @@ def resolve_export_dir(path: str | Path) -> Path:
 def load_amax_table(state_file: str | Path) -> dict[str, float]:
     """`M.weight_quantizer` / `M.input_quantizer` amaxes from an `mto.save` file, read without running pickled code."""
     path = Path(state_file)
-    if not path.is_file():
+    if not path.exists():
         raise Fp8CookbookError(f"{path}: state file does not exist")
+    os.close(open_regular(path))  # a FIFO or a device would block or stream forever
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # UnpicklingError for code, RuntimeError for corrupt zip files
@@ -118,10 +119,53 @@ def load_amax_table(state_file: str | Path) -> dict[str, float]:
     return table
 
 
-def _check_scale(name: str, value: float, where: Path | str) -> float:
-    if not math.isfinite(value) or value <= 0:
-        raise Fp8CookbookError(f"{where}: {name} is {value}; scales and amaxes must be finite and positive")
-    return value
+MAX_KEEP_BF16 = 64  # --keep-bf16 patterns
+MAX_REGEX_LENGTH = 1_000
+
+
+def compile_keep_bf16(patterns: Iterable[str]) -> list[Any]:
+    """--keep-bf16 regexes compiled with RE2, which matches in time linear in the name (no backtracking blow-up
+    such as `(a+)+$`); back-references and look-arounds, which need backtracking, are refused by name."""
+    import re2
+
+    patterns = list(patterns)
+    if len(patterns) > MAX_KEEP_BF16:
+        raise Fp8CookbookError(f"--keep-bf16: {len(patterns)} patterns, more than the {MAX_KEEP_BF16} allowed")
+    options = re2.Options()
+    options.log_errors = False  # RE2 would print its own copy of the error on stderr
+    options.max_mem = 8 << 20
+    rules = []
+    for p in patterns:
+        if not isinstance(p, str) or len(p) > MAX_REGEX_LENGTH:
+            raise Fp8CookbookError(f"--keep-bf16: pattern longer than {MAX_REGEX_LENGTH} characters")
+        try:
+            rules.append(re2.compile(p, options))
+        except re2.error as e:
+            msg = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+            raise Fp8CookbookError(f"--keep-bf16 {p!r}: invalid regex for RE2's linear-time matching ({msg})") from None
+    return rules
+
+
+def _within(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def protect_inputs(output_dir: Path, inputs: Iterable[Path | None]) -> None:
+    """Refuse an output that is, holds or lies inside an input (after resolving symlinks): writing it, or swapping
+    it out with --overwrite, would change or delete that input."""
+    out = output_dir.resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        real = Path(inp).resolve()
+        if _within(out, real) or _within(real, out):
+            rel = "is" if out == real else ("lies inside" if _within(out, real) else "holds")
+            raise Fp8CookbookError(f"{output_dir}: the output {rel} the input {inp}; choose a folder outside the inputs")
+
+
+def _input_files(reader: TensorReader) -> list[Path]:
+    """A folder and every file read from it (shards may be symlinks into a cache elsewhere)."""
+    return [reader.folder, reader.folder / "config.json", *{t.file for t in reader.index.values()}]
 
 
 def _fp8_shape_ok(shape: tuple[int, ...]) -> bool:
@@ -179,16 +223,13 @@ def convert_checkpoint(
 ) -> ConvertStats:
     """Write `output_dir` in SGLang's FP8 format from a ModelOpt export; see the module docstring."""
     t0 = time.perf_counter()
+    given_export = Path(export_dir)
     export_dir = resolve_export_dir(export_dir)
     output_dir = Path(output_dir)
-    if output_dir.resolve() in (export_dir.resolve(), Path(base_transformer).resolve() if base_transformer else None):
-        raise Fp8CookbookError(f"{output_dir}: the output must not be one of the inputs")
-    if output_dir.exists() and not overwrite and not dry_run:
-        raise Fp8CookbookError(f"{output_dir}: already exists (pass --overwrite to replace it)")
-    try:  # searched anywhere in the module name, like SGLang's --keep-bf16-pattern
-        user_rules = [re.compile(p) for p in keep_bf16]
-    except re.error as e:
-        raise Fp8CookbookError(f"--keep-bf16: invalid regex ({e})") from None
+    protect_inputs(output_dir, [given_export, export_dir, state_file, base_transformer])
+    if not dry_run:
+        check_target(output_dir, overwrite)
+    user_rules = compile_keep_bf16(keep_bf16)  # searched anywhere in the name, like SGLang's --keep-bf16-pattern
 
     config_path = export_dir / "config.json"
     config = read_config(export_dir)
@@ -201,6 +242,7 @@ def convert_checkpoint(
 
     export = TensorReader(export_dir)
     base = TensorReader(Path(base_transformer)) if base_transformer else None
+    protect_inputs(output_dir, _input_files(export) + (_input_files(base) if base else []))
     if base is not None:
         base_class = read_config(base.folder).get("_class_name")
         if base_class != config.get("_class_name"):
@@ -212,10 +254,10 @@ def convert_checkpoint(
                 raise Fp8CookbookError(f"{name}: shape {list(t.shape)} in {t.file} but {list(b.shape)} in {b.file}")
     amax = load_amax_table(state_file) if state_file else {}
     for key, value in amax.items():
-        _check_scale(key, value, state_file)  # type: ignore[arg-type]
+        check_scale(key, value, state_file)  # type: ignore[arg-type]
 
     stats = ConvertStats(str(export_dir), str(output_dir), fam.name if fam else None, dry_run=dry_run)
-    plan, ignore, attention = _plan(export, base, amax, fam, user_rules, info.ignore, stats)
+    plan, ignore, attention = _plan(export, base, amax, fam, user_rules, info.rules, stats)
     if stats.quantized_weights == 0:
         hint = "" if state_file else " (a BF16 export needs --state-file with the ModelOpt amaxes)"
         raise Fp8CookbookError(f"{export_dir}: no layer would be FP8{hint}")
@@ -231,23 +273,16 @@ def convert_checkpoint(
         export.close()
         return stats
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
-        _write(tmp, shards, qconfig, config, stats, attention, progress, export)
-        report = inspect_checkpoint(tmp)
-        if report.problems:
-            raise Fp8CookbookError(f"{output_dir}: converted checkpoint is inconsistent: {report.problems[0]}"
-                                   + (f" (+{len(report.problems) - 1} more)" if len(report.problems) > 1 else ""))
-        stats.seconds = time.perf_counter() - t0
-        stats.peak_rss_mb = peak_rss_mb()
-        write_json_atomic(tmp / STATS_NAME, asdict(stats))
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_dir(output_dir, overwrite=overwrite, need_bytes=stats.total_bytes + (1 << 20)) as tmp:
+            _write(tmp, shards, qconfig, config, stats, attention, progress, export)
+            report = inspect_checkpoint(tmp)
+            if report.problems:
+                raise Fp8CookbookError(f"{output_dir}: converted checkpoint is inconsistent: {report.problems[0]}"
+                                       + (f" (+{len(report.problems) - 1} more)" if len(report.problems) > 1 else ""))
+            stats.seconds = time.perf_counter() - t0
+            stats.peak_rss_mb = peak_rss_mb()
+            write_json_atomic(tmp / STATS_NAME, asdict(stats))
     finally:
         export.close()
         if base is not None:
@@ -267,7 +302,7 @@ def _pick_family(family: str, class_name: str | None, config_path: Path) -> Fami
 
 
 def _plan(export: TensorReader, base: TensorReader | None, amax: dict[str, float], fam: Family | None,
-          user_rules: list[re.Pattern[str]], export_ignore: list[str],
+          user_rules: list[Any], export_ignore: IgnoreRules,
           stats: ConvertStats) -> tuple[list[_Out], list[str], dict[str, float]]:
     """Decide, per module, FP8 (kept or quantized here), BF16 fallback, or preserved; return the output tensors."""
     index = export.index
@@ -276,8 +311,8 @@ def _plan(export: TensorReader, base: TensorReader | None, amax: dict[str, float
     for n in index:
         if "_quantizer." in n:
             stats.dropped_quantizer_tensors += 1
-            if n.endswith("_bmm_quantizer._amax"):
-                attention[n.removesuffix("._amax")] = float(export.get(n).float().reshape(()))
+            if n.endswith("_bmm_quantizer._amax"):  # lands in the attention side file: same rule as a scale
+                attention[n.removesuffix("._amax")] = check_scale(n, export.get(n), export.index[n].file)
     stats.attention_scales = len(attention)
 
     fp8: dict[str, tuple[Callable[[], torch.Tensor], float, float]] = {}  # module -> (weight maker, w_scale, x_scale)
@@ -300,9 +335,9 @@ def _plan(export: TensorReader, base: TensorReader | None, amax: dict[str, float
         if w.dtype == FP8_DTYPE:
             if ws_name not in index:
                 raise Fp8CookbookError(f"{w.file}: FP8 weight {m}.weight has no {ws_name}")
-            ws = _check_scale(ws_name, float(export.get(ws_name).float().reshape(-1)[0]), w.file)
+            ws = check_scale(ws_name, export.get(ws_name), index[ws_name].file)
             if xs_name in index:
-                xs = _check_scale(xs_name, float(export.get(xs_name).float().reshape(-1)[0]), w.file)
+                xs = check_scale(xs_name, export.get(xs_name), index[xs_name].file)
             elif f"{m}.input_quantizer._amax" in amax:
                 xs = amax[f"{m}.input_quantizer._amax"] / FP8_MAX
             else:
@@ -315,7 +350,7 @@ def _plan(export: TensorReader, base: TensorReader | None, amax: dict[str, float
         wa, xa = amax.get(f"{m}.weight_quantizer._amax"), amax.get(f"{m}.input_quantizer._amax")
         # ModelOpt disables filtered layers after calibration, so their amaxes remain: the export's ignore decides.
         if (wa is not None and xa is not None and _fp8_shape_ok(w.shape) and w.dtype.is_floating_point
-                and not ignored(m, export_ignore)):
+                and not export_ignore.matches(m)):
             ws = wa / FP8_MAX
             # The scale is float32 amax/448, exactly what ModelOpt writes; saturation guards bf16 rounding of amax.
             fp8[m] = (lambda n=f"{m}.weight", s=ws: quantize_fp8(export.get(n), torch.tensor(s, dtype=torch.float32)), ws, xa / FP8_MAX)
@@ -385,7 +420,7 @@ def _write(folder: Path, shards: dict[str, list[_Out]], qconfig: dict, config: d
     write_json_atomic(folder / "config.json", out_config, sort_keys=True)
     if attention:
         write_attention_scales(folder, attention)
-    (folder / "README.md").write_text(_model_card(config, stats))
+    write_text_atomic(folder / "README.md", _model_card(config, stats))
 
 
 def _model_card(config: dict, stats: ConvertStats) -> str:

@@ -6,6 +6,7 @@ rule, so both runtimes agree on which layers are FP8), and tensors are read one 
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -14,12 +15,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, QuantInfo, TensorReader, ignored,
+from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, QuantInfo, TensorReader,
                          inspect_checkpoint, read_attention_scales, read_config, read_quant_info)
 from .errors import Fp8CookbookError
 from .fp8.attention_diffusers import install_fp8_attention
 from .fp8.attention_mode import DEFAULT_KERNEL, MIN_KV_TOKENS, AttentionMode
 from .fp8.linear import FP8Linear, fp8_modules, swap_linears
+
+MAX_CONFIG_INT = 1 << 20  # above every dimension and token count of the supported families
+MAX_LAYERS = 1024  # config keys naming layers or blocks: FLUX.2 has 56, Wan2.2 A14B 40
 
 OFFLOAD_WARNING = ("{what} disabled for the FP8 transformer: offload rebuilds weights contiguously and loses the "
                    "column-major FP8 weight view that torch._scaled_mm needs; text-encoder and VAE offload stay allowed")
@@ -69,7 +73,7 @@ def refuse_dit_offload(dit_cpu_offload: bool, dit_layerwise_offload: bool) -> li
 
 def has_attention_scales(path: str | Path) -> bool:
     """The folder has the Q/K/V scale side file of a --quantize-mha calibration."""
-    return (Path(path) / ATTENTION_SCALES_NAME).is_file()
+    return os.path.lexists(Path(path) / ATTENTION_SCALES_NAME)  # a non-file there is refused when read, not skipped
 
 
 def enable_fp8_attention(model: nn.Module, path: str | Path, *, min_kv_tokens: int = 0, kernel: str = DEFAULT_KERNEL) -> int:
@@ -140,18 +144,26 @@ def _empty_model(path: Path, config: dict, info: QuantInfo, dtype: torch.dtype, 
 
     class_name = config.get("_class_name")
     cls = getattr(diffusers, str(class_name), None)
-    if cls is None:
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):  # not a module, pipeline or function
         raise Fp8CookbookError(f"{path / 'config.json'}: unknown _class_name {class_name!r} (not a diffusers model class)")
     init_config = {k: v for k, v in config.items() if k != "quantization_config"}
-    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # from_config warns about keys it does not know (e.g. _diffusers_version)
-        model = cls.from_config(init_config)
+    for key, value in init_config.items():  # a layer count of 10**6 would build for minutes before any check
+        limit = MAX_LAYERS if ("layers" in key or "blocks" in key) else MAX_CONFIG_INT
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit:
+            raise Fp8CookbookError(f"{path / 'config.json'}: {key} is {value}, above the {limit} any model here has")
+    try:
+        with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # from_config warns about keys it does not know (e.g. _diffusers_version)
+            model = cls.from_config(init_config)
+    except Exception as e:  # noqa: BLE001 - whatever a bad value makes the model's __init__ raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise Fp8CookbookError(f"{path / 'config.json'}: cannot build {class_name} from it ({first})") from None
 
     def make(linear: nn.Linear, name: str) -> FP8Linear:
         with torch.device("meta"):
             return FP8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype=dtype)
 
-    swap_linears(model, lambda m, name: not ignored(name, info.ignore), make)
+    swap_linears(model, lambda m, name: not info.rules.matches(name), make)
     report.bf16_linear_layers += sum(isinstance(m, nn.Linear) for m in model.modules())  # the ignored ones
     return model
 

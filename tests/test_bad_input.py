@@ -108,6 +108,7 @@ def test_convert_bad_input(case, handmade, tmp_path, capsys, monkeypatch):
         assert fragment in err, f"{fragment!r} not in {err!r}"
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == [], "temporary folder left behind"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fp8c-")] == [], "temporary folder left behind"
     assert not (tmp_path / "PWNED_BY_STATE_FILE").exists(), "the state file's pickled code ran"
 
 

@@ -176,4 +176,5 @@ def test_existing_output_needs_overwrite_and_dry_run_writes_nothing(handmade, tm
     assert "quantized weights (FP8)       13" in text and "BF16-fallback weights         7" in text
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fp8c-")] == []
     assert main(["inspect", str(out)]) == 0

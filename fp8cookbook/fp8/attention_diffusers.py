@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import Fp8CookbookError
+from ..files import check_scale
 from .attention import AttentionScales, cudnn_attention_available, pick_kernel, sage_ok, triton_ok
 from .attention_mode import DEFAULT_KERNEL
 from .numerics import cuda_fp8_ok, quantize_fp8
@@ -127,8 +128,7 @@ def install_fp8_attention(model: nn.Module, scales: dict[str, tuple[float, float
     done = []
     for name, (qs, ks, vs) in sorted(scales.items()):
         for what, val in (("q", qs), ("k", ks), ("v", vs)):
-            if not (val > 0 and val < float("inf")):
-                raise Fp8CookbookError(f"attention scale {name}.{what} = {val}: must be positive and finite")
+            check_scale(f"{name}.{what}", val, "attention scale")
         m = mods[name]
         dev = next((p.device for p in m.parameters()), torch.device("cpu"))
         st = _state(m, name)
