@@ -1,0 +1,104 @@
+"""How SGLang's diffusion runtime reads `ignore`: which layers it builds in BF16, in the names it uses itself.
+
+Facts (read from sgl-project/sglang, `multimodal_gen/runtime/layers/quantization/modelopt_quant.py`,
+`configs/models/dits/{flux,wanvideo}.py`, `tools/build_modelopt_fp8_transformer.py`; the code here is ours):
+
+- SGLang asks the quantization config once per quantizable linear layer, with the layer's *runtime* prefix: the
+  module name in SGLang's own model class, not in diffusers'. A pattern keeps the layer BF16 when it matches the
+  whole prefix, `*` standing for any characters (`ModelOptQuantConfig.is_layer_excluded`).
+- The runtime names differ from the diffusers names the checkpoint's tensors carry. SGLang maps tensor names with
+  the family's `param_names_mapping` (Wan2.2: `blocks.N.attn1.to_q` is `blocks.N.to_q`, `ffn.net.0.proj` is
+  `ffn.fc_in`, ...), and SGLang's own converter writes `ignore` in runtime names: every `*.ff.net.0.proj` becomes
+  `*.ff.proj_in` and `*.ff.net.2` becomes `*.ff.proj_out` (so the published FLUX.1 checkpoint lists
+  `transformer_blocks.N.ff.proj_in`, not `ff.net.0.proj`). ModelOpt's own exports write diffusers names.
+- So a folder is read correctly by checking a module under its diffusers name *and* its runtime names: a layer is
+  BF16 when any of them is covered. Both kinds of writer (ModelOpt, SGLang's converter, ours) then agree with the
+  runtime on every layer.
+
+The per-family tables below are data; `Family.sglang_aliases` points at them, and everything that decides FP8 vs
+BF16 (loader, inspect, converter) goes through `keeps_bf16`, built on the one pattern matcher (`IgnoreRules`).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Callable, Protocol
+
+# (diffusers module name regex, runtime name template, why). A regex must match the whole module name.
+RuntimeRule = tuple[str, str, str]
+
+# SGLang's converter canonicalises these for every model class (`_module_name_variants`).
+GENERIC_RULES: tuple[RuntimeRule, ...] = (
+    (r"(.+\.(?:audio_)?ff)\.net\.0\.proj", r"\1.proj_in", "SGLang's converter names the FF input projection proj_in"),
+    (r"(.+\.(?:audio_)?ff)\.net\.2", r"\1.proj_out", "SGLang's converter names the FF output projection proj_out"),
+)
+
+# FLUX.1: the project also lists the text-stream FF under both names (spec section 4), so SGLang treats it as BF16
+# whichever name a runtime version uses.
+FLUX1_RULES: tuple[RuntimeRule, ...] = GENERIC_RULES + (
+    (r"(transformer_blocks\.\d+\.ff_context)\.net\.0\.proj", r"\1.proj_in", "text-stream FF input, runtime name"),
+    (r"(transformer_blocks\.\d+\.ff_context)\.net\.2", r"\1.proj_out", "text-stream FF output, runtime name"),
+)
+
+# Wan2.2 (`WanVideoArchConfig.param_names_mapping`): SGLang's block holds the self-attention projections directly.
+WAN_RULES: tuple[RuntimeRule, ...] = GENERIC_RULES + (
+    (r"(blocks\.\d+)\.attn1\.(to_[qkv])", r"\1.\2", "self-attention Q/K/V live on the block in SGLang"),
+    (r"(blocks\.\d+)\.attn1\.to_out\.0", r"\1.to_out", "self-attention output projection"),
+    (r"(blocks\.\d+)\.attn2\.to_out\.0", r"\1.attn2.to_out", "cross-attention output projection"),
+    (r"(blocks\.\d+)\.ffn\.net\.0\.proj", r"\1.ffn.fc_in", "feed-forward input"),
+    (r"(blocks\.\d+)\.ffn\.net\.2", r"\1.ffn.fc_out", "feed-forward output"),
+    (r"condition_embedder\.text_embedder\.linear_1", "condition_embedder.text_embedder.fc_in", "text embedder"),
+    (r"condition_embedder\.text_embedder\.linear_2", "condition_embedder.text_embedder.fc_out", "text embedder"),
+    (r"condition_embedder\.time_embedder\.linear_1", "condition_embedder.time_embedder.mlp.fc_in", "time embedder"),
+    (r"condition_embedder\.time_embedder\.linear_2", "condition_embedder.time_embedder.mlp.fc_out", "time embedder"),
+    (r"condition_embedder\.time_proj", "condition_embedder.time_modulation.linear", "timestep modulation"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj", "condition_embedder.image_embedder.ff.fc_in",
+     "image embedder FF input (I2V)"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.2", "condition_embedder.image_embedder.ff.fc_out",
+     "image embedder FF output (I2V)"),
+)
+
+
+@lru_cache(maxsize=None)
+def _compiled(rules: tuple[RuntimeRule, ...]) -> tuple[tuple[re.Pattern[str], str], ...]:
+    return tuple((re.compile(pattern), template) for pattern, template, _ in rules)
+
+
+def runtime_names(module_name: str, rules: tuple[RuntimeRule, ...] = GENERIC_RULES) -> list[str]:
+    """The names SGLang may know `module_name` by, other than itself (sorted, no duplicates)."""
+    out = {regex.sub(template, module_name) for regex, template in _compiled(rules) if regex.fullmatch(module_name)}
+    out.discard(module_name)
+    return sorted(out)
+
+
+def generic_runtime_names(module_name: str) -> list[str]:
+    return runtime_names(module_name, GENERIC_RULES)
+
+
+def flux1_runtime_names(module_name: str) -> list[str]:
+    return runtime_names(module_name, FLUX1_RULES)
+
+
+def wan_runtime_names(module_name: str) -> list[str]:
+    return runtime_names(module_name, WAN_RULES)
+
+
+class Matcher(Protocol):
+    """What `keeps_bf16` needs from the ignore list: `checkpoint.IgnoreRules`."""
+
+    def matches(self, name: str) -> bool: ...
+
+
+def names_checked(module_name: str, aliases: Callable[[str], list[str]] | None) -> list[str]:
+    """The module's own name, then every runtime name SGLang may use for it."""
+    return [module_name] + list((aliases or generic_runtime_names)(module_name))
+
+
+def keeps_bf16(rules: Matcher, module_name: str, aliases: Callable[[str], list[str]] | None = None) -> bool:
+    """SGLang's decision for one linear layer: BF16 when `ignore` covers it under any of its names.
+
+    `aliases` is the family's `sglang_aliases`; None (family unknown) uses SGLang's converter canonicalisation,
+    which it applies to every model class.
+    """
+    return any(rules.matches(name) for name in names_checked(module_name, aliases))

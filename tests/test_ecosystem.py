@@ -1,0 +1,328 @@
+"""Reading and writing what the ecosystem has: SGLang's own checkpoints, whole-pipeline ModelOpt repos, our full repo.
+
+Every layout is built here from the tiny models, the way its real writer makes it (no SGLang or hub needed):
+
+- an SGLang-converter FLUX.1 folder: `ignore` names the image feed-forward only by SGLang's runtime names
+  (`transformer_blocks.N.ff.proj_in` / `ff.proj_out`), [1] scales, `quant_type`, no stats file (the form of
+  lmsys/flux1-dev-modelopt-fp8-sglang-transformer);
+- a whole-pipeline ModelOpt export, `export_hf_checkpoint(pipeline)` on the tiny Wan2.2 A14B pipeline with both
+  experts quantized (the form of nvidia/Wan2.2-T2V-A14B-Diffusers-FP8);
+- folders with FP8 weights or scales but no quantization_config, and folders that cannot be judged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from fp8cookbook.checkpoint import INDEX_NAME, STATS_NAME, ignored, shard_metadata
+from fp8cookbook.convert import convert_checkpoint
+from fp8cookbook.errors import Fp8CookbookError
+from fp8cookbook.repo import (BF16, CONFIG_ONLY, FP8, FP8_UNMARKED, OTHER_QUANT, UNREADABLE, classify_folder,
+                              detect_layout, license_fields, read_card_metadata, repo_problems, write_full_repo)
+from fp8cookbook.sglang_names import (flux1_runtime_names, generic_runtime_names, keeps_bf16, names_checked,
+                                      wan_runtime_names)
+
+from conftest import snapshot
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _Patterns:
+    """The `.matches` interface over the project's pattern rule (spec section 4)."""
+
+    def __init__(self, patterns: list[str]):
+        self.patterns = list(patterns)
+
+    def matches(self, name: str) -> bool:
+        return ignored(name, self.patterns)
+
+
+# ---------------------------------------------------------------------------------------------- builders
+def sglang_converter_ignore(folder: Path, export_ignore: list[str]) -> list[str]:
+    """`ignore` as SGLang's converter writes it: ModelOpt's list plus every non-FP8 weight under its *preferred*
+    (last) runtime name, where `*.ff.net.0.proj` -> `*.ff.proj_in` and `*.ff.net.2` -> `*.ff.proj_out`."""
+    # ModelOpt's FLUX filter never lists the feed-forward layers (our hand-made export does, because it skips the
+    # fallback profile in calibration): keep only what ModelOpt's own export would list.
+    names = {n for n in export_ignore if not generic_runtime_names(n)}
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():
+                if key.endswith(".weight") and f.get_slice(key).get_dtype() != "F8_E4M3" \
+                        and len(f.get_slice(key).get_shape()) == 2:
+                    module = key.removesuffix(".weight")
+                    names.add((generic_runtime_names(module) or [module])[-1])
+    return sorted(names)
+
+
+def make_sglang_style(fp8_folder: Path, export_folder: Path, out: Path) -> Path:
+    """Rewrite our converted FLUX.1 folder into SGLang's converter form (see the module docstring)."""
+    shutil.copytree(fp8_folder, out)
+    (out / STATS_NAME).unlink()
+    (out / "README.md").unlink()
+    export_qc = json.loads((export_folder / "config.json").read_text())["quantization_config"]
+    config = json.loads((out / "config.json").read_text())
+    qc = dict(config["quantization_config"])
+    qc["ignore"] = sglang_converter_ignore(out, export_qc.get("ignore", []))
+    config["quantization_config"] = qc
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    for shard in out.glob("*.safetensors"):
+        tensors = load_file(shard)
+        meta = dict(shard_metadata(qc))
+        meta["config"] = json.dumps(config, sort_keys=True)
+        save_file(tensors, shard, metadata=meta)
+    return out
+
+
+def strip_quant_config(folder: Path, out: Path) -> Path:
+    """An FP8 folder whose config.json lost its quantization_config (what `save_pretrained` wrote before)."""
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    config.pop("quantization_config")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def flux1_folders(tmp_path_factory) -> dict[str, Path]:
+    """Hand-made FLUX.1 export, our conversion of it, and SGLang's converter form of the same tensors."""
+    from conftest import make_handmade_export
+
+    root = tmp_path_factory.mktemp("flux1")
+    paths = make_handmade_export(root / "in")
+    ours = root / "ours"
+    convert_checkpoint(paths["export"], ours, base_transformer=paths["base"], progress=False)
+    return {**paths, "ours": ours, "sglang": make_sglang_style(ours, paths["export"], root / "sglang")}
+
+
+@pytest.fixture(scope="module")
+def wan_repo(tmp_path_factory) -> dict[str, Path]:
+    """The tiny Wan2.2 A14B pipeline (`base`) and its whole-pipeline ModelOpt export (`modelopt`), both experts FP8."""
+    from modelopt.torch.export import export_hf_checkpoint
+
+    from fp8cookbook.families import get_family
+    from fp8cookbook.pipelines import load_pipeline, tiny_pipeline_dir
+    from fp8cookbook.quantize import _quiet, _round_weights_to_fake_quant, quantize_transformer, tiny_calibration_inputs
+
+    root = tmp_path_factory.mktemp("wan")
+    family = get_family("wan22-a14b")
+    base = tiny_pipeline_dir(family.name, cache_dir=root / "cache")
+    pipe = load_pipeline(family.name, base)
+    for name in family.experts:
+        batches = tiny_calibration_inputs(family, expert=name)
+
+        def loop(model, batches=batches):
+            for inputs in batches:
+                model(**inputs)
+
+        model = quantize_transformer(getattr(pipe, name), family, loop)
+        _round_weights_to_fake_quant(model)
+    out = root / "modelopt"
+    with _quiet(), torch.no_grad():
+        export_hf_checkpoint(pipe, dtype=torch.bfloat16, export_dir=out)
+    return {"base": base, "modelopt": out}
+
+
+# ------------------------------------------------------------------------------------ SGLang's runtime names
+def test_runtime_names_per_family():
+    assert flux1_runtime_names("transformer_blocks.3.ff.net.0.proj") == ["transformer_blocks.3.ff.proj_in"]
+    assert flux1_runtime_names("transformer_blocks.3.ff.net.2") == ["transformer_blocks.3.ff.proj_out"]
+    assert flux1_runtime_names("transformer_blocks.3.ff_context.net.2") == ["transformer_blocks.3.ff_context.proj_out"]
+    assert flux1_runtime_names("transformer_blocks.3.attn.to_q") == []
+    assert wan_runtime_names("blocks.7.attn1.to_k") == ["blocks.7.to_k"]
+    assert wan_runtime_names("blocks.7.attn1.to_out.0") == ["blocks.7.to_out"]
+    assert wan_runtime_names("blocks.7.attn2.to_out.0") == ["blocks.7.attn2.to_out"]
+    assert wan_runtime_names("blocks.7.attn2.to_q") == []  # cross-attention Q/K/V keep their names
+    assert wan_runtime_names("blocks.7.ffn.net.0.proj") == ["blocks.7.ffn.fc_in"]
+    assert wan_runtime_names("condition_embedder.time_proj") == ["condition_embedder.time_modulation.linear"]
+    # SGLang's converter canonicalises `.ff.` feed-forwards of every class, but not Wan's `ffn`
+    assert generic_runtime_names("x.ff.net.0.proj") == ["x.ff.proj_in"]
+    assert generic_runtime_names("blocks.1.ffn.net.0.proj") == []
+    assert names_checked("blocks.1.attn1.to_q", wan_runtime_names) == ["blocks.1.attn1.to_q", "blocks.1.to_q"]
+
+
+def test_keeps_bf16_checks_every_name_sglang_uses():
+    sglang_ignore = _Patterns(["transformer_blocks.0.ff.proj_in", "transformer_blocks.0.ff.proj_out", "norm_out*"])
+    assert keeps_bf16(sglang_ignore, "transformer_blocks.0.ff.net.0.proj", flux1_runtime_names)
+    assert keeps_bf16(sglang_ignore, "transformer_blocks.0.ff.net.2", flux1_runtime_names)
+    assert not keeps_bf16(sglang_ignore, "transformer_blocks.0.attn.to_q", flux1_runtime_names)
+    assert keeps_bf16(sglang_ignore, "norm_out.linear", flux1_runtime_names)
+    assert not keeps_bf16(sglang_ignore, "transformer_blocks.1.ff.net.0.proj", flux1_runtime_names)
+    # a Wan ignore written in SGLang's runtime names, and one in ModelOpt's (diffusers) names
+    assert keeps_bf16(_Patterns(["blocks.3.to_q"]), "blocks.3.attn1.to_q", wan_runtime_names)
+    assert keeps_bf16(_Patterns(["blocks.3.attn1.to_q"]), "blocks.3.attn1.to_q", wan_runtime_names)
+    assert not keeps_bf16(_Patterns(["blocks.3.to_q"]), "blocks.3.attn2.to_q", wan_runtime_names)
+    # family unknown: the converter's canonical names still count
+    assert keeps_bf16(sglang_ignore, "transformer_blocks.0.ff.net.0.proj")
+
+
+# ------------------------------------------------------------------------------------------------ layouts
+def test_layouts_of_single_folders(flux1_folders):
+    ours = detect_layout(flux1_folders["ours"])
+    assert ours.layout == "transformer" and ours.components[""].producer == "fp8cookbook"
+    assert ours.fp8_components() == [""] and not ours.is_repo
+    sglang = detect_layout(flux1_folders["sglang"])
+    assert sglang.layout == "sglang-transformer" and sglang.components[""].kind == FP8
+    qc = json.loads((flux1_folders["sglang"] / "config.json").read_text())["quantization_config"]
+    assert "transformer_blocks.0.ff.proj_in" in qc["ignore"] and "transformer_blocks.0.ff.net.0.proj" not in qc["ignore"]
+    export = detect_layout(flux1_folders["export"])
+    assert export.layout == "transformer" and export.components[""].producer == "modelopt"
+    base = detect_layout(flux1_folders["base"])
+    assert base.components[""].kind == BF16 and base.fp8_components() == []
+
+
+def test_whole_pipeline_modelopt_export(wan_repo):
+    before = snapshot(wan_repo["modelopt"])
+    layout = detect_layout(wan_repo["modelopt"])
+    assert snapshot(wan_repo["modelopt"]) == before
+    assert layout.layout == "modelopt-repo" and layout.is_repo and layout.pipeline_class == "WanPipeline"
+    assert layout.fp8_components() == ["transformer", "transformer_2"]
+    kinds = {n: c.kind for n, c in layout.components.items()}
+    assert kinds == {"scheduler": CONFIG_ONLY, "text_encoder": BF16, "tokenizer": CONFIG_ONLY,
+                     "transformer": FP8, "transformer_2": FP8, "vae": BF16}
+    assert {layout.components[n].producer for n in ("transformer", "transformer_2")} == {"modelopt"}
+    with safe_open(str(wan_repo["modelopt"] / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_slice("blocks.3.attn1.to_q.weight_scale").get_shape() == []  # ModelOpt's 0-d scales
+    assert repo_problems(layout) == {n: [] for n in layout.components}
+    assert detect_layout(wan_repo["base"]).layout == "pipeline"
+
+
+def test_fp8_without_quantization_config_is_flagged(flux1_folders, wan_repo, tmp_path):
+    bare = strip_quant_config(flux1_folders["ours"], tmp_path / "bare")
+    comp = classify_folder(bare)
+    assert comp.kind == FP8_UNMARKED and comp.fp8_weights == 13 and comp.scale_tensors == 26
+    assert "no quantization_config" in comp.note
+    # only scale tensors left (weights de-quantized by hand, scales forgotten)
+    scales_only = tmp_path / "scales_only"
+    shutil.copytree(flux1_folders["base"], scales_only)
+    shard = next(scales_only.glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors["transformer_blocks.0.attn.to_q.weight_scale"] = torch.ones(())
+    save_file(tensors, shard, metadata={"format": "pt"})
+    assert classify_folder(scales_only).kind == FP8_UNMARKED
+    # the same inside a repo: its component is named
+    repo = tmp_path / "repo"
+    shutil.copytree(wan_repo["modelopt"], repo)
+    strip_quant_config(repo / "transformer_2", tmp_path / "t2")
+    shutil.rmtree(repo / "transformer_2")
+    shutil.move(tmp_path / "t2", repo / "transformer_2")
+    layout = detect_layout(repo)
+    assert layout.components["transformer_2"].kind == FP8_UNMARKED
+    assert layout.fp8_components() == ["transformer"]
+    assert "no quantization_config" in repo_problems(layout)["transformer_2"][0]
+
+
+def test_folders_that_cannot_be_judged_say_so(flux1_folders, wan_repo, tmp_path):
+    bin_only = tmp_path / "bin_only"
+    bin_only.mkdir()
+    (bin_only / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
+    torch.save({"w": torch.zeros(2)}, bin_only / "diffusion_pytorch_model.bin")
+    comp = classify_folder(bin_only)
+    assert comp.kind == UNREADABLE and "not safetensors" in comp.note
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    shutil.copy(next(flux1_folders["base"].glob("*.safetensors")), no_config)
+    assert classify_folder(no_config).kind == UNREADABLE and "config.json: missing" in classify_folder(no_config).note
+    broken = tmp_path / "broken"
+    shutil.copytree(flux1_folders["ours"], broken)
+    (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 4)
+    assert classify_folder(broken).kind == UNREADABLE and "safetensors" in classify_folder(broken).note
+    nvfp4 = tmp_path / "nvfp4"
+    shutil.copytree(flux1_folders["ours"], nvfp4)
+    config = json.loads((nvfp4 / "config.json").read_text())
+    config["quantization_config"]["quant_algo"] = "NVFP4"
+    (nvfp4 / "config.json").write_text(json.dumps(config))
+    assert classify_folder(nvfp4).kind == OTHER_QUANT and "NVFP4" in classify_folder(nvfp4).note
+    repo = tmp_path / "repo"
+    shutil.copytree(wan_repo["modelopt"], repo)
+    shutil.rmtree(repo / "vae")
+    layout = detect_layout(repo)
+    assert layout.components["vae"].kind == UNREADABLE and "does not exist" in layout.components["vae"].note
+    with pytest.raises(Fp8CookbookError, match="neither a model folder"):
+        detect_layout(tmp_path)
+    with pytest.raises(Fp8CookbookError, match="does not exist"):
+        detect_layout(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------------------- full repo output
+@pytest.fixture(scope="module")
+def wan_fp8(wan_repo, tmp_path_factory) -> dict[str, Path]:
+    """Our FP8 checkpoints of both experts, converted from the whole-pipeline export's folders."""
+    root = tmp_path_factory.mktemp("wan_fp8")
+    out = {}
+    for name in ("transformer", "transformer_2"):
+        convert_checkpoint(wan_repo["modelopt"] / name, root / name, base_transformer=wan_repo["base"] / name,
+                           progress=False)
+        out[name] = root / name
+    return out
+
+
+def test_write_full_repo(wan_repo, wan_fp8, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(wan_repo["base"], base)
+    (base / "README.md").write_text("---\nlicense: apache-2.0\ntags:\n- video\n---\n# base\n")
+    before = snapshot(base), snapshot(wan_fp8["transformer"])
+    out = tmp_path / "repo"
+    layout = write_full_repo(base, wan_fp8, out, base_model="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+                             family_title="Wan2.2 T2V-A14B", video=True)
+    assert (snapshot(base), snapshot(wan_fp8["transformer"])) == before, "inputs changed"
+    assert layout.layout == "fp8cookbook-repo" and layout.fp8_components() == ["transformer", "transformer_2"]
+    assert json.loads((out / "model_index.json").read_text()) == json.loads((base / "model_index.json").read_text())
+    assert (out / "transformer" / INDEX_NAME).is_file()
+    vae = next((out / "vae").glob("*.safetensors"))
+    assert os.stat(vae).st_ino == os.stat(base / "vae" / vae.name).st_ino  # hard link, no copy
+    assert repo_problems(layout) == {n: [] for n in layout.components}
+    meta = read_card_metadata(out)
+    assert meta["base_model"] == "Wan-AI/Wan2.2-T2V-A14B-Diffusers" and meta["library_name"] == "diffusers"
+    assert {"fp8", "modelopt", "sglang"} <= set(meta["tags"]) and meta["license"] == "apache-2.0"
+    card = (out / "README.md").read_text()
+    assert "sglang generate --model-path" in card and "--transformer-path" not in card
+    assert "fp8cookbook.load_pipeline(" in card
+    assert not list(tmp_path.glob(".repo.tmp-*"))
+
+    copied = write_full_repo(base, {"transformer": wan_fp8["transformer"]}, tmp_path / "copy", link="copy")
+    vae = next((tmp_path / "copy" / "vae").glob("*.safetensors"))
+    assert os.stat(vae).st_ino != os.stat(base / "vae" / vae.name).st_ino
+    assert copied.fp8_components() == ["transformer"] and copied.components["transformer_2"].kind == BF16
+    linked = write_full_repo(base, {"transformer": wan_fp8["transformer"]}, tmp_path / "sym", link="symlink")
+    assert (tmp_path / "sym" / "vae" / vae.name).is_symlink() and linked.fp8_components() == ["transformer"]
+
+
+def test_write_full_repo_refuses_before_writing(wan_repo, wan_fp8, flux1_folders, tmp_path):
+    base = wan_repo["base"]
+    out = tmp_path / "repo"
+    cases = [
+        (dict(fp8={"transformer_3": wan_fp8["transformer"]}), "has no component 'transformer_3'"),
+        (dict(fp8={"transformer": flux1_folders["base"]}), "not an FP8 checkpoint"),
+        (dict(fp8={"transformer": flux1_folders["ours"]}), "_class_name 'FluxTransformer2DModel'"),
+        (dict(fp8={}), "no FP8 component"),
+        (dict(fp8={"transformer": wan_fp8["transformer"]}, link="move"), "link must be one of"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(Fp8CookbookError, match=message):
+            write_full_repo(base, output_dir=out, **kwargs)
+        assert not out.exists() and not list(tmp_path.iterdir())
+    with pytest.raises(Fp8CookbookError, match="outside the base"):
+        write_full_repo(base, {"transformer": wan_fp8["transformer"]}, base / "fp8")
+    with pytest.raises(Fp8CookbookError, match="not a diffusers pipeline folder"):
+        write_full_repo(wan_fp8["transformer"], {"transformer": wan_fp8["transformer"]}, out)
+    out.mkdir()
+    with pytest.raises(Fp8CookbookError, match="already exists"):
+        write_full_repo(base, {"transformer": wan_fp8["transformer"]}, out)
+
+
+def test_license_from_base_card(tmp_path):
+    assert license_fields(tmp_path) == {}
+    (tmp_path / "README.md").write_text("---\nlicense: other\nlicense_name: flux-1-dev-non-commercial-license\n"
+                                        "license_link: LICENSE.md\n---\nbody\n")
+    assert license_fields(tmp_path) == {"license": "other", "license_name": "flux-1-dev-non-commercial-license",
+                                        "license_link": "LICENSE.md"}
+    (tmp_path / "README.md").write_text("no front matter\n")
+    assert license_fields(tmp_path) == {}
