@@ -34,7 +34,26 @@ def _command(name: str):
 @_command("convert")
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
+    from .repo import MODEL_INDEX, convert_repo
 
+    if (args.export_dir / MODEL_INDEX).is_file() or args.full_repo:
+        if args.dry_run:
+            raise Fp8CookbookError("--dry-run works on one transformer export, not with a repo or --full-repo")
+        if args.base_transformer is not None:
+            raise Fp8CookbookError("with a repo or --full-repo, give the BF16 pipeline as --base (its component "
+                                   "folders are the base transformers), not --base-transformer")
+        stats = convert_repo(args.export_dir, args.output_dir, base=args.base, component=args.component,
+                             state_file=args.state_file, full_repo=args.full_repo, link=args.link,
+                             family=args.family, keep_bf16=args.keep_bf16, overwrite=args.overwrite,
+                             progress=not args.quiet)
+        print(f"wrote {args.output_dir}" + (" (full diffusers repo)" if args.full_repo else ""))
+        for name, s in stats.items():
+            print(f"  {name}:")
+            for line in s.lines():
+                print("    " + line)
+        return 0
+    if args.base is not None:
+        raise Fp8CookbookError("--base goes with a repo input or --full-repo; for one export use --base-transformer")
     stats = convert_checkpoint(args.export_dir, args.output_dir, state_file=args.state_file,
                                base_transformer=args.base_transformer, family=args.family, keep_bf16=args.keep_bf16,
                                overwrite=args.overwrite, dry_run=args.dry_run, progress=not args.quiet)
@@ -50,16 +69,14 @@ def _convert(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- inspect
 @_command("inspect")
 def _inspect(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    from .repo import inspect_path
 
-    from .checkpoint import inspect_checkpoint
-
-    report = inspect_checkpoint(args.checkpoint)
+    lines, data, ok = inspect_path(args.checkpoint)
     if args.json:
-        print(json.dumps(asdict(report), indent=2))
+        print(json.dumps(data, indent=2))
     else:
-        print("\n".join(report.lines()))
-    return 1 if report.problems else 0
+        print("\n".join(lines))
+    return 0 if ok else 1
 
 
 # ------------------------------------------------------------------------------------------------- load
@@ -119,21 +136,36 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the amaxes of --state-file) into the FP8 checkpoint folder SGLang loads with "
                                    "--transformer-path. The family's BF16-fallback layers are taken from "
                                    "--base-transformer. Writes to a temporary folder and renames at the end.")
-    p.add_argument("export_dir", type=Path, help="ModelOpt export (the transformer folder, or a pipeline export holding one)")
+    p.add_argument("export_dir", type=Path,
+                   help="ModelOpt export: a transformer folder, or a whole-pipeline export (model_index.json at the "
+                        "top, e.g. nvidia/Wan2.2-T2V-A14B-Diffusers-FP8), whose FP8 components are all converted")
     p.add_argument("output_dir", type=Path, help="folder to create")
     p.add_argument("--state-file", type=Path, help="ModelOpt state (mto.save, e.g. transformer.pt): amaxes for a BF16 export")
     p.add_argument("--base-transformer", type=Path, help="original BF16 transformer folder (diffusers layout), for fallback layers")
     p.add_argument("--family", default="auto", help="fallback profile: a family name, 'auto' (from _class_name) or 'none'")
     p.add_argument("--keep-bf16", action="append", default=[], metavar="REGEX",
                    help="also keep modules whose name matches REGEX (re.search, as SGLang's --keep-bf16-pattern) in BF16; repeatable")
+    p.add_argument("--base", metavar="PIPELINE",
+                   help="original BF16 pipeline (folder or cached hub id), for a repo input or --full-repo: its "
+                        "component folders give the fallback layers, its model card the license")
+    p.add_argument("--full-repo", action="store_true",
+                   help="write a complete diffusers repo (model_index.json, every component, each FP8 transformer "
+                        "in its folder, model card) that `sglang generate --model-path OUTPUT_DIR` serves alone")
+    p.add_argument("--component", default="transformer",
+                   help="which component one transformer export is, for --full-repo (default: transformer)")
+    p.add_argument("--link", default="hardlink", choices=("hardlink", "symlink", "copy"),
+                   help="how --full-repo takes the other components: hard links (default; copies across file "
+                        "systems), symbolic links, or copies")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("inspect", help="summarize an FP8 checkpoint; exit 1 if inconsistent",
-                       description="Summarize a checkpoint (dtypes, FP8 layer count, ignore coverage, scale ranges). "
-                                   "Exits 1 when a module in `ignore` holds FP8 tensors, an FP8 weight lacks a scale, "
-                                   "or a scale is not finite and positive.")
+    p = sub.add_parser("inspect", help="summarize an FP8 checkpoint or repo; exit 1 if inconsistent",
+                       description="Summarize a checkpoint (dtypes, FP8 layer count, ignore coverage, scale ranges), "
+                                   "or every component of a diffusers repo. `ignore` is read as SGLang reads it (its "
+                                   "runtime names count). Exits 1 when a module in `ignore` holds FP8 tensors, an FP8 "
+                                   "weight lacks a scale, a scale is not finite and positive, a folder holds FP8 "
+                                   "weights or scales without a quantization_config, or a folder cannot be judged.")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 

@@ -6,6 +6,7 @@ rule, so both runtimes agree on which layers are FP8), and tensors are read one 
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -14,12 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import __version__
 from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, TensorReader, ignored,
-                         inspect_checkpoint, read_config, read_quant_info)
+                         inspect_checkpoint, quant_config, read_config, read_quant_info)
 from .errors import Fp8CookbookError
 from .fp8attention import (MIN_KV_TOKENS, attention_mode, install_fp8_attention, min_kv_tokens,
                            read_attention_scales)
 from .fp8linear import FP8Linear, fp8_modules
+from .repo import save_fp8_transformer
 
 OFFLOAD_WARNING = ("{what} disabled for the FP8 transformer: offload rebuilds weights contiguously and loses the "
                    "column-major FP8 weight view that torch._scaled_mm needs; text-encoder and VAE offload stay allowed")
@@ -208,4 +211,12 @@ def load_fp8_transformer(
         report.fp8_attention_mode = mode
     report.seconds = time.perf_counter() - t0
     model.fp8_load_report = report
+    # `save_pretrained` writes a complete FP8 checkpoint (diffusers' own would drop quantization_config, and every
+    # reader would then take the FP8 codes for BF16 weights)
+    qc = config.get("quantization_config")
+    model.fp8_quantization_config = dict(qc) if isinstance(qc, dict) and "quant_algo" in qc else quant_config(
+        info.ignore, __version__)  # the nested (hf_quant_config) form is saved flat
+    side = path / ATTENTION_SCALES_NAME
+    model.fp8_attention_scales_text = side.read_text() if side.is_file() else None
+    model.save_pretrained = functools.partial(save_fp8_transformer, model)
     return model, report

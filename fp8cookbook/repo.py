@@ -340,11 +340,13 @@ def _place_tree(src: Path, dst: Path, link: str, skip: Iterable[str] = ()) -> No
 
 def write_full_repo(base: str | Path, fp8: dict[str, str | Path], output_dir: str | Path, *, link: str = "hardlink",
                     base_model: str | None = None, family_title: str | None = None, video: bool = False,
-                    extra_flags: Iterable[str] = (), overwrite: bool = False) -> Layout:
+                    extra_flags: Iterable[str] = (), license: dict[str, Any] | None = None,
+                    overwrite: bool = False) -> Layout:
     """A complete diffusers repo: `base`'s components (linked or copied), its model_index.json, and each FP8
     transformer of `fp8` ({component name: FP8 checkpoint folder}) in its component folder, plus a model card.
 
-    Everything is checked before any byte is written: each FP8 folder must pass `inspect_checkpoint` and have the
+    `license` defaults to the license fields of the base's model card. Everything is checked before any byte is
+    written: each FP8 folder must pass `inspect_checkpoint` and have the
     class the base's model_index.json names for that component. The repo is written beside `output_dir` and
     renamed in only when complete (and re-read with `detect_layout` first).
     """
@@ -391,7 +393,8 @@ def write_full_repo(base: str | Path, fp8: dict[str, str | Path], output_dir: st
         repo_name = output_dir.name
         card = model_card(
             title=f"{repo_name}: FP8 {family_title or index.get('_class_name')}", base_model=base_model,
-            family_title=family_title, fp8_components=list(fp8), license=license_fields(base_dir),
+            family_title=family_title, fp8_components=list(fp8),
+            license=license_fields(base_dir) if license is None else license,
             serve=serve_commands(repo=f"<path or hub id of {repo_name}>", extra_flags=extra_flags),
             load_python=f'pipe = fp8cookbook.load_pipeline("<path or hub id of {repo_name}>")', video=video,
             details=[f"base pipeline: {base_model or base_dir}", f"pipeline class: {index.get('_class_name')}"])
@@ -409,3 +412,283 @@ def write_full_repo(base: str | Path, fp8: dict[str, str | Path], output_dir: st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return detect_layout(output_dir)
+
+
+# ------------------------------------------------------------------------------------ saving a loaded model
+def transformer_card(class_name: str | None, *, base_model: str | None, family_title: str | None,
+                     license: dict[str, Any], details: Iterable[str] = (), video: bool = False,
+                     extra_flags: Iterable[str] = ()) -> str:
+    """The model card of one FP8 transformer folder: served next to its base model with `--transformer-path`."""
+    base = base_model or "<base model>"
+    return model_card(
+        title=f"FP8 transformer ({class_name})", base_model=base_model, family_title=family_title,
+        fp8_components=["transformer"], license=license,
+        serve=serve_commands(base=base, transformer="<this folder>", extra_flags=extra_flags),
+        load_python=f'pipe = fp8cookbook.load_pipeline("{base}", fp8="<this folder>")', details=details,
+        video=video)
+
+
+def save_fp8_transformer(model: Any, save_directory: str | Path, *, overwrite: bool = False,
+                         max_shard_size: int | str = "10GB", push_to_hub: bool = False, **_: Any) -> Path:
+    """Write a transformer loaded by `load_fp8_transformer` as a complete FP8 checkpoint in SGLang's format.
+
+    This is what `model.save_pretrained` does for such a model (the loader installs it): config.json with the
+    `quantization_config` the model was loaded with, FP8 weights with their [1] scales, shard metadata, index,
+    the Q/K/V side file when the source had one, and a model card. A plain diffusers `save_pretrained` would drop
+    the quantization_config, and every reader would take the FP8 codes for BF16 weights. Written beside the
+    target and renamed in after `inspect_checkpoint` passes. `max_shard_size` and the other diffusers keywords
+    are accepted for compatibility; one shard is written.
+    """
+    from .checkpoint import (ATTENTION_SCALES_NAME, INDEX_NAME, StreamingShardWriter, shard_metadata,
+                             write_json_atomic)
+
+    if push_to_hub:
+        raise Fp8CookbookError("save_pretrained(push_to_hub=True) is not supported for FP8 transformers: save, "
+                               "then upload the folder (huggingface-cli upload)")
+    qc = getattr(model, "fp8_quantization_config", None)
+    if not isinstance(qc, dict):
+        raise Fp8CookbookError("this model was not loaded by fp8cookbook.load_fp8_transformer: no FP8 "
+                               "quantization_config to save with it")
+    out = Path(save_directory).expanduser()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise Fp8CookbookError(f"{out}: already exists and is not empty (pass overwrite=True to replace it)")
+    state = {k: v for k, v in model.state_dict().items()}
+    layout = [(name, t.dtype, tuple(t.shape)) for name, t in sorted(state.items())]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_config(tmp)  # diffusers' own config.json (class, version, hyper-parameters)
+        config = json.loads((tmp / "config.json").read_text())
+        config["quantization_config"] = qc
+        shard = "diffusion_pytorch_model.safetensors"
+        meta = shard_metadata(qc)
+        meta.update({"_class_name": str(config.get("_class_name")), "config": json.dumps(config, sort_keys=True)})
+        with StreamingShardWriter(tmp / shard, layout, meta) as writer:
+            for name, _, _ in layout:
+                writer.write(name, state[name])
+            total = writer.total_bytes
+        write_json_atomic(tmp / INDEX_NAME, {"metadata": {"total_size": total},
+                                             "weight_map": {name: shard for name, _, _ in layout}}, sort_keys=True)
+        write_json_atomic(tmp / "config.json", config, sort_keys=True)
+        side = getattr(model, "fp8_attention_scales_text", None)
+        if side:
+            (tmp / ATTENTION_SCALES_NAME).write_text(side)
+        (tmp / CARD_NAME).write_text(transformer_card(config.get("_class_name"), base_model=None, family_title=None,
+                                                      license={}))
+        problems = inspect_checkpoint(tmp).problems
+        if problems:
+            raise Fp8CookbookError(f"{out}: the saved checkpoint is inconsistent: {problems[0]}")
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# -------------------------------------------------------------------------------------- loading a pipeline
+def _fp8_overrides(base_layout: Layout, fp8: str | Path | dict[str, str | Path] | None) -> dict[str, Path]:
+    """Component name -> FP8 folder: the base's own FP8 components, then those of `fp8` (a folder, a repo or a
+    {name: folder} dict; a bare folder is the `transformer`)."""
+    out = {n: c.path for n, c in base_layout.components.items() if c.is_fp8}
+    if fp8 is None:
+        return out
+    if isinstance(fp8, dict):
+        given = {n: Path(p) for n, p in fp8.items()}
+    else:
+        layout = detect_layout(fp8)
+        if layout.is_repo:
+            given = {n: layout.components[n].path for n in layout.fp8_components()}
+            if not given:
+                raise Fp8CookbookError(f"{fp8}: a diffusers repo with no FP8 component")
+        else:
+            given = {"transformer": Path(fp8)}
+    for name, folder in given.items():
+        if name not in base_layout.components:
+            raise Fp8CookbookError(f"{base_layout.path / MODEL_INDEX}: has no component {name!r} for the FP8 folder "
+                                   f"{folder} (components: {', '.join(base_layout.components)})")
+        comp = classify_folder(folder, name)
+        if comp.kind != FP8:
+            raise Fp8CookbookError(f"{folder}: not an FP8 checkpoint ({comp.note})")
+        out[name] = Path(folder)
+    return out
+
+
+def load_fp8_pipeline(source: str | Path, fp8: str | Path | dict[str, str | Path] | None = None, *,
+                      dtype: Any = None, device: str = "cpu", dit_cpu_offload: bool = False,
+                      dit_layerwise_offload: bool = False, text_encoder_cpu_offload: bool = False,
+                      vae_cpu_offload: bool = False, fp8_attention: bool | str = "auto") -> Any:
+    """A diffusers pipeline with every FP8 transformer loaded by fp8cookbook's FP8 layers.
+
+    `source`: a pipeline folder or cached hub id: a base model, or a repo that already holds FP8 components (our
+    full repo, a ModelOpt whole-pipeline export such as nvidia/Wan2.2-T2V-A14B-Diffusers-FP8). `fp8`: FP8
+    components to put in, as a transformer folder, a repo, or {component: folder}. Components the base holds with
+    FP8 codes but no quantization_config, or that cannot be read, are refused rather than loaded as BF16. DiT
+    offload is refused for FP8 transformers (`offload.place_pipeline`); text-encoder and VAE offload are allowed.
+    The load reports are kept as `pipe.fp8_load_reports`.
+    """
+    import diffusers
+    import torch
+
+    from .loader import load_fp8_transformer
+    from .offload import place_pipeline
+
+    dtype = torch.bfloat16 if dtype is None else dtype
+    base_dir = local_pipeline_dir(source)
+    layout = detect_layout(base_dir)
+    overrides = _fp8_overrides(layout, fp8)
+    bad = [f"{n}: {c.note}" for n, c in layout.components.items()
+           if n not in overrides and c.kind in (FP8_UNMARKED, UNREADABLE, OTHER_QUANT)]
+    if bad:
+        raise Fp8CookbookError(f"{base_dir}: cannot load {bad[0]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""))
+    if not overrides:
+        raise Fp8CookbookError(f"{source}: no FP8 component (pass fp8=<FP8 folder or repo>, or load a BF16 "
+                               "pipeline with diffusers directly)")
+    index = read_model_index(base_dir)
+    cls = getattr(diffusers, str(index.get("_class_name")), None)
+    if cls is None:
+        raise Fp8CookbookError(f"{base_dir / MODEL_INDEX}: unknown pipeline class {index.get('_class_name')!r}")
+    wanted = pipeline_components(index)
+    models, reports = {}, {}
+    for name, folder in overrides.items():
+        model, report = load_fp8_transformer(folder, dtype=dtype, fp8_attention="off")
+        if report.class_name != wanted[name][1]:
+            raise Fp8CookbookError(f"{Path(folder) / 'config.json'}: _class_name {report.class_name!r}, but "
+                                   f"{base_dir / MODEL_INDEX} names {wanted[name][1]!r} for {name}")
+        models[name], reports[name] = model, report
+    try:
+        pipe = cls.from_pretrained(str(base_dir), dtype=dtype, **models)
+    except Exception as e:  # noqa: BLE001 - say which folder failed, whatever diffusers raised
+        raise Fp8CookbookError(f"cannot load the {cls.__name__} pipeline from {base_dir}: {e}") from e
+    pipe.set_progress_bar_config(disable=True)
+    turned_off = place_pipeline(pipe, device, dit_cpu_offload=dit_cpu_offload,
+                                dit_layerwise_offload=dit_layerwise_offload,
+                                text_encoder_cpu_offload=text_encoder_cpu_offload, vae_cpu_offload=vae_cpu_offload)
+    from .loader import apply_attention_mode
+
+    for name, model in models.items():  # after placement: FP8 attention picks its kernel on the model's device
+        reports[name].offload_disabled = list(turned_off)
+        reports[name].fp8_attention_layers = apply_attention_mode(model, overrides[name], fp8_attention)
+    pipe.fp8_load_reports = reports
+    return pipe
+
+
+# --------------------------------------------------------------------------------------- converting a repo
+def convert_repo(export: str | Path, output_dir: str | Path, *, base: str | Path | None = None,
+                 component: str = "transformer", state_file: str | Path | None = None, full_repo: bool = False,
+                 link: str = "hardlink", family: str = "auto", keep_bf16: Iterable[str] = (),
+                 base_model: str | None = None, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Convert a whole-pipeline ModelOpt export (`export_hf_checkpoint(pipeline)`), or one transformer export.
+
+    A repo input has every FP8 component converted; a folder input is the `component` (with `state_file` for a
+    BF16 export). Writes `output_dir/<component>/` (one FP8 checkpoint each, for `--transformer-path`), or with
+    `full_repo` a complete diffusers repo (`write_full_repo`: the repo input's other components, or `base`'s for a
+    folder input, linked or copied). `base` is the original BF16 pipeline: its component folders give the
+    BF16-fallback weights (needed for FLUX.1 and FLUX.2) and its model card the license. Everything is written
+    beside `output_dir` and renamed in at the end. Returns {component: ConvertStats}.
+    """
+    from dataclasses import asdict
+
+    from .checkpoint import write_json_atomic
+    from .convert import convert_checkpoint
+    from .families import family_for_class
+
+    layout = detect_layout(export)
+    base_dir = local_pipeline_dir(base) if base is not None else None
+    if layout.is_repo:
+        if state_file is not None:
+            raise Fp8CookbookError(f"{export}: --state-file goes with one transformer export, not a whole repo")
+        names = layout.fp8_components()
+        if not names:
+            raise Fp8CookbookError(f"{export}: no component holds an FP8 quantization_config ("
+                                   + "; ".join(f"{n}: {c.note}" for n, c in layout.components.items()) + ")")
+        sources = {n: layout.components[n].path for n in names}
+        rest = layout.path
+    else:
+        sources = {component: Path(export)}
+        rest = base_dir
+        if full_repo and base_dir is None:
+            raise Fp8CookbookError("a full repo from one transformer export needs --base, the BF16 pipeline whose "
+                                   "other components it takes")
+    output_dir = Path(output_dir).expanduser()
+    if output_dir.exists() and not overwrite:
+        raise Fp8CookbookError(f"{output_dir}: already exists (pass --overwrite to replace it)")
+    if link not in LINK_MODES:
+        raise Fp8CookbookError(f"link must be one of {', '.join(LINK_MODES)}, got {link!r}")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        stats = {}
+        for name, src in sources.items():
+            base_transformer = base_dir / name if base_dir is not None and (base_dir / name).is_dir() else None
+            stats[name] = convert_checkpoint(src, stage / name, base_transformer=base_transformer, family=family,
+                                             keep_bf16=keep_bf16, state_file=state_file, progress=progress)
+            stats[name].output_dir = str(output_dir / name)  # the converter recorded the staging folder
+            write_json_atomic(stage / name / STATS_NAME, asdict(stats[name]))
+        if full_repo:
+            fam = family_for_class(classify_folder(stage / next(iter(sources))).class_name)
+            write_full_repo(rest, {n: stage / n for n in sources}, stage / "repo", link=link,
+                            base_model=base_model or (fam.hub_id if fam else None),
+                            family_title=fam.title if fam else None, video=bool(fam and fam.is_video),
+                            extra_flags=fam.sglang_extra_flags if fam else (),
+                            license=license_fields(base_dir if base_dir is not None else rest))
+            result = stage / "repo"
+        else:
+            result = stage
+        if output_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+            os.replace(output_dir, trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(result, output_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------- inspect
+def inspect_path(path: str | Path) -> tuple[list[str], dict[str, Any], bool]:
+    """`fp8cookbook inspect` for any layout: report lines, the same as JSON, and whether everything passed.
+
+    A bare FP8 folder gives `inspect_checkpoint`'s report; a repo one line per component plus the report of each
+    FP8 one. Anything that holds FP8 codes without a quantization_config, cannot be read, or is in a format this
+    project does not check is a failure with its reason; a BF16 component (or a repo's scheduler/tokenizer) is
+    named as such.
+    """
+    from dataclasses import asdict
+
+    layout = detect_layout(path)
+    ok = True
+    lines = [f"path             {layout.path}", f"layout           {layout.layout}"
+             + (f" ({layout.pipeline_class})" if layout.pipeline_class else "")]
+    data: dict[str, Any] = {"path": str(layout.path), "layout": layout.layout,
+                            "pipeline_class": layout.pipeline_class, "components": {}}
+    judged_fail = (FP8_UNMARKED, UNREADABLE, OTHER_QUANT) if layout.is_repo else (FP8_UNMARKED, UNREADABLE,
+                                                                                   OTHER_QUANT, CONFIG_ONLY)
+    if layout.is_repo and not layout.fp8_components():
+        ok = False
+        lines.append("PROBLEM          no FP8 component: nothing here is an FP8 checkpoint")
+    for name, comp in layout.components.items():
+        entry: dict[str, Any] = {"kind": comp.kind, "class_name": comp.class_name, "producer": comp.producer,
+                                 "note": comp.note}
+        if comp.is_fp8:
+            report = inspect_checkpoint(comp.path)
+            entry["report"] = asdict(report)
+            ok = ok and not report.problems
+            status = "consistent" if not report.problems else f"{len(report.problems)} problem(s)"
+            body = report.lines()
+        else:
+            failed = comp.kind in judged_fail
+            ok = ok and not failed
+            status = ("PROBLEM: " if failed else "") + comp.note
+            body = []
+        data["components"][name or "."] = entry
+        if layout.is_repo:
+            lines.append(f"  {name:16s} {comp.kind:12s} {comp.class_name or '-':28s} {status}")
+            lines += ["      " + line for line in body]
+        else:
+            lines += [f"kind             {comp.kind}" + (f" ({comp.note})" if comp.is_fp8 else "")]
+            lines += body or [f"{'PROBLEM' if comp.kind in judged_fail else 'status':16s} {comp.note}"]
+    return lines, data, ok
