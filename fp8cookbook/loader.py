@@ -143,6 +143,12 @@ def load_fp8_transformer(
     config = read_config(path)
     info = read_quant_info(config, str(path / "config.json"))
     if info is None:
+        from .repo import FP8_UNMARKED, classify_folder
+
+        comp = classify_folder(path)
+        if comp.kind == FP8_UNMARKED:  # never read FP8 codes as BF16 weights
+            raise Fp8CookbookError(f"{path}: {comp.note}; restore the quantization_config (or re-save it with "
+                                   "an FP8 model's save_pretrained)")
         raise Fp8CookbookError(f"{path / 'config.json'}: no quantization_config; not an FP8 checkpoint")
     if info.quant_algo != "FP8":
         raise Fp8CookbookError(f"{path / 'config.json'}: quant_algo is {info.quant_algo!r}, expected 'FP8'")

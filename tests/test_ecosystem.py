@@ -381,7 +381,7 @@ def test_no_path_reads_fp8_codes_as_bf16(flux1_folders, tmp_path):
         ref = model.transformer_blocks[0].attn.to_q.dequantized_weight()
         assert torch.allclose(w, ref, atol=1e-2), "diffusers loaded FP8 codes as weights"
     bare = strip_quant_config(flux1_folders["ours"], tmp_path / "bare")
-    with pytest.raises(Fp8CookbookError, match="FP8 weight"):
+    with pytest.raises(Fp8CookbookError, match="13 FP8 weight.*no quantization_config.*read the FP8 codes as BF16"):
         load_fp8_transformer(bare)
 
 
@@ -471,3 +471,60 @@ def test_convert_one_export_into_a_full_repo(flux1_folders, tmp_path):
     layout = detect_layout(tmp_path / "repo")
     assert layout.layout == "fp8cookbook-repo" and layout.fp8_components() == ["transformer"]
     assert repo_problems(layout)["transformer"] == []
+
+
+# ------------------------------------------------------------------------ SGLang's own checkpoints, end to end
+def test_sglang_converter_folder_loads_with_sglangs_precision(flux1_folders):
+    """SGLang builds BF16 exactly the layers its runtime names cover; so do our loader and inspect."""
+    from fp8cookbook.checkpoint import inspect_checkpoint
+    from fp8cookbook.fp8linear import fp8_modules
+    from fp8cookbook.loader import load_fp8_transformer
+
+    assert inspect_checkpoint(flux1_folders["sglang"]).problems == []
+    theirs, report = load_fp8_transformer(flux1_folders["sglang"])
+    ours, _ = load_fp8_transformer(flux1_folders["ours"])
+    assert set(fp8_modules(theirs)) == set(fp8_modules(ours)) and report.fp8_layers == 13
+    qc = json.loads((flux1_folders["sglang"] / "config.json").read_text())["quantization_config"]
+    rules = _Patterns(qc["ignore"])
+    for name, module in theirs.named_modules():  # per layer: FP8 exactly where SGLang's rule says FP8
+        if isinstance(module, torch.nn.Linear) or name in fp8_modules(theirs):
+            assert (name in fp8_modules(theirs)) == (not keeps_bf16(rules, name, flux1_runtime_names)), name
+    assert isinstance(theirs.transformer_blocks[0].ff.net[0].proj, torch.nn.Linear)
+    inputs = _flux1_inputs(ours)
+    with torch.no_grad():
+        assert torch.equal(theirs(**inputs)[0], ours(**inputs)[0])
+
+
+def test_inspect_cli_on_every_layout(flux1_folders, wan_repo, tmp_path, capsys):
+    from fp8cookbook.cli import main
+
+    assert main(["inspect", str(flux1_folders["sglang"])]) == 0
+    out = capsys.readouterr().out
+    assert "sglang-transformer" in out and "consistent" in out
+    assert main(["inspect", str(wan_repo["modelopt"])]) == 0
+    out = capsys.readouterr().out
+    assert "modelopt-repo (WanPipeline)" in out
+    assert all(f"  {n}" in out for n in ("transformer ", "transformer_2", "vae", "text_encoder", "scheduler"))
+    bare = strip_quant_config(flux1_folders["ours"], tmp_path / "bare")
+    assert main(["inspect", str(bare)]) == 1
+    assert "PROBLEM" in capsys.readouterr().out
+    assert main(["inspect", str(bare), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["components"]["."]["kind"] == FP8_UNMARKED
+    assert main(["inspect", str(wan_repo["base"])]) == 1  # a BF16 pipeline: no FP8 component
+    assert "no FP8 component" in capsys.readouterr().out
+    assert main(["inspect", str(flux1_folders["base"])]) == 0  # a BF16 model folder: says so, nothing wrong
+    assert "no FP8 tensors" in capsys.readouterr().out
+
+
+def test_convert_cli_whole_repo(wan_repo, tmp_path, capsys):
+    from fp8cookbook.cli import main
+
+    assert main(["convert", str(wan_repo["modelopt"]), str(tmp_path / "repo"), "--full-repo", "--quiet",
+                 "--base", str(wan_repo["base"]), "--link", "copy"]) == 0
+    assert "full diffusers repo" in capsys.readouterr().out
+    assert detect_layout(tmp_path / "repo").fp8_components() == ["transformer", "transformer_2"]
+    assert main(["convert", str(wan_repo["modelopt"]), str(tmp_path / "x"), "--dry-run"]) == 2
+    assert "--dry-run works on one transformer" in capsys.readouterr().err
+    assert main(["convert", str(wan_repo["modelopt"]), str(tmp_path / "x"), "--base-transformer", "t"]) == 2
+    assert not (tmp_path / "x").exists()
