@@ -303,13 +303,26 @@ def local_pipeline_dir(source: str | Path) -> Path:
         if not (path / MODEL_INDEX).is_file():
             raise Fp8CookbookError(f"{path}: not a diffusers pipeline folder (no {MODEL_INDEX})")
         return path
-    try:
-        from huggingface_hub import snapshot_download
+    import re
 
-        return Path(snapshot_download(str(source), local_files_only=True))
-    except Exception as e:  # noqa: BLE001 - not cached, not a valid id, hub library missing: one message
-        raise Fp8CookbookError(f"{source}: no such folder, and not a pipeline in the local Hugging Face cache "
-                               f"({type(e).__name__}); download it first (huggingface-cli download {source})") from None
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(source)):
+        raise Fp8CookbookError(f"{source}: no such folder (and not a hub id like owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:  # the local cache first; then the hub, as diffusers' from_pretrained would
+        path = Path(snapshot_download(str(source), local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached: try the hub
+        path = None
+    try:
+        path = path or Path(snapshot_download(str(source)))
+        if not (path / MODEL_INDEX).is_file():
+            raise Fp8CookbookError(f"{source}: not a diffusers pipeline repo (no {MODEL_INDEX})")
+        return path
+    except Fp8CookbookError:
+        raise
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, gated: one message
+        raise Fp8CookbookError(f"{source}: no such folder, and the hub did not give it ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
 
 
 def _place(src: Path, dst: Path, link: str) -> None:
@@ -388,8 +401,8 @@ def write_full_repo(base: str | Path, fp8: dict[str, str | Path], output_dir: st
                 _place_tree(entry, tmp / entry.name, link)
             else:
                 _place(entry, tmp / entry.name, link)
-        for name, folder in fp8.items():
-            _place_tree(Path(folder), tmp / name, "copy", skip=(CARD_NAME,))
+        for name, folder in fp8.items():  # never symbolic: the FP8 folders may be temporary
+            _place_tree(Path(folder), tmp / name, "copy" if link == "copy" else "hardlink", skip=(CARD_NAME,))
         repo_name = output_dir.name
         card = model_card(
             title=f"{repo_name}: FP8 {family_title or index.get('_class_name')}", base_model=base_model,
