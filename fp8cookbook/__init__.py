@@ -23,9 +23,17 @@ def __getattr__(name: str):
 
         return checkpoint.inspect_checkpoint
     if name in ("FP8Linear",):
-        from . import fp8linear
+        from .fp8 import linear
 
-        return fp8linear.FP8Linear
+        return linear.FP8Linear
+    if name in ("quantize_", "StaticFP8Config"):
+        from .fp8 import quantize
+
+        return getattr(quantize, name)
+    if name in ("AttentionMode",):
+        from .fp8 import attention_mode
+
+        return attention_mode.AttentionMode
     if name in ("quantize_pipeline",):
         from . import quantize
 
@@ -42,5 +50,6 @@ def __getattr__(name: str):
 
 
 __all__ = ["Fp8CookbookError", "FAMILIES", "Family", "get_family", "load_fp8_transformer", "LoadReport",
-           "convert_checkpoint", "ConvertStats", "inspect_checkpoint", "FP8Linear", "quantize_pipeline",
+           "convert_checkpoint", "ConvertStats", "inspect_checkpoint", "FP8Linear", "quantize_", "StaticFP8Config",
+           "AttentionMode", "quantize_pipeline",
            "compare_trajectories", "load_pipeline", "__version__"]

@@ -22,8 +22,7 @@ import torch
 
 from .errors import Fp8CookbookError
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3fn value
+from .fp8.numerics import FP8_DTYPE, FP8_MAX  # noqa: E402,F401 - the format's dtype and range live with the numerics
 WEIGHT_SCALE = "weight_scale"
 INPUT_SCALE = "input_scale"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -397,3 +396,57 @@ def inspect_checkpoint(folder: str | Path) -> InspectReport:
     report.weight_scale_range = (min(ws), max(ws)) if ws else None
     report.input_scale_range = (min(xs), max(xs)) if xs else None
     return report
+
+
+# ------------------------------------------------------------------------------ the attention side file
+def scales_from_amax(amax: dict[str, dict[str, Any]]) -> dict[str, tuple[float, float, float]]:
+    """{module: {"q","k","v": amax}} -> {module: (s_q, s_k, s_v)} with s = amax/448; modules never called are left out.
+
+    A zero or non-finite amax would give a useless scale: it raises, naming the module.
+    """
+    out = {}
+    for name, a in sorted(amax.items()):
+        if not a:
+            continue
+        if set(a) != {"q", "k", "v"}:
+            raise Fp8CookbookError(f"attention amax of {name}: have {sorted(a)}, need q, k and v")
+        vals = []
+        for what in ("q", "k", "v"):
+            x = float(torch.as_tensor(a[what]).float().reshape(()))
+            if not (x > 0 and x < float("inf")):
+                raise Fp8CookbookError(f"attention amax {name}.{what}_bmm_quantizer = {x}: must be positive and finite")
+            vals.append(x / FP8_MAX)
+        out[name] = tuple(vals)
+    return out
+
+
+def read_attention_scales(folder: str | Path) -> dict[str, tuple[float, float, float]] | None:
+    """The (q, k, v) scales per attention module from a checkpoint's side file; None when the folder has none."""
+    path = Path(folder) / ATTENTION_SCALES_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        entries = data["amax"]
+        if data.get("format") != "amax" or not isinstance(entries, dict):
+            raise ValueError("expected {\"format\": \"amax\", \"amax\": {...}}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise Fp8CookbookError(f"{path}: not an attention-scale file ({e})") from None
+    amax: dict[str, dict[str, float]] = {}
+    for key, val in entries.items():
+        module, _, quantizer = key.rpartition(".")
+        if quantizer not in ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer"):
+            raise Fp8CookbookError(f"{path}: unexpected entry {key!r} (want <module>.[qkv]_bmm_quantizer)")
+        amax.setdefault(module, {})[quantizer[0]] = val
+    try:
+        return scales_from_amax(amax)
+    except Fp8CookbookError as e:
+        raise Fp8CookbookError(f"{path}: {e}") from None
+
+
+def write_attention_scales(folder: str | Path, amax: dict[str, float]) -> Path:
+    """Write the side file of Q/K/V amaxes ({"<module>.[qkv]_bmm_quantizer": amax}); SGLang never reads it."""
+    path = Path(folder) / ATTENTION_SCALES_NAME
+    write_json_atomic(path, {"format": "amax", "amax": amax})
+    return path
+

@@ -15,11 +15,12 @@ from typing import Callable
 
 from . import __version__
 from .errors import Fp8CookbookError
+from .fp8.attention_mode import MIN_KV_TOKENS, MODES
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 # --fp8-attention on load, compare and bench: a mode; the bare flag (the opt-in of earlier versions) means "on"
-_ATTENTION_ARG = dict(nargs="?", const="on", default="auto", choices=("auto", "on", "off"), metavar="auto|on|off")
+_ATTENTION_ARG = dict(nargs="?", const="on", default="auto", choices=MODES, metavar="|".join(MODES))
 
 
 def _command(name: str):
@@ -85,8 +86,8 @@ def _load(args: argparse.Namespace) -> int:
     import torch
 
     from .families import family_for_class
-    from .fp8attention import count_fp8_attention_calls
-    from .fp8linear import count_fp8_calls
+    from .fp8.attention_diffusers import count_fp8_attention_calls
+    from .fp8.linear import count_fp8_calls
     from .loader import load_fp8_transformer
 
     model, report = load_fp8_transformer(args.checkpoint, device=args.device, fp8_attention=args.fp8_attention)
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8-attention", **_ATTENTION_ARG,
                    help="attention in FP8 with the checkpoint's Q/K/V scales (fp8cookbook_attention_scales.json, "
                         "written by --quantize-mha calibrations): auto (default) = where the file exists, for calls "
-                        "with >= 16384 keys on a GPU (where it pays); on = every call (the file must exist; bare "
+                        f"with >= {MIN_KV_TOKENS} keys on a GPU (where it pays); on = every call (the file must exist; bare "
                         "--fp8-attention means on); off = BF16 attention, as SGLang runs it")
 
     for extra in _EXTRA_PARSERS:
@@ -195,7 +196,7 @@ _EXTRA_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = []
 # ------------------------------------------------------------------------------------------------- bench
 @_command("bench")
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import BenchSettings, _log_stderr, run_bench, summary_lines
+    from .bench import BenchSettings, log_stderr, run_bench, summary_lines
 
     settings = BenchSettings(
         family=args.family, synthetic=args.synthetic, model_path=args.model_path, fp8_path=args.fp8,
@@ -203,7 +204,7 @@ def _bench(args: argparse.Namespace) -> int:
         warmup=args.warmup, text_len=args.text_len, compile=args.compile, cuda_graphs=args.cuda_graphs,
         fast=False if args.plain else None, levers=args.levers, include_fallback=args.include_fallback,
         attention_backend=args.attention_backend, fp8_attention=args.fp8_attention, device=args.device)
-    report = run_bench(settings, output=args.output, log=_log_stderr if args.verbose else (lambda m: None))
+    report = run_bench(settings, output=args.output, log=log_stderr if args.verbose else (lambda m: None))
     print("\n".join(summary_lines(report)))
     if args.output:
         print(f"wrote {args.output}")
@@ -259,7 +260,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: torch SDPA's own choice)")
     p.add_argument("--fp8-attention", **_ATTENTION_ARG,
                    help="FP8 attention (static Q/K/V scales, Triton kernel) on top of the FP8 side, as its own "
-                        "headline side: auto (default; CUDA only) = calls with >= 16384 keys, as the loader does; "
+                        f"headline side: auto (default; CUDA only) = calls with >= {MIN_KV_TOKENS} keys, as the loader does; "
                         "on = every call (bare --fp8-attention); off = none. Synthetic runs calibrate the scales, "
                         "--fp8 uses the checkpoint's --quantize-mha side file. Each side reports its first forward's "
                         "cosine against BF16")
@@ -323,7 +324,7 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--candidate-2", type=Path, help="Wan2.2 A14B: folder for transformer_2 (default: the pipeline's)")
     p.add_argument("--fp8-attention", **_ATTENTION_ARG,
                    help="the candidate's attention: auto (default) = FP8 where its --quantize-mha scale file exists, "
-                        "for calls with >= 16384 keys on a GPU; on = FP8 for every call (bare --fp8-attention; "
+                        f"for calls with >= {MIN_KV_TOKENS} keys on a GPU; on = FP8 for every call (bare --fp8-attention; "
                         "checks FP8 attention on your own model and prompts, CPU included); off = BF16")
     p.add_argument("--reference", type=Path, help="transformer folder to compare against (default: the pipeline's)")
     p.add_argument("--reference-2", type=Path, help="Wan2.2 A14B: reference transformer_2 (default: the pipeline's)")
@@ -356,7 +357,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
     from .families import get_family
     from .pipelines import load_pipeline
-    from .quantize import _modelopt, calibration_prompts, quantize_pipeline
+    from .quantize import calibration_prompts, require_modelopt, quantize_pipeline
 
     # Everything a user can get wrong is checked before the (possibly minutes-long) pipeline load.
     family = get_family(args.family)
@@ -367,7 +368,7 @@ def _quantize(args: argparse.Namespace) -> int:
         raise Fp8CookbookError(f"{args.output_dir}: already exists (pass --overwrite to replace it)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script inside ModelOpt's import
-        _modelopt()
+        require_modelopt()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise Fp8CookbookError(f"--device {device}: CUDA is not available here (use --device cpu)")

@@ -261,8 +261,8 @@ def _jsonable(obj: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------------- running
 def _component_info(module: nn.Module, own: bool, ran: dict[str, int]) -> dict[str, Any]:
-    from .fp8attention import fp8_attention_modules
-    from .fp8linear import fp8_modules
+    from .fp8.attention_diffusers import fp8_attention_modules
+    from .fp8.linear import fp8_modules
 
     load_report = getattr(module, "fp8_load_report", None)
     source = load_report.path if load_report else (getattr(module, "config", None) or {}).get("_name_or_path")
@@ -293,7 +293,7 @@ def _check_compatible(side: str, name: str, own: nn.Module, module: nn.Module, f
 def _run(pipe, modules: dict[str, nn.Module], kwargs: dict[str, Any], label: str, progress: bool,
          on_step: Callable[[int, torch.Tensor], None]) -> tuple[np.ndarray, list[dict[str, Any]], float, dict[str, dict]]:
     """One generation with `modules` swapped in; restores the pipeline's own components and progress settings."""
-    from .fp8linear import count_fp8_calls
+    from .fp8.linear import count_fp8_calls
 
     own = {name: getattr(pipe, name) for name in modules}
     active: set[str] = set()
@@ -436,9 +436,9 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype
     config = read_config(path)
     if "quantization_config" in config:
         return load_fp8_transformer(path, device=device, dtype=dtype, fp8_attention=fp8_attention)[0]
-    from .fp8attention import attention_mode
+    from .fp8.attention_mode import AttentionMode
 
-    if attention_mode(fp8_attention) == "on":
+    if AttentionMode.parse(fp8_attention).mode == "on":
         raise Fp8CookbookError(f"{path}: FP8 attention is for FP8 checkpoints; this is a plain diffusers folder")
     import diffusers
 

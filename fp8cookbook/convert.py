@@ -24,12 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, FP8_MAX, INDEX_NAME, INPUT_SCALE, STATS_NAME, WEIGHT_SCALE,
+from .checkpoint import (FP8_DTYPE, FP8_MAX, INDEX_NAME, INPUT_SCALE, STATS_NAME, WEIGHT_SCALE,
                          StreamingShardWriter, TensorReader, ignored, inspect_checkpoint, module_of, quant_config, read_config,
-                         read_quant_info, shard_metadata, write_json_atomic)
+                         read_quant_info, shard_metadata, write_attention_scales, write_json_atomic)
 from .errors import Fp8CookbookError
 from .families import Family, family_for_class, get_family
-from .fp8linear import quantize_fp8
+from .fp8.numerics import quantize_fp8
 
 
 @dataclass
@@ -365,7 +365,7 @@ def _write(folder: Path, shards: dict[str, list[_Out]], qconfig: dict, config: d
     write_json_atomic(folder / index_name, {"metadata": {"total_size": stats.total_bytes}, "weight_map": weight_map}, sort_keys=True)
     write_json_atomic(folder / "config.json", out_config, sort_keys=True)
     if attention:
-        write_json_atomic(folder / ATTENTION_SCALES_NAME, {"format": "amax", "amax": attention})
+        write_attention_scales(folder, attention)
     (folder / "README.md").write_text(_model_card(config, stats))
 
 

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, TensorReader, ignored,
-                         inspect_checkpoint, quant_config, read_config, read_quant_info)
+from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, QuantInfo, TensorReader, ignored,
+                         inspect_checkpoint, quant_config, read_attention_scales, read_config, read_quant_info)
 from .errors import Fp8CookbookError
-from .fp8attention import (MIN_KV_TOKENS, attention_mode, install_fp8_attention, min_kv_tokens,
-                           read_attention_scales)
-from .fp8linear import FP8Linear, fp8_modules
+from .fp8.attention_diffusers import install_fp8_attention
+from .fp8.attention_mode import MIN_KV_TOKENS, AttentionMode
+from .fp8.linear import FP8Linear, fp8_modules, swap_linears
 from .repo import save_fp8_transformer
 
 OFFLOAD_WARNING = ("{what} disabled for the FP8 transformer: offload rebuilds weights contiguously and loses the "
@@ -75,11 +75,11 @@ def has_attention_scales(path: str | Path) -> bool:
     return (Path(path) / ATTENTION_SCALES_NAME).is_file()
 
 
-def enable_fp8_attention(model: nn.Module, path: str | Path, *, min_kv_tokens: int = 0) -> int:
+def enable_fp8_attention(model: nn.Module, path: str | Path, *, min_kv_tokens: int = 0, kernel: str = "triton") -> int:
     """Run the model's attention in FP8 with the Q/K/V scales of the checkpoint's side file; returns the module count.
 
     The side file comes from a `--quantize-mha` calibration (ModelOpt's q/k/v bmm amaxes, kept by the converter).
-    `min_kv_tokens` > 0 limits it to the calls where it pays (`fp8attention.MIN_KV_TOKENS`, the "auto" mode).
+    `min_kv_tokens` > 0 limits it to the calls where it pays (`AttentionMode.min_kv_tokens`, the "auto" mode).
     Call it after anything that sets diffusers' attention backend (`set_attention_backend` replaces it).
     """
     scales = read_attention_scales(path)
@@ -87,21 +87,21 @@ def enable_fp8_attention(model: nn.Module, path: str | Path, *, min_kv_tokens: i
         raise Fp8CookbookError(f"{Path(path) / ATTENTION_SCALES_NAME} not found: FP8 attention needs the Q/K/V scales "
                                "of a --quantize-mha calibration (fp8cookbook quantize --quantize-mha)")
     try:
-        return len(install_fp8_attention(model, scales, min_kv_tokens=min_kv_tokens))
+        return len(install_fp8_attention(model, scales, min_kv_tokens=min_kv_tokens, kernel=kernel))
     except Fp8CookbookError as e:
         raise Fp8CookbookError(f"{Path(path) / ATTENTION_SCALES_NAME}: {e}") from None
 
 
-def apply_attention_mode(model: nn.Module, path: str | Path, mode: bool | str) -> int:
+def apply_attention_mode(model: nn.Module, path: str | Path, mode: "bool | str | AttentionMode") -> int:
     """The `fp8_attention` rule of `load_fp8_transformer` for a loaded model; returns the FP8 attention modules.
 
     "on": every call, the side file must exist; "auto": where the side file exists, only the calls where FP8 attention
-    pays (`fp8attention.MIN_KV_TOKENS` keys on a GPU); "off": nothing. Call it after anything that sets diffusers'
+    pays (`AttentionMode.threshold` keys on a GPU); "off": nothing. Call it after anything that sets diffusers'
     attention backend.
     """
-    mode = attention_mode(mode)
-    if mode == "on" or (mode == "auto" and has_attention_scales(path)):
-        return enable_fp8_attention(model, path, min_kv_tokens=min_kv_tokens(mode))
+    mode = AttentionMode.parse(mode)
+    if mode.mode == "on" or (mode.mode == "auto" and has_attention_scales(path)):
+        return enable_fp8_attention(model, path, min_kv_tokens=mode.min_kv_tokens, kernel=mode.kernel)
     return 0
 
 
@@ -121,25 +121,8 @@ def _keep_fp32(model: nn.Module, name: str) -> bool:
     return any(p in name.split(".") for p in patterns)
 
 
-def load_fp8_transformer(
-    path: str | Path,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
-    dit_cpu_offload: bool = False,
-    dit_layerwise_offload: bool = False,
-    fp8_attention: bool | str = "auto",
-) -> tuple[nn.Module, LoadReport]:
-    """Build the transformer named by config.json and load the FP8 checkpoint into it; refuse inconsistent ones.
-
-    `fp8_attention` runs attention in FP8 with the checkpoint's Q/K/V scales (`enable_fp8_attention`): "auto" (the
-    default) where the side file exists and only for the calls where it pays (long sequences on a GPU,
-    `fp8attention.MIN_KV_TOKENS`), "on" (or True) for every call (the side file must exist), "off" (or False) never.
-    Its cosine against BF16 stays within 0.00004 of BF16 attention's on full-size models (docs/benchmarks.md).
-    """
-    mode = attention_mode(fp8_attention)
-    t0 = time.perf_counter()
-    path = Path(path)
+def _checked_config(path: Path) -> tuple[dict, QuantInfo]:
+    """config.json and its FP8 quantization_config, after the checkpoint passed `inspect` (before any slow work)."""
     config = read_config(path)
     info = read_quant_info(config, str(path / "config.json"))
     if info is None:
@@ -156,27 +139,35 @@ def load_fp8_transformer(
     if problems:
         more = f" (+{len(problems) - 1} more; run `fp8cookbook inspect {path}`)" if len(problems) > 1 else ""
         raise Fp8CookbookError(f"{path}: {problems[0]}{more}")
-    class_name = config.get("_class_name")
+    return config, info
+
+
+def _empty_model(path: Path, config: dict, info: QuantInfo, dtype: torch.dtype, report: LoadReport) -> nn.Module:
+    """The config's diffusers class without weights, its non-ignored linears swapped for (meta) FP8 layers."""
     import diffusers
     from accelerate import init_empty_weights
 
+    class_name = config.get("_class_name")
     cls = getattr(diffusers, str(class_name), None)
     if cls is None:
         raise Fp8CookbookError(f"{path / 'config.json'}: unknown _class_name {class_name!r} (not a diffusers model class)")
-    report = LoadReport(str(path), class_name, offload_disabled=refuse_dit_offload(dit_cpu_offload, dit_layerwise_offload))
     init_config = {k: v for k, v in config.items() if k != "quantization_config"}
     with init_empty_weights(include_buffers=False), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # from_config warns about keys it does not know (e.g. _diffusers_version)
         model = cls.from_config(init_config)
 
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and not ignored(name, info.ignore):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            with torch.device("meta"):
-                setattr(parent, child, FP8Linear(module.in_features, module.out_features, module.bias is not None, dtype=dtype))
-        elif isinstance(module, nn.Linear):
-            report.bf16_linear_layers += 1
+    def make(linear: nn.Linear, name: str) -> FP8Linear:
+        with torch.device("meta"):
+            return FP8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype=dtype)
+
+    swap_linears(model, lambda m, name: not ignored(name, info.ignore), make)
+    report.bf16_linear_layers += sum(isinstance(m, nn.Linear) for m in model.modules())  # the ignored ones
+    return model
+
+
+def _load_tensors(model: nn.Module, path: Path, class_name: str, device, dtype: torch.dtype,
+                  report: LoadReport) -> None:
+    """Fill every parameter from the shards, checking names, dtypes and shapes; refuses a checkpoint that lacks any."""
     fp8 = fp8_modules(model)
     expected = dict(model.named_parameters())
     expected.update(dict(model.named_buffers()))
@@ -208,13 +199,39 @@ def load_fp8_transformer(
     missing = [n for n, p in model.named_parameters() if n not in loaded]
     if missing:
         raise Fp8CookbookError(f"{path}: checkpoint lacks {len(missing)} tensor(s) of {class_name}, e.g. {missing[0]}")
+
+
+def load_fp8_transformer(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    dit_cpu_offload: bool = False,
+    dit_layerwise_offload: bool = False,
+    fp8_attention: "bool | str | AttentionMode" = "auto",
+) -> tuple[nn.Module, LoadReport]:
+    """Build the transformer named by config.json and load the FP8 checkpoint into it; refuse inconsistent ones.
+
+    `fp8_attention` runs attention in FP8 with the checkpoint's Q/K/V scales (`enable_fp8_attention`): "auto" (the
+    default) where the side file exists and only for the calls where it pays (long sequences on a GPU,
+    `attention_mode.MIN_KV_TOKENS`), "on" (or True) for every call (the side file must exist), "off" (or False) never.
+    Its cosine against BF16 stays within 0.00004 of BF16 attention's on full-size models (docs/benchmarks.md).
+    """
+    mode = AttentionMode.parse(fp8_attention)
+    t0 = time.perf_counter()
+    path = Path(path)
+    config, info = _checked_config(path)
+    class_name = config.get("_class_name")
+    report = LoadReport(str(path), class_name, offload_disabled=refuse_dit_offload(dit_cpu_offload, dit_layerwise_offload))
+    model = _empty_model(path, config, info, dtype, report)
+    _load_tensors(model, path, class_name, device, dtype, report)
     model.to(device)  # buffers built at init; FP8Linear keeps its dtypes through this
     model.eval().requires_grad_(False)
-    report.fp8_layers = len(fp8)
+    report.fp8_layers = len(fp8_modules(model))
     report.attention_scales_available = has_attention_scales(path)
     report.fp8_attention_layers = apply_attention_mode(model, path, mode)
     if report.fp8_attention_layers:
-        report.fp8_attention_mode = mode
+        report.fp8_attention_mode = mode.mode
     report.seconds = time.perf_counter() - t0
     model.fp8_load_report = report
     # `save_pretrained` writes a complete FP8 checkpoint (diffusers' own would drop quantization_config, and every

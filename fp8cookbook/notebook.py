@@ -669,13 +669,6 @@ class NotebookReport:
 
 
 # ------------------------------------------------------------------------------------------------------- serve
-# Offload flags SGLang's own FP8 examples use so the model fits one 80 GB GPU; DiT offload is always off for FP8.
-_SGLANG_MEMORY_FLAGS: dict[str, tuple[str, ...]] = {
-    "flux2": ("--text-encoder-cpu-offload true", "--vae-cpu-offload true"),  # 24B Mistral text encoder
-    "wan22-a14b": ("--text-encoder-cpu-offload true",),  # UMT5-XXL beside two 14B experts
-}
-
-
 def sglang_command(family: str | Family, model_path: str | os.PathLike, checkpoints: dict[str, str | os.PathLike], *,
                    prompt: str, height: int | None = None, width: int | None = None, num_frames: int | None = None,
                    steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
@@ -697,7 +690,7 @@ def sglang_command(family: str | Family, model_path: str | os.PathLike, checkpoi
         parts.append(f"--transformer-2-path {q(str(checkpoints['transformer_2']))}")
     if fam.sglang_extra_flags:
         parts.append(" ".join(fam.sglang_extra_flags))
-    parts.append(" ".join(("--dit-cpu-offload false", "--dit-layerwise-offload false") + _SGLANG_MEMORY_FLAGS.get(fam.name, ())))
+    parts.append(" ".join(("--dit-cpu-offload false", "--dit-layerwise-offload false") + fam.sglang_memory_flags))
     parts.append(f"--prompt {q(prompt)}")
     size = []
     if width is not None and height is not None:

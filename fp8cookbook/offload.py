@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from .fp8linear import FP8Linear
+from .fp8.linear import FP8Linear
 from .loader import OFFLOAD_WARNING, refuse_dit_offload
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")

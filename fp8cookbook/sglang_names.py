@@ -15,8 +15,9 @@ Facts (read from sgl-project/sglang, `multimodal_gen/runtime/layers/quantization
   BF16 when any of them is covered. Both kinds of writer (ModelOpt, SGLang's converter, ours) then agree with the
   runtime on every layer.
 
-The per-family tables below are data; `Family.sglang_aliases` points at them, and everything that decides FP8 vs
-BF16 (loader, inspect, converter) goes through `keeps_bf16`, built on the one pattern matcher (`IgnoreRules`).
+Each family's file holds its table (`families/flux1.py`, `families/wan22.py`) and points `Family.sglang_aliases` at
+it; everything that decides FP8 vs BF16 (loader, inspect, converter) goes through `keeps_bf16`, built on the one
+pattern matcher (`checkpoint.IgnoreRules`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import re
 from functools import lru_cache
 from typing import Callable, Protocol
 
-# (diffusers module name regex, runtime name template, why). A regex must match the whole module name.
+# (diffusers module name regex, runtime name template, why). A regex must match the whole module name; a family's
+# table starts with GENERIC_RULES.
 RuntimeRule = tuple[str, str, str]
 
 # SGLang's converter canonicalises these for every model class (`_module_name_variants`).
@@ -33,32 +35,6 @@ GENERIC_RULES: tuple[RuntimeRule, ...] = (
     (r"(.+\.(?:audio_)?ff)\.net\.0\.proj", r"\1.proj_in", "SGLang's converter names the FF input projection proj_in"),
     (r"(.+\.(?:audio_)?ff)\.net\.2", r"\1.proj_out", "SGLang's converter names the FF output projection proj_out"),
 )
-
-# FLUX.1: the project also lists the text-stream FF under both names (spec section 4), so SGLang treats it as BF16
-# whichever name a runtime version uses.
-FLUX1_RULES: tuple[RuntimeRule, ...] = GENERIC_RULES + (
-    (r"(transformer_blocks\.\d+\.ff_context)\.net\.0\.proj", r"\1.proj_in", "text-stream FF input, runtime name"),
-    (r"(transformer_blocks\.\d+\.ff_context)\.net\.2", r"\1.proj_out", "text-stream FF output, runtime name"),
-)
-
-# Wan2.2 (`WanVideoArchConfig.param_names_mapping`): SGLang's block holds the self-attention projections directly.
-WAN_RULES: tuple[RuntimeRule, ...] = GENERIC_RULES + (
-    (r"(blocks\.\d+)\.attn1\.(to_[qkv])", r"\1.\2", "self-attention Q/K/V live on the block in SGLang"),
-    (r"(blocks\.\d+)\.attn1\.to_out\.0", r"\1.to_out", "self-attention output projection"),
-    (r"(blocks\.\d+)\.attn2\.to_out\.0", r"\1.attn2.to_out", "cross-attention output projection"),
-    (r"(blocks\.\d+)\.ffn\.net\.0\.proj", r"\1.ffn.fc_in", "feed-forward input"),
-    (r"(blocks\.\d+)\.ffn\.net\.2", r"\1.ffn.fc_out", "feed-forward output"),
-    (r"condition_embedder\.text_embedder\.linear_1", "condition_embedder.text_embedder.fc_in", "text embedder"),
-    (r"condition_embedder\.text_embedder\.linear_2", "condition_embedder.text_embedder.fc_out", "text embedder"),
-    (r"condition_embedder\.time_embedder\.linear_1", "condition_embedder.time_embedder.mlp.fc_in", "time embedder"),
-    (r"condition_embedder\.time_embedder\.linear_2", "condition_embedder.time_embedder.mlp.fc_out", "time embedder"),
-    (r"condition_embedder\.time_proj", "condition_embedder.time_modulation.linear", "timestep modulation"),
-    (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj", "condition_embedder.image_embedder.ff.fc_in",
-     "image embedder FF input (I2V)"),
-    (r"condition_embedder\.image_embedder\.ff\.net\.2", "condition_embedder.image_embedder.ff.fc_out",
-     "image embedder FF output (I2V)"),
-)
-
 
 @lru_cache(maxsize=None)
 def _compiled(rules: tuple[RuntimeRule, ...]) -> tuple[tuple[re.Pattern[str], str], ...]:
@@ -74,14 +50,6 @@ def runtime_names(module_name: str, rules: tuple[RuntimeRule, ...] = GENERIC_RUL
 
 def generic_runtime_names(module_name: str) -> list[str]:
     return runtime_names(module_name, GENERIC_RULES)
-
-
-def flux1_runtime_names(module_name: str) -> list[str]:
-    return runtime_names(module_name, FLUX1_RULES)
-
-
-def wan_runtime_names(module_name: str) -> list[str]:
-    return runtime_names(module_name, WAN_RULES)
 
 
 class Matcher(Protocol):

@@ -34,7 +34,7 @@ from fp8cookbook import bench as benchmark  # the parameter `run_bench` below is
 from fp8cookbook.checkpoint import inspect_checkpoint
 from fp8cookbook.compare import Thresholds, compare_trajectories, write_outputs
 from fp8cookbook.convert import convert_checkpoint
-from fp8cookbook.fp8attention import attention_mode
+from fp8cookbook.fp8.attention_mode import AttentionMode
 from fp8cookbook.offload import place_pipeline
 from fp8cookbook.pipelines import load_pipeline, tiny_pipeline_dir
 from fp8cookbook.plots import plot_images, plot_step_metrics
@@ -101,7 +101,7 @@ print(f"{type(pipe).__name__} from {base}; comparison settings {gen}")
 result = quantize_pipeline(FAMILY, pipe, output_dir / "checkpoint", prompts=calibration_prompts,
                            num_prompts=num_calibration_prompts, num_inference_steps=calibration_steps, seed=seed,
                            height=height, width=width, guidance_scale=guidance_scale, overwrite=True,
-                           quantize_mha=attention_mode(fp8_attention) != "off",
+                           quantize_mha=AttentionMode.parse(fp8_attention).quantize_mha,
                            progress=model_path is not None)
 report.quantize(result)
 print("\n".join(result.lines()))

@@ -34,7 +34,7 @@ from fp8cookbook import notebook as nb
 from fp8cookbook.checkpoint import inspect_checkpoint
 from fp8cookbook.compare import Thresholds, compare_trajectories, write_outputs
 from fp8cookbook.convert import convert_checkpoint
-from fp8cookbook.fp8attention import attention_mode
+from fp8cookbook.fp8.attention_mode import AttentionMode
 from fp8cookbook.families import get_family
 from fp8cookbook.offload import place_pipeline
 from fp8cookbook.pipelines import load_pipeline, tiny_pipeline_dir
@@ -109,7 +109,7 @@ print(f"comparison settings {gen}")
 result = quantize_pipeline(fam.name, pipe, output_dir / "checkpoint", prompts=calibration_prompts,
                            num_prompts=num_calibration_prompts, num_inference_steps=calibration_steps, seed=seed,
                            height=height, width=width, num_frames=num_frames, guidance_scale=guidance_scale,
-                           overwrite=True, quantize_mha=attention_mode(fp8_attention) != "off", progress=model_path is not None)
+                           overwrite=True, quantize_mha=AttentionMode.parse(fp8_attention).quantize_mha, progress=model_path is not None)
 report.quantize(result)
 print("\n".join(result.lines()))
 print("calibration timesteps:", result.calibration["timesteps"])
@@ -251,9 +251,8 @@ if model_path is None:
     report.note(f"the tiny pipeline has random weights: it shows the workflow, not {fam.title} quality or speed; "
                 f"run `fp8cookbook run wan22 -p family {fam.name} -p model_path {fam.hub_id}` on a GPU for the "
                 "real model")
-if fam.name == "wan22-ti2v-5b":
-    report.note("TI2V-5B FP8 is not in SGLang's validated ModelOpt matrix (FLUX.1, FLUX.2, Wan2.2-T2V-A14B): check "
-                "the served output against this notebook's comparison")
+for serve_note in fam.serve_notes:  # e.g. TI2V-5B: not in SGLang's validated ModelOpt matrix
+    report.note(serve_note)
 display(report.table())
 print("wrote", report.write())
 

@@ -15,7 +15,7 @@ import json
 
 import torch
 
-from fp8cookbook import fp8attention as fa
+from fp8cookbook.fp8 import attention as fa
 from fp8cookbook.bench import environment
 
 SHAPES = {  # (batch, query tokens, key tokens, heads, head_dim, score std); 512 text tokens
@@ -72,8 +72,7 @@ def main() -> None:
 
         def op(kernel: str):
             def run():
-                fa.KERNEL = kernel
-                return torch.ops.fp8cookbook.fp8_attention(q, k, v, *sc, sm)
+                return torch.ops.fp8cookbook.fp8_attention(q, k, v, *sc, sm, kernel)
             return run
 
         r["bf16_sdpa_ms"] = time_ms(sdpa)
@@ -82,7 +81,7 @@ def main() -> None:
             r[f"fp8_{kernel}_ms"] = time_ms(op(kernel))
         best = getattr(fa._attn_fwd_kernel, "best_config", None)
         r["triton_config"] = str(best) if best is not None else None
-        r["cudnn_errors"] = fa._CUDNN.get("errors", [])
+        r["cudnn_errors"] = fa.cudnn_errors()
         for key in [k for k in r if k.endswith("_ms")]:
             r[key.replace("_ms", "_tflops")] = flops / (r[key] * 1e-3) / 1e12
         r["speedup_fp8_vs_bf16"] = {kn: r["bf16_sdpa_ms"] / r[f"fp8_{kn}_ms"] for kn in kernels}

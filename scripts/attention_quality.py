@@ -24,11 +24,13 @@ import time
 
 import torch
 
-from fp8cookbook import fastpath, fp8attention as fa
-from fp8cookbook.bench import (attention_scales, environment, fp8_candidates, quantize_in_place,
-                               record_input_amax)
+from fp8cookbook.bench import environment
+from fp8cookbook.fp8 import attention as fa
+from fp8cookbook.fp8 import attention_diffusers as fd
+from fp8cookbook.fp8 import fastpath
+from fp8cookbook.fp8.quantize import StaticFP8Config, attention_scales, fp8_candidates, quantize_, record_input_amax
 from fp8cookbook.families import build_transformer, get_family
-from fp8cookbook.fp8linear import quantize_fp8
+from fp8cookbook.fp8.numerics import quantize_fp8
 
 VARIANTS = ("fake-qk", "fake-v", "fake-qkv", "fake-qkv-token", "fake-int8qk-token",
             "kernel", "kernel-triton", "kernel-cudnn", "kernel-self", "kernel-cross")
@@ -56,7 +58,7 @@ class Variant:
     def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
         if not isinstance(backend, fa.AttentionScales) or backend.q is None:
-            return fa.fp8_dispatch_attention_fn(query, key, value, attn_mask, dropout_p, is_causal, scale,
+            return fd.fp8_dispatch_attention_fn(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                                 enable_gqa, attention_kwargs, backend=backend,
                                                 parallel_config=parallel_config)
         name, st = self.name, backend
@@ -64,7 +66,7 @@ class Variant:
         if (name == "kernel-self" and layer != "attn1") or (name == "kernel-cross" and layer != "attn2"):
             name = "bf16"
         if name.startswith("kernel"):
-            return fa.fp8_dispatch_attention_fn(query, key, value, attn_mask, dropout_p, is_causal, scale,
+            return fd.fp8_dispatch_attention_fn(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                                 enable_gqa, attention_kwargs, backend=backend,
                                                 parallel_config=parallel_config)
         q, k, v = query, key, value
@@ -76,7 +78,7 @@ class Variant:
             q, k, v = _fake_token(q, "e4m3"), _fake_token(k, "e4m3"), _fake_token(v, "e4m3")
         if name == "fake-int8qk-token":
             q, k, v = _fake_token(q, "int8"), _fake_token(k, "int8"), _fake(v, st.v)
-        return fa._DIFFUSERS_DISPATCH(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+        return fd._DIFFUSERS_DISPATCH(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                       attention_kwargs, backend=st.fallback, parallel_config=parallel_config)
 
 
@@ -139,7 +141,7 @@ def run(family_name: str, variants: list[str], seed: int = 0, size: str = "full"
 
     ref = forward()
     names = fp8_candidates(model, family)
-    with record_input_amax(model, names) as amax, fa.record_attention_amax(model) as attn:
+    with record_input_amax(model, names) as amax, fd.record_attention_amax(model) as attn:
         forward()
     amax = {n: (a if bool(torch.isfinite(a)) else torch.ones_like(a)) for n, a in amax.items()}
     scales = attention_scales(model, family, attn)
@@ -148,7 +150,7 @@ def run(family_name: str, variants: list[str], seed: int = 0, size: str = "full"
         if layer not in scales:
             raise SystemExit(f"--probe {layer}: no FP8 attention scales; modules with scales: {sorted(scales)}")
         captured = {}
-        st = fa._state(model.get_submodule(layer), layer)
+        st = fd._state(model.get_submodule(layer), layer)
         orig = sys.modules[type(model.get_submodule(layer).processor).__module__].dispatch_attention_fn
 
         def capture(query, key, value, *a, backend=None, **kw):
@@ -168,27 +170,26 @@ def run(family_name: str, variants: list[str], seed: int = 0, size: str = "full"
         report_probe[layer] = probe_layer(captured["q"], captured["k"], captured["v"], probe_st)
         print(f"  probe {layer}: {json.dumps(report_probe[layer], indent=1)}", flush=True)
         del captured
-    fa.remove_fp8_attention(model)
-    quantize_in_place(model, amax)
-    fastpath.set_fast_path(True)
+    fd.remove_fp8_attention(model)
+    quantize_(model, StaticFP8Config(amax))
+    fastpath.set_model_fast_path(model, fastpath.FastPathConfig(enabled=True))
     gemm = forward()
     rows = {"fp8-gemm": {"cosine_vs_bf16": cosine(gemm, ref)}}
     base = rows["fp8-gemm"]["cosine_vs_bf16"]
     print(f"{family.name}: fp8-gemm cosine {base:.6f} ({len(scales)} attention modules with scales)", flush=True)
     variant = Variant()
     for name in variants:
-        fa.install_fp8_attention(model, scales)
-        for m in fa.attention_modules(model).values():
+        fd.install_fp8_attention(model, scales,
+                                 kernel={"kernel-triton": "triton", "kernel-cudnn": "cudnn"}.get(name, "triton"))
+        for m in fd.attention_modules(model).values():
             sys.modules[type(m.processor).__module__].dispatch_attention_fn = variant
         variant.name = name
-        kernel = fa.KERNEL
-        fa.KERNEL = {"kernel-triton": "triton", "kernel-cudnn": "cudnn"}.get(name, kernel)
         t0 = time.perf_counter()
         try:
             out = forward()
         finally:
-            fa.KERNEL = kernel
-            fa.remove_fp8_attention(model)
+            choices = fd.kernel_choices(model)
+            fd.remove_fp8_attention(model)
         c = cosine(out, ref)
         rows[name] = {"cosine_vs_bf16": c, "gap_vs_fp8_gemm": base - c, "wall_s": time.perf_counter() - t0}
         print(f"  {name:18s} cosine {c:.6f}  gap {base - c:+.6f}", flush=True)
@@ -196,7 +197,7 @@ def run(family_name: str, variants: list[str], seed: int = 0, size: str = "full"
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return {"family": family.name, "attention_modules_fp8": len(scales), "rows": rows, "probe": report_probe,
-            "kernel_choices": fa.kernel_choices()}
+            "kernel_choices": choices if variants else {}}
 
 
 def main() -> None:

@@ -17,8 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fp8cookbook import fastpath  # noqa: E402
-from fp8cookbook.fp8linear import quantize_fp8  # noqa: E402
+from fp8cookbook.fp8.numerics import quantize_fp8, triton_quantize_fp8  # noqa: E402
 
 # (name, tokens M, in K, out N): one representative layer of each kind at the benchmark resolutions.
 SHAPES = [
@@ -58,7 +57,7 @@ def main() -> None:
         r = {"layer": name, "M": m, "K": k, "N": n}
         r["bf16_s"] = bench(lambda: torch.nn.functional.linear(x, w, b))
         r["quant_torch_s"] = bench(lambda: quantize_fp8(x, sx))
-        r["quant_triton_s"] = bench(lambda: fastpath.triton_quantize_fp8(x, sx))
+        r["quant_triton_s"] = bench(lambda: triton_quantize_fp8(x, sx))
         r["gemm_fp8_s"] = bench(lambda: torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw, bias=b,
                                                           out_dtype=torch.bfloat16))
         r["gemm_fp8_fast_accum_s"] = bench(lambda: torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw, bias=b,
@@ -78,14 +77,14 @@ def main() -> None:
     one = torch.ones(1, device=dev)
 
     def three():
-        xq = fastpath.triton_quantize_fp8(x, sx)
-        xq2 = fastpath.triton_quantize_fp8(x, sx)
-        xq3 = fastpath.triton_quantize_fp8(x, sx)
+        xq = triton_quantize_fp8(x, sx)
+        xq2 = triton_quantize_fp8(x, sx)
+        xq3 = triton_quantize_fp8(x, sx)
         return [torch._scaled_mm(q, w.t(), scale_a=sx, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True)
                 for q, w in zip((xq, xq2, xq3), ws)]
 
     def fused():
-        xq = fastpath.triton_quantize_fp8(x, sx)
+        xq = triton_quantize_fp8(x, sx)
         return torch._scaled_mm(xq, wf.t(), scale_a=sx, scale_b=one, out_dtype=torch.bfloat16,
                                 use_fast_accum=True).chunk(3, dim=-1)
 

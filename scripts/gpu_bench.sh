@@ -23,11 +23,11 @@ log="$out/$phase.log"
   python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'diffusers', diffusers.__version__)"
   case "$phase" in
     check)
-      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8linear.py tests/test_bench.py
+      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_linear.py tests/test_bench.py
       timeout 60 python3 scripts/gemm_levers.py --output "$out/gemm-levers.json"
       ;;
     flux1)
-      timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8linear.py tests/test_bench.py
+      timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_linear.py tests/test_bench.py
       timeout 60 python3 scripts/gemm_levers.py --output "$out/gemm-levers.json"
       timeout 150 $bench --family flux1 --steps 10 --levers --cuda-graphs --output "$out/flux1-eager.json"
       timeout 220 $bench --family flux1 --steps 10 --compile --levers --output "$out/flux1-compiled.json"
@@ -45,12 +45,12 @@ log="$out/$phase.log"
       timeout 260 $bench --family wan22 --steps 2 --runs 2 --compile --fp8-attention off --output "$out/wan22-a14b-compiled.json"
       ;;
     graphs)
-      timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8linear.py tests/test_bench.py
+      timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_linear.py tests/test_bench.py
       timeout 200 $bench --family flux1 --steps 10 --compile --levers --cuda-graphs --output "$out/flux1-compiled-graphs.json"
       timeout 200 $bench --family flux2 --steps 8 --compile --cuda-graphs --output "$out/flux2-compiled-graphs.json"
       ;;
     attention)  # FP8 attention: kernel tests, per-call timing, FLUX with --fp8-attention
-      timeout 150 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_fp8attention.py
+      timeout 150 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_fp8_attention.py
       timeout 90 python3 scripts/attention_bench.py --output "$out/attention.json"
       timeout 90 $bench --family flux1 --steps 10 --fp8-attention on --output "$out/flux1-eager-attn.json"
       ;;
@@ -59,7 +59,7 @@ log="$out/$phase.log"
       timeout 330 $bench --family wan22 --steps 2 --runs 2 --compile --output "$out/wan22-a14b-compiled-attn.json"
       ;;
     flux-attention)  # FLUX with FP8 attention on for every call (auto leaves FLUX's 4,608-token attention BF16)
-      timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8attention.py
+      timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_attention.py
       timeout 130 $bench --family flux1 --steps 10 --compile --fp8-attention on --output "$out/flux1-compiled-attn.json"
       timeout 170 $bench --family flux2 --steps 8 --compile --fp8-attention on --output "$out/flux2-compiled-attn.json"
       timeout 100 $bench --family flux2 --steps 8 --fp8-attention on --output "$out/flux2-eager-attn.json"

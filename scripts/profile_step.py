@@ -17,8 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fp8cookbook import fastpath  # noqa: E402
-from fp8cookbook.bench import BenchSettings, _compile_model, _SyntheticRun, _uncompile, resolve_settings  # noqa: E402
+from fp8cookbook.fp8 import fastpath  # noqa: E402
+from fp8cookbook.fp8.fusion import fuse_fp8_projections  # noqa: E402
+from fp8cookbook.bench import BenchSettings, SyntheticRun, resolve_settings  # noqa: E402
+from fp8cookbook.bench.measure import compile_model, uncompile  # noqa: E402
 
 
 def category(name: str) -> str:
@@ -32,12 +34,12 @@ def category(name: str) -> str:
     return "other"
 
 
-def profile(run: _SyntheticRun, label: str, compiled: bool) -> dict:
+def profile(run: SyntheticRun, label: str, compiled: bool) -> dict:
     st = run.steps[0]
     if compiled:
         torch._dynamo.reset()
         for m in run.models.values():
-            _compile_model(m)
+            compile_model(m)
     with torch.no_grad():
         for _ in range(2):
             run.step(st, run.x0)
@@ -47,7 +49,7 @@ def profile(run: _SyntheticRun, label: str, compiled: bool) -> dict:
             torch.cuda.synchronize()
     if compiled:
         for m in run.models.values():
-            _uncompile(m)
+            uncompile(m)
     kernels: dict[str, float] = {}
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
@@ -74,15 +76,16 @@ def main() -> None:
     args = ap.parse_args()
     family, s = resolve_settings(BenchSettings(family=args.family, synthetic="full", steps=2, device="cuda",
                                                attention_backend=args.attention_backend))
-    run = _SyntheticRun(family, s)
+    run = SyntheticRun(family, s)
     run.calibrate()
     results = [profile(run, "bf16", args.compile)]
     run.to_fp8()
-    with fastpath.fast_path(True):
-        results.append(profile(run, "fp8 fast, unfused", args.compile))
-        for m in run.models.values():
-            fastpath.fuse_fp8_projections(m)
-        results.append(profile(run, "fp8 fast, fused", args.compile))
+    for m in run.models.values():
+        fastpath.set_model_fast_path(m, fastpath.FastPathConfig(enabled=True))
+    results.append(profile(run, "fp8 fast, unfused", args.compile))
+    for m in run.models.values():
+        fuse_fp8_projections(m, family.fusion_rules)
+    results.append(profile(run, "fp8 fast, fused", args.compile))
     if args.output:
         args.output.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "family": family.name,
                                            "compile": args.compile, "results": results}, indent=2))

@@ -17,10 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fp8cookbook import fastpath  # noqa: E402
+from fp8cookbook.fp8 import fastpath  # noqa: E402
 from fp8cookbook.convert import convert_checkpoint  # noqa: E402
 from fp8cookbook.families import get_family  # noqa: E402
-from fp8cookbook.fp8linear import FP8Linear, count_fp8_calls  # noqa: E402
+from fp8cookbook.fp8.linear import FP8Linear, count_fp8_calls  # noqa: E402
 from fp8cookbook.loader import load_fp8_transformer  # noqa: E402
 
 
@@ -39,9 +39,9 @@ def gemms() -> None:
         cpu = layer(x).float()
         layer = layer.to("cuda")
         xc = x.cuda()
-        with fastpath.fast_path(False):
+        with fastpath.fast_path(layer, False):
             plain = layer(xc).float().cpu()
-        with fastpath.fast_path(True):
+        with fastpath.fast_path(layer, True):
             fast = layer(xc).float().cpu()
         bf16 = lin.cuda()(xc).float().cpu()
         print(f"{m:>6} x {k:>5} x {n:>5}  {rel(plain, cpu):12.2e}  {rel(fast, cpu):12.2e}  {rel(fast, bf16):12.2e}")

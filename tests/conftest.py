@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from fp8cookbook.families import build_transformer, get_family
-from fp8cookbook.fp8linear import quantize_fp8
+from fp8cookbook.fp8.numerics import quantize_fp8
 
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
 

@@ -9,14 +9,15 @@ import json
 import pytest
 import torch
 
-from fp8cookbook import fastpath
-from fp8cookbook.bench import (SCHEMA, BenchSettings, fp8_candidates, plan_sides, quantize_in_place,
-                               record_input_amax, resolve_settings, schedule)
+from fp8cookbook.bench import SCHEMA, BenchSettings, plan_sides, resolve_settings, schedule
 from fp8cookbook.checkpoint import write_json_atomic
 from fp8cookbook.cli import main
 from fp8cookbook.errors import Fp8CookbookError
 from fp8cookbook.families import FAMILIES, build_transformer, get_family
-from fp8cookbook.fp8linear import FP8Linear, count_fp8_calls, fp8_gemm_supported, fp8_modules, quantize_fp8
+from fp8cookbook.fp8 import fastpath, fusion, numerics
+from fp8cookbook.fp8.linear import FP8Linear, count_fp8_calls, env_plain, fp8_modules
+from fp8cookbook.fp8.numerics import fp8_gemm_supported, quantize_fp8
+from fp8cookbook.fp8.quantize import StaticFP8Config, fp8_candidates, quantize_, record_input_amax
 
 ALL = sorted(FAMILIES)
 needs_fp8_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and fp8_gemm_supported(torch.device("cuda"))),
@@ -88,7 +89,6 @@ def test_fp8_attention_modes(tmp_path):
     tiny model, FLUX at 1024²) the side is skipped with a note, and a threshold the calls reach keeps it."""
     from dataclasses import replace
 
-    from fp8cookbook import fp8attention
     from fp8cookbook.bench import run_synthetic
 
     rc, report = _bench_cli(tmp_path, "--family", "flux1", "--steps", "1", "--runs", "1")
@@ -100,12 +100,7 @@ def test_fp8_attention_modes(tmp_path):
     s = replace(s, fp8_attention="auto")  # as on a GPU
     skipped = run_synthetic(family, s)
     assert "under 16384" in skipped["fp8_attention_skipped"] and len(skipped["sides"]) == 2
-    old = fp8attention.MIN_KV_TOKENS
-    try:
-        fp8attention.MIN_KV_TOKENS = 9  # reached by the tiny Wan2.2's video self-attention
-        kept = run_synthetic(family, s)
-    finally:
-        fp8attention.MIN_KV_TOKENS = old
+    kept = run_synthetic(family, replace(s, fp8_attention_threshold=9))  # reached by the tiny Wan2.2's video self-attention
     attn = kept["sides"][-1]
     assert "fp8_attention_skipped" not in kept and attn["name"] == "fp8+fp8-attention" and attn["headline"]
     assert attn["fp8_attention_mode"] == "auto" and attn["fp8_attention_layers"] > 0
@@ -206,7 +201,7 @@ def _tiny_fp8(family: str, seed: int = 0):
                              generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad(), record_input_amax(model, fp8_candidates(model, fam)) as amax:
         model(**inputs)
-    quantize_in_place(model, amax)
+    quantize_(model, StaticFP8Config(amax))
     return model, inputs
 
 
@@ -218,17 +213,14 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_fused_fast_path_matches_plain(family):
     model, inputs = _tiny_fp8(family)
     n_plain = len(fp8_modules(model))
-    with torch.no_grad(), fastpath.fast_path(False):
+    with torch.no_grad(), fastpath.fast_path(model, False):
         plain = model(**inputs)[0]
-    old = fastpath.set_fast_path()
-    report = fastpath.apply_fast_path(model, fast=True, fuse=True, device="cpu")
-    try:
-        assert report.enabled and report.fused, f"nothing fused in {family}"
-        assert len(fp8_modules(model)) < n_plain
-        with torch.no_grad(), count_fp8_calls(model) as calls:
-            fast = model(**inputs)[0]
-    finally:
-        fastpath.restore_fast_path(old)
+    report = fastpath.apply_fast_path(model, fast=True, fuse=True, device="cpu",
+                                      fusion_rules=get_family(family).fusion_rules)
+    assert report.enabled and report.fused, f"nothing fused in {family}"
+    assert len(fp8_modules(model)) < n_plain
+    with torch.no_grad(), count_fp8_calls(model) as calls:
+        fast = model(**inputs)[0]
     assert len(calls) == len(fp8_modules(model)), "every FP8 layer, fused ones included, must run"
     cos = _cos(fast, plain)
     assert cos >= 0.999, f"{family}: fused FP8 vs plain FP8 cosine {cos:.6f}"
@@ -242,7 +234,7 @@ def test_fusion_requantizes_to_the_largest_scale():
         lins[1].weight.mul_(4)  # a shard with a 4x larger weight scale
     x = torch.randn(7, 64, dtype=torch.bfloat16)
     layers = [FP8Linear.quantize(lin, x.abs().max()) for lin in lins]
-    fused = fastpath._fuse_layers(layers)
+    fused = fusion.fuse_layers(layers)
     assert float(fused.weight_scale) == max(float(m.weight_scale) for m in layers)
     assert torch.equal(fused.weight[32:64], layers[1].weight), "the shard that sets the scale keeps its bytes"
     ref = torch.cat([m(x) for m in layers], dim=-1)
@@ -256,29 +248,26 @@ def test_fusion_requantizes_to_the_largest_scale():
 
 def test_plain_env_switch(monkeypatch):
     monkeypatch.setenv("FP8COOKBOOK_PLAIN", "1")
-    assert fastpath._env_plain()
+    assert env_plain()
+    model, _ = _tiny_fp8("flux1")  # layers built under FP8COOKBOOK_PLAIN=1 start on the plain path
+    assert all(not m.fast.enabled for m in fp8_modules(model).values())
+    n = len(fp8_modules(model))
+    report = fastpath.apply_fast_path(model, fuse=True, fusion_rules=get_family("flux1").fusion_rules)  # env: plain
+    assert not report.enabled and not report.fused and len(fp8_modules(model)) == n
     monkeypatch.setenv("FP8COOKBOOK_PLAIN", "0")
-    assert not fastpath._env_plain()
-    old = fastpath.set_fast_path(False)
-    try:
-        model, _ = _tiny_fp8("flux1")
-        n = len(fp8_modules(model))
-        report = fastpath.apply_fast_path(model, fuse=True)  # follows the process default: plain
-        assert not report.enabled and not report.fused and len(fp8_modules(model)) == n
-    finally:
-        fastpath.restore_fast_path(old)
+    assert not env_plain()
 
 
 # --------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @needs_fp8_gpu
 def test_gpu_triton_quantization_is_bit_exact():
-    assert fastpath.triton_available(), fastpath._TRITON.get("error")
+    assert numerics.triton_available(), numerics._TRITON.get("error")
     for shape, scale in (((4608, 3072), 0.01), ((333, 12288), 0.5), ((1, 16), 3.0)):
         x = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 40
         s = torch.tensor([scale], device="cuda")
         ref = quantize_fp8(x, s).view(torch.uint8)
-        got = fastpath.triton_quantize_fp8(x, s).view(torch.uint8)
+        got = numerics.triton_quantize_fp8(x, s).view(torch.uint8)
         mismatches = int((ref != got).sum())
         assert mismatches == 0, f"{shape}: {mismatches} bytes differ"
 
@@ -293,9 +282,9 @@ def test_gpu_fast_path_matches_plain_and_cpu():
     cpu = fp8(x).float()
     gpu_layer, xg = fp8.to("cuda"), x.cuda()
     with torch.no_grad():
-        with fastpath.fast_path(False):
+        with fastpath.fast_path(gpu_layer, False):
             plain = gpu_layer(xg).float().cpu()
-        with fastpath.fast_path(True):
+        with fastpath.fast_path(gpu_layer, True):
             fast = gpu_layer(xg).float().cpu()
     for name, out in (("plain", plain), ("fast", fast)):
         rel = float((out - cpu).norm() / cpu.norm())
@@ -308,9 +297,9 @@ def test_gpu_fused_model_and_cuda_graph_match():
     model, inputs = _tiny_fp8("flux1")
     model = model.to("cuda")
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    with torch.no_grad(), fastpath.fast_path(False):
+    with torch.no_grad(), fastpath.fast_path(model, False):
         plain = model(**inputs)[0]
-    fastpath.apply_fast_path(model, fast=True, fuse=True)
+    fastpath.apply_fast_path(model, fast=True, fuse=True, fusion_rules=get_family("flux1").fusion_rules)
     with torch.no_grad():
         eager = model(**inputs)[0]
         graphed = fastpath.CudaGraphForward(model)

@@ -222,7 +222,8 @@ def test_report_without_frames_cannot_plot_images():
 def test_cli_fp8_attention_candidate(fp8_flux, handmade, tmp_path, capsys):
     """--fp8-attention: the candidate runs FP8 attention with its side file's scales; without the file, one line."""
     from fp8cookbook.families import build_transformer, get_family
-    from fp8cookbook.fp8attention import ATTENTION_SCALES_NAME, attention_modules, record_attention_amax
+    from fp8cookbook.checkpoint import ATTENTION_SCALES_NAME
+    from fp8cookbook.fp8.attention_diffusers import attention_modules, record_attention_amax
 
     args = ["compare", "--family", "flux1", "--candidate", str(fp8_flux), "--fp8-attention", "--quiet",
             "--steps", "2", "--height", "32", "--width", "32"]

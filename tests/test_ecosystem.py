@@ -27,8 +27,11 @@ from fp8cookbook.convert import convert_checkpoint
 from fp8cookbook.errors import Fp8CookbookError
 from fp8cookbook.repo import (BF16, CONFIG_ONLY, FP8, FP8_UNMARKED, OTHER_QUANT, UNREADABLE, classify_folder,
                               detect_layout, license_fields, read_card_metadata, repo_problems, write_full_repo)
-from fp8cookbook.sglang_names import (flux1_runtime_names, generic_runtime_names, keeps_bf16, names_checked,
-                                      wan_runtime_names)
+from fp8cookbook.families import get_family
+from fp8cookbook.sglang_names import generic_runtime_names, keeps_bf16, names_checked
+
+flux1_runtime_names = get_family("flux1").sglang_aliases
+wan_runtime_names = get_family("wan22").sglang_aliases
 
 from conftest import snapshot
 
@@ -109,7 +112,9 @@ def wan_repo(tmp_path_factory) -> dict[str, Path]:
 
     from fp8cookbook.families import get_family
     from fp8cookbook.pipelines import load_pipeline, tiny_pipeline_dir
-    from fp8cookbook.quantize import _quiet, _round_weights_to_fake_quant, quantize_transformer, tiny_calibration_inputs
+    from fp8cookbook.quantize import quantize_transformer, tiny_calibration_inputs
+    from fp8cookbook.quantize.export import _round_weights_to_fake_quant
+    from fp8cookbook.quantize.recipe import quiet_modelopt as _quiet
 
     root = tmp_path_factory.mktemp("wan")
     family = get_family("wan22-a14b")
@@ -146,6 +151,8 @@ def test_runtime_names_per_family():
     assert generic_runtime_names("x.ff.net.0.proj") == ["x.ff.proj_in"]
     assert generic_runtime_names("blocks.1.ffn.net.0.proj") == []
     assert names_checked("blocks.1.attn1.to_q", wan_runtime_names) == ["blocks.1.attn1.to_q", "blocks.1.to_q"]
+    assert get_family("wan22-ti2v-5b").sglang_aliases is wan_runtime_names  # one class, one table
+    assert get_family("flux2").sglang_aliases("x.ff.net.2") == ["x.ff.proj_out"]  # the converter's generic names
 
 
 def test_keeps_bf16_checks_every_name_sglang_uses():
@@ -387,7 +394,7 @@ def test_no_path_reads_fp8_codes_as_bf16(flux1_folders, tmp_path):
 
 # ------------------------------------------------------------------------------------------ loading pipelines
 def _fp8_linear_count(module) -> int:
-    from fp8cookbook.fp8linear import fp8_modules
+    from fp8cookbook.fp8.linear import fp8_modules
 
     return len(fp8_modules(module))
 
@@ -477,7 +484,7 @@ def test_convert_one_export_into_a_full_repo(flux1_folders, tmp_path):
 def test_sglang_converter_folder_loads_with_sglangs_precision(flux1_folders):
     """SGLang builds BF16 exactly the layers its runtime names cover; so do our loader and inspect."""
     from fp8cookbook.checkpoint import inspect_checkpoint
-    from fp8cookbook.fp8linear import fp8_modules
+    from fp8cookbook.fp8.linear import fp8_modules
     from fp8cookbook.loader import load_fp8_transformer
 
     assert inspect_checkpoint(flux1_folders["sglang"]).problems == []
@@ -528,3 +535,31 @@ def test_convert_cli_whole_repo(wan_repo, tmp_path, capsys):
     assert "--dry-run works on one transformer" in capsys.readouterr().err
     assert main(["convert", str(wan_repo["modelopt"]), str(tmp_path / "x"), "--base-transformer", "t"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_one_call_load_pipeline(wan_repo, wan_fp8, tmp_path):
+    """`fp8cookbook.load_pipeline(base, fp8=...)`, `load_pipeline(repo)` and the family form all give FP8 layers."""
+    import fp8cookbook
+
+    repo = tmp_path / "repo"
+    write_full_repo(wan_repo["base"], wan_fp8, repo)
+    for args, kwargs in (((wan_repo["base"],), dict(fp8=wan_fp8["transformer"])), ((repo,), {}),
+                         (("wan22", repo), {}), (("wan22", wan_repo["modelopt"]), {}),
+                         ((str(wan_repo["base"]),), dict(fp8=repo))):
+        pipe = fp8cookbook.load_pipeline(*args, **kwargs)
+        assert _fp8_linear_count(pipe.transformer) > 0, args
+    bf16 = fp8cookbook.load_pipeline("wan22", wan_repo["base"])
+    assert _fp8_linear_count(bf16.transformer) == 0 and not hasattr(bf16, "fp8_load_reports")
+    with pytest.raises(Fp8CookbookError, match="apply to FP8 components only"):
+        fp8cookbook.load_pipeline("wan22", wan_repo["base"], dit_cpu_offload=True)
+    with pytest.raises(Fp8CookbookError, match="names WanPipeline, but FLUX.1-dev needs FluxPipeline"):
+        fp8cookbook.load_pipeline("flux1", repo)
+    with pytest.raises(Fp8CookbookError, match="not a family name"):
+        fp8cookbook.load_pipeline(str(repo), repo)
+    # a BF16 load of a folder whose transformer holds FP8 codes without quantization_config is refused
+    unmarked = tmp_path / "unmarked"
+    shutil.copytree(wan_repo["base"], unmarked)
+    shutil.rmtree(unmarked / "transformer")
+    strip_quant_config(wan_fp8["transformer"], unmarked / "transformer")
+    with pytest.raises(Fp8CookbookError, match="transformer: .*no quantization_config"):
+        fp8cookbook.load_pipeline("wan22", unmarked)

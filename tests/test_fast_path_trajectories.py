@@ -14,8 +14,12 @@ import inspect
 import pytest
 import torch
 
-from fp8cookbook import fastpath, fp8attention
-from fp8cookbook.bench import attention_scales, fp8_candidates, quantize_in_place, record_input_amax
+from fp8cookbook.checkpoint import scales_from_amax
+from fp8cookbook.fp8 import attention_diffusers as fd
+from fp8cookbook.fp8 import fastpath
+from fp8cookbook.fp8.attention_mode import MIN_KV_TOKENS
+from fp8cookbook.fp8.fusion import fuse_fp8_projections
+from fp8cookbook.fp8.quantize import StaticFP8Config, attention_scales, fp8_candidates, quantize_, record_input_amax
 from fp8cookbook.compare import compare_trajectories
 from fp8cookbook.families import FAMILIES, get_family
 from fp8cookbook.loader import load_fp8_transformer
@@ -33,12 +37,12 @@ def _calibrated_fp8(name: str):
     with torch.no_grad(), contextlib.ExitStack() as stack:
         amax = {n: stack.enter_context(record_input_amax(getattr(pipe, n), fp8_candidates(getattr(pipe, n), fam)))
                 for n in names}
-        attn = {n: stack.enter_context(fp8attention.record_attention_amax(getattr(pipe, n))) for n in names}
+        attn = {n: stack.enter_context(fd.record_attention_amax(getattr(pipe, n))) for n in names}
         pipe(**generation_kwargs(fam, pipe, **default_tiny_settings(name), seed=1, output_type="latent"))
     plain = {}
     for n in names:
         model = copy.deepcopy(getattr(pipe, n))
-        quantize_in_place(model, amax[n])
+        quantize_(model, StaticFP8Config(amax[n]))
         plain[n] = model
     scales = {n: attention_scales(getattr(pipe, n), fam, attn[n]) for n in names}
     return fam, pipe, plain, scales
@@ -56,16 +60,16 @@ def test_fused_path_and_fp8_attention_trajectories(name):
                     guidance_scale=t["guidance_scale"], seed=0, progress=False, family=name)
 
     fused = {n: copy.deepcopy(m) for n, m in plain.items()}
-    with fastpath.fast_path(True):
-        for m in fused.values():
-            assert fastpath.fuse_fp8_projections(m), f"{name}: nothing fused"
-        same = compare_trajectories(pipe, plain, fused, **settings)
+    for m in fused.values():
+        fastpath.set_model_fast_path(m, fastpath.FastPathConfig(enabled=True))
+        assert fuse_fp8_projections(m, fam.fusion_rules), f"{name}: nothing fused"
+    same = compare_trajectories(pipe, plain, fused, **settings)
     assert min(_step_cosines(same)) >= 0.999, _step_cosines(same)
 
     gemm = compare_trajectories(pipe, {}, plain, **settings)
     with_attn = {n: copy.deepcopy(m) for n, m in plain.items()}
     for n, m in with_attn.items():
-        assert sorted(fp8attention.install_fp8_attention(m, scales[n])) == sorted(scales[n]) != []
+        assert sorted(fd.install_fp8_attention(m, scales[n])) == sorted(scales[n]) != []
     attn = compare_trajectories(pipe, {}, with_attn, **settings)
     g, a = _step_cosines(gemm), _step_cosines(attn)
     assert g != a, "FP8 attention must change the numbers (is it running?)"
@@ -87,14 +91,14 @@ def test_fp8_attention_is_on_by_default_where_it_pays():
     inputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
     with torch.no_grad():
         plain = model(**inputs)[0]
-        with fp8attention.record_attention_amax(model) as amax:
+        with fd.record_attention_amax(model) as amax:
             model(**inputs)
-        scales = fp8attention.scales_from_amax(amax)
-        for minimum, fp8_calls in ((fp8attention.MIN_KV_TOKENS, 0), (0, len(scales))):
-            fp8attention.install_fp8_attention(model, scales, min_kv_tokens=minimum)
-            with fp8attention.count_fp8_attention_calls(model) as calls:
+        scales = scales_from_amax(amax)
+        for minimum, fp8_calls in ((MIN_KV_TOKENS, 0), (0, len(scales))):
+            fd.install_fp8_attention(model, scales, min_kv_tokens=minimum)
+            with fd.count_fp8_attention_calls(model) as calls:
                 out = model(**inputs)[0]
-            fp8attention.remove_fp8_attention(model)
+            fd.remove_fp8_attention(model)
             assert sum(c["fp8"] for c in calls.values()) == fp8_calls
             assert sum(c["bf16"] for c in calls.values()) == len(scales) - fp8_calls
             assert torch.equal(out, plain) == (fp8_calls == 0)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from fp8cookbook.convert import convert_checkpoint
 from fp8cookbook.families import get_family
-from fp8cookbook.fp8linear import FP8Linear, count_fp8_calls
+from fp8cookbook.fp8.linear import FP8Linear, count_fp8_calls
 from fp8cookbook.loader import load_fp8_transformer
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fp8cookbook.fp8linear import FP8Linear, count_fp8_calls
+from fp8cookbook.fp8.linear import FP8Linear, count_fp8_calls
 from fp8cookbook.offload import has_offload_hooks, place_pipeline
 from fp8cookbook.pipelines import default_tiny_settings, generation_kwargs, load_pipeline
 

@@ -46,7 +46,7 @@ def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_config_shape():
-    mtq, _ = q._modelopt()
+    mtq, _ = q.require_modelopt()
     cfg = q.fp8_diffusion_quant_cfg()
     entries = cfg["quant_cfg"]
     assert cfg["algorithm"] == "max"
@@ -74,7 +74,7 @@ def test_sensitive_layers_disabled(exports, name):
     assert amax_keys == {f"{n}.{kind}_quantizer._amax" for n in quantized for kind in ("weight", "input")}
 
     model = q.load_fake_quant(paths["base"], paths["state"])
-    for qname, tq in q._tensor_quantizers(model):
+    for qname, tq in q.tensor_quantizers(model):
         owner, kind = qname.rsplit(".", 1)
         expect = owner in quantized and kind in ("weight_quantizer", "input_quantizer")
         assert tq.is_enabled == expect, qname

@@ -16,7 +16,7 @@ from fp8cookbook.cli import main  # noqa: E402
 from fp8cookbook.convert import load_amax_table  # noqa: E402
 from fp8cookbook.errors import Fp8CookbookError  # noqa: E402
 from fp8cookbook.families import FAMILIES, get_family  # noqa: E402
-from fp8cookbook.fp8attention import attention_modules, count_fp8_attention_calls  # noqa: E402
+from fp8cookbook.fp8.attention_diffusers import attention_modules, count_fp8_attention_calls  # noqa: E402
 from fp8cookbook.loader import load_fp8_transformer  # noqa: E402
 from fp8cookbook.pipelines import build_tiny_pipeline, load_pipeline, tiny_pipeline_dir  # noqa: E402
 from fp8cookbook.quantize import PROMPTS_FILE, QuantizeResult, calibration_prompts, quantize_pipeline  # noqa: E402

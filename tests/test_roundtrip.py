@@ -14,7 +14,7 @@ import torch
 from fp8cookbook.checkpoint import inspect_checkpoint
 from fp8cookbook.convert import convert_checkpoint
 from fp8cookbook.families import get_family
-from fp8cookbook.fp8linear import count_fp8_calls
+from fp8cookbook.fp8.linear import count_fp8_calls
 from fp8cookbook.loader import load_fp8_transformer
 from fp8cookbook.quantize import load_fake_quant, make_tiny_export, tiny_calibration_inputs
 

@@ -136,3 +136,43 @@ def test_skill_commands_run(path, tmp_path):
     proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (f"{_id(path)}: a command failed (exit {proc.returncode})\n--- script\n{script}\n"
                                   f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+
+
+def test_add_family_skill_and_architecture_doc_agree_with_the_registry():
+    """Every file, `Family` field and module the add-model-family skill and docs/architecture.md name exists, both
+    name every field a family file must think about, and no library module outside families/ names a family."""
+    import dataclasses
+
+    from fp8cookbook.families import FAMILIES, Family
+
+    skill = (ROOT / "skills" / "add-model-family" / "SKILL.md").read_text()
+    arch = (ROOT / "docs" / "architecture.md").read_text()
+    for text, where in ((skill, "skill"), (arch, "docs/architecture.md")):
+        for path in re.findall(r"`((?:fp8cookbook|tests|skills|docs)/[\w/.<>-]+)`", text):
+            if "<" not in path:
+                assert (ROOT / path).exists(), f"{where} names {path}, which does not exist"
+        for module in re.findall(r"^\| `([\w/.]+\.py|[\w]+/)`", text, re.M):
+            assert (ROOT / "fp8cookbook" / module).exists(), f"{where} lists fp8cookbook/{module}, which does not exist"
+    fields = {f.name for f in dataclasses.fields(Family)}
+    named = set(re.findall(r"`(\w+)`", skill))
+    must = {"forwards_per_step", "flow_shift", "size_multiple", "sglang_memory_flags", "serve_notes", "tiny_settings",
+            "build_tiny_pipeline", "fusion_rules", "sensitive", "bf16_fallback", "make_inputs", "full_config",
+            "tiny_config"}
+    assert must <= fields, f"Family lacks {sorted(must - fields)}"
+    assert must <= named, f"the skill does not name {sorted(must - named)}"
+    for f in re.findall(r"`(\w+)`", arch):
+        if f in must:
+            assert f in fields
+    init = (ROOT / "fp8cookbook" / "families" / "__init__.py").read_text()
+    for module in {f.make_inputs.__module__ for f in FAMILIES.values()} | \
+            {f.build_tiny_pipeline.__module__ for f in FAMILIES.values()}:
+        short = module.rsplit(".", 1)[-1]
+        assert re.search(rf"^from \. import .*\b{short}\b", init, re.M), f"{short} is not imported by the registry"
+    names = sorted(FAMILIES) + [f.class_name for f in FAMILIES.values()]
+    for path in (ROOT / "fp8cookbook").rglob("*.py"):
+        rel = path.relative_to(ROOT / "fp8cookbook")
+        if rel.parts[0] == "families" or rel.name in ("notebook.py", "cli.py"):
+            continue  # notebook.py maps notebook files to families; cli.py's help texts give examples
+        text = path.read_text()
+        for name in names:
+            assert f'"{name}"' not in text, f"fp8cookbook/{rel} names the family {name!r}: move that to families/"

@@ -4,43 +4,40 @@
 
 On CUDA with compute capability >= 8.9 the product is one `torch._scaled_mm` call with the weight passed as the
 column-major transposed view of the row-major [out, in] FP8 tensor (free: `.t()` is a view). Elsewhere the same
-math runs in float32, so CPU tests check the numerics the GPU computes.
+math runs in float32, so CPU tests check the numerics the GPU computes. How the CUDA product runs (one-pass Triton
+quantisation, fast accumulation) is the layer's `fast` config (`FastPathConfig`), not process state.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from . import fastpath
-from .checkpoint import FP8_DTYPE, FP8_MAX
+from .numerics import FP8_DTYPE, FP8_MAX, cuda_fp8_ok, quantize_fp8, triton_available, triton_quantize_fp8
 
 
-def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Q(x / scale): round to nearest E4M3 after saturating (a plain cast would turn overflow into NaN)."""
-    y = x.to(torch.float32, copy=True)  # one float32 buffer, then in place: this runs over multi-GB exports
-    return y.div_(scale.float()).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+def env_plain() -> bool:
+    """FP8COOKBOOK_PLAIN=1 asks for the plain path: the default of `FastPathConfig.from_env()`."""
+    return os.environ.get("FP8COOKBOOK_PLAIN", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def fp8_gemm_supported(device: torch.device) -> bool:
-    """`torch._scaled_mm` with E4M3 needs an Ada or Hopper (or newer) GPU."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+@dataclass
+class FastPathConfig:
+    """How `FP8Linear.forward` runs on CUDA; every layer holds one (`apply_fast_path` gives a model's layers one)."""
 
+    enabled: bool = True  # master switch; False is the plain path
+    triton_quant: bool = True  # eager: quantise activations in one Triton kernel
+    fast_accum: bool = True  # _scaled_mm(use_fast_accum=True)
 
-_FP8_GEMM_OK: dict[int, bool] = {}
-
-
-def _cuda_fp8_ok(device: torch.device) -> bool:
-    """`fp8_gemm_supported` for a CUDA device, asked once per device (it runs on every forward)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    ok = _FP8_GEMM_OK.get(index)
-    if ok is None:
-        ok = _FP8_GEMM_OK[index] = fp8_gemm_supported(device)
-    return ok
-
+    @classmethod
+    def from_env(cls) -> "FastPathConfig":
+        """The default: on, unless FP8COOKBOOK_PLAIN=1."""
+        return cls(enabled=not env_plain())
 
 class FP8Linear(nn.Module):
     """A drop-in for nn.Linear holding an FP8 weight with its static weight and input scales.
@@ -60,6 +57,7 @@ class FP8Linear(nn.Module):
         self.input_scale = nn.Parameter(torch.ones(1, dtype=torch.float32, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.use_fast_accum = False  # exact fp32 accumulation unless the fast path opts in
+        self.fast = FastPathConfig.from_env()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
@@ -96,17 +94,18 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.is_cuda and _cuda_fp8_ok(x2.device):
+        if x2.is_cuda and cuda_fp8_ok(x2.device):
             # The fast path (fastpath.py) changes how, not what: one-pass quantisation in eager mode (under
             # torch.compile the torch ops below are fused into the producer by Inductor) and fast accumulation.
-            fast = fastpath.CONFIG.enabled
-            if fast and fastpath.CONFIG.triton_quant and not torch.compiler.is_compiling() and fastpath.triton_available():
-                xq = fastpath.triton_quantize_fp8(x2, self.input_scale)
+            cfg = self.fast
+            fast = cfg.enabled
+            if fast and cfg.triton_quant and not torch.compiler.is_compiling() and triton_available():
+                xq = triton_quantize_fp8(x2, self.input_scale)
             else:
                 xq = quantize_fp8(x2, self.input_scale)
             y = torch._scaled_mm(xq, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
                                  bias=self.bias, out_dtype=x.dtype,
-                                 use_fast_accum=self.use_fast_accum or (fast and fastpath.CONFIG.fast_accum))
+                                 use_fast_accum=self.use_fast_accum or (fast and cfg.fast_accum))
         else:
             xq = quantize_fp8(x2, self.input_scale).float() * self.input_scale
             y = xq @ self.dequantized_weight().t()
@@ -138,3 +137,18 @@ def count_fp8_calls(model: nn.Module) -> Iterator[dict[str, int]]:
     finally:
         for h in handles:
             h.remove()
+
+
+def swap_linears(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool],
+                 make: Callable[[nn.Linear, str], nn.Module]) -> list[str]:
+    """Replace every `nn.Linear` for which `filter_fn(module, name)` holds by `make(linear, name)`, in place.
+
+    The one loop that turns a model's linears into FP8 layers (the loader, `quantize_`); returns the swapped names.
+    Only names are collected up front, so each BF16 layer is freed as soon as its replacement is made.
+    """
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and filter_fn(m, name)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make(getattr(parent, child), name))
+    return names

@@ -17,7 +17,7 @@ that also lays V out K-major, as FP8 tensor cores need; K/V tiles come in by TMA
 tile's P·V product starts from a fresh accumulator and is added to the running output in float32: FP8 tensor cores accumulate with reduced precision, and summing all
 256 key tiles of a Wan2.2 call in one MMA accumulator had shrunk O enough to cost 0.019 of cosine against BF16.
 cuDNN's FP8 SDPA (optional `nvidia-cudnn-frontend` package) is faster but has that flaw, so it runs only when
-asked for (`KERNEL`, `_pick_kernel`). In eager mode `fp8_attention` takes the BF16 Q/K/V; under torch.compile the
+asked for (the `kernel` argument, `pick_kernel`). In eager mode `fp8_attention` takes the BF16 Q/K/V; under torch.compile the
 quantisation is left in torch ops, which Inductor fuses into the kernels that produce Q/K/V, and
 `fp8_attention_fp8` takes the e4m3 tensors. Elsewhere `fp8_attention_reference` computes the same formula in
 float32 (the CPU path, and the GPU kernels' test reference).
@@ -25,64 +25,26 @@ float32 (the CPU path, and the GPU kernels' test reference).
 Measured on an H100 (docs/benchmarks.md): against BF16 its cosine stays within 0.00004 of the FP8-GEMM path on
 full-size FLUX.1, FLUX.2 and Wan2.2 forwards, and it pays per call only on long sequences (Wan2.2's 32,760 tokens:
 1.21x; FLUX's 4,608 tokens and 512-token cross-attention: slower than BF16). So the loader's default, "auto",
-runs it for calls with at least `MIN_KV_TOKENS` keys on a GPU (`load_fp8_transformer(fp8_attention=)`).
+runs it for calls with at least `attention_mode.MIN_KV_TOKENS` keys on a GPU (`load_fp8_transformer(fp8_attention=)`).
 
-How it plugs into diffusers: each attention processor passes `backend=self._attention_backend` to
-`dispatch_attention_fn`. `install_fp8_attention` sets that attribute to an `AttentionScales` holding the layer's
-scales, and points the `dispatch_attention_fn` name of the processor's module at `fp8_dispatch_attention_fn`, which
-runs FP8 attention for an `AttentionScales` backend and hands every other call to diffusers unchanged. Masked,
-causal, dropout or context-parallel calls always go to diffusers' BF16 attention.
+How it plugs into diffusers: `attention_diffusers.py`, the only module that touches diffusers' dispatch.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import json
-import os
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import nn
 
-from .checkpoint import ATTENTION_SCALES_NAME, FP8_MAX
-from .errors import Fp8CookbookError
-from .fp8linear import _cuda_fp8_ok, fp8_gemm_supported, quantize_fp8
+from .attention_mode import KERNELS  # noqa: F401 - re-exported: the kernels this module has
+from .numerics import fp8_gemm_supported, quantize_fp8, tl_quantize_fp8, triton, triton_quantize_fp8
 
-__all__ = ["P_SCALE", "MIN_KV_TOKENS", "MODES", "attention_mode", "min_kv_tokens", "ATTENTION_SCALES_NAME",
-           "AttentionScales", "fp8_attention_reference", "recorded_key_lengths", "scales_from_amax",
-           "fp8_attention", "attention_modules", "fp8_attention_modules", "install_fp8_attention",
-           "remove_fp8_attention",
-           "record_attention_amax", "read_attention_scales", "count_fp8_attention_calls", "triton_attention_available"]
+__all__ = ["P_SCALE", "KERNELS", "AttentionScales", "fp8_attention_reference", "fp8_attention", "fp8_attention_fp8",
+           "pick_kernel", "triton_ok", "cudnn_attention_available", "triton_attention_available", "cudnn_errors"]
 
-# Which CUDA kernel runs FP8 attention: "triton" (the default) or "cudnn" (faster, less accurate: `_pick_kernel`).
-# Read once from FP8COOKBOOK_ATTENTION_KERNEL; tests and benchmarks may change it.
-KERNEL = os.environ.get("FP8COOKBOOK_ATTENTION_KERNEL", "triton").strip().lower() or "triton"
 P_SCALE = 256.0
-
-# fp8_attention="auto" (the default) runs FP8 attention only for calls with at least this many keys, on a GPU with an
-# FP8 kernel: per call on an H100 it pays at Wan2.2's 32,760 tokens and loses at FLUX's 4,608 and at the 512 text
-# tokens of Wan2.2's cross-attention (docs/benchmarks.md). "on" runs it for every call, "off" for none.
-MIN_KV_TOKENS = 16384
-MODES = ("auto", "on", "off")
-
-
-def min_kv_tokens(mode: str) -> int:
-    """The `install_fp8_attention(min_kv_tokens=)` that a mode of MODES asks for ("off" installs nothing)."""
-    return MIN_KV_TOKENS if mode == "auto" else 0
-
-
-def attention_mode(value: bool | str | None) -> str:
-    """A user's `fp8_attention` value as one of MODES (True is "on"; False and None are "off")."""
-    if value is True or value is False or value is None:
-        return "on" if value else "off"
-    mode = str(value).strip().lower()
-    if mode not in MODES:
-        raise Fp8CookbookError(f"fp8_attention={value!r}: use one of {', '.join(MODES)}")
-    return mode
 
 
 @dataclass(eq=False)
@@ -91,7 +53,8 @@ class AttentionScales:
 
     `q`, `k`, `v` are dequantisation scales (amax/448, float32, shape [1]); `fallback` is the backend the processor
     had before (None: diffusers' default), used for calls FP8 attention does not cover. With `record` set, calls
-    run the fallback and only record input amaxes (calibration).
+    run the fallback and only record input amaxes (calibration). `kernel` is the preferred CUDA kernel; `ran`
+    records which kernel ran per (query shape, key shape, input dtype), for reports.
     """
 
     name: str
@@ -101,9 +64,11 @@ class AttentionScales:
     fallback: Any = None
     record: dict[str, torch.Tensor] | None = None
     min_kv_tokens: int = 0  # > 0: FP8 only for calls with that many keys that a CUDA kernel takes ("auto")
+    kernel: str = "triton"
     kv_tokens: int = 0  # the longest key sequence seen while recording
     calls: int = 0
     bf16_calls: int = 0
+    ran: dict[tuple, str] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------ the math
@@ -126,11 +91,8 @@ def _reference_fp8_inputs(q8, k8, v8, q_scale, k_scale, v_scale, sm_scale: float
 
 
 # ------------------------------------------------------------------------------------- Triton kernel
-try:  # CUDA builds of torch ship Triton; the CPU wheels do not, and then the reference math runs
-    import triton
+if triton is not None:  # CUDA builds of torch ship Triton; the CPU wheels do not, and then the reference math runs
     import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the torch build
-    triton = None
 
 _BLOCK_N = 128  # keys per tile; fixed, because the host builds the K/V tensor descriptors with it
 
@@ -149,10 +111,10 @@ if triton is not None:
         ks = tl.load(ks_ptr)
         vs = tl.load(vs_ptr)
         k = tl.load(K + b * skb + h * skh + rows[:, None] * skn + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        k8 = tl.clamp(k / ks, -448.0, 448.0).to(tl.float8e4nv)
+        k8 = tl_quantize_fp8(k, ks)
         tl.store(K8 + b * s8b + h * s8h + rows[:, None] * s8n + d[None, :], k8, mask=mask)
         v = tl.load(V + b * svb + h * svh + rows[:, None] * svn + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        v8 = tl.trans(tl.clamp(v / vs, -448.0, 448.0).to(tl.float8e4nv))
+        v8 = tl.trans(tl_quantize_fp8(v, vs))
         tl.store(VT8 + b * stb + h * sth + d[:, None] * std + rows[None, :], v8, mask=rows[None, :] < n_kv)
 
     @triton.jit
@@ -196,7 +158,7 @@ if triton is not None:
         if Q_FP8:  # quantised by the caller (under torch.compile, fused into the op that produced Q)
             q8 = q
         else:
-            q8 = tl.clamp(q.to(tl.float32) / qs, -448.0, 448.0).to(tl.float8e4nv)
+            q8 = tl_quantize_fp8(q.to(tl.float32), qs)
         qk_scale = qs * ks * sm_scale * 1.4426950408889634
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -231,7 +193,8 @@ def triton_attention_available() -> bool:
     return triton is not None
 
 
-def _triton_ok(q: torch.Tensor) -> bool:
+def triton_ok(q: torch.Tensor) -> bool:
+    """Triton's kernel takes this head size."""
     # FP8 tensor-core dots need K >= 32: head_dim 16 (the tiny test models) has no Triton kernel.
     return triton_attention_available() and q.shape[-1] in (32, 64, 128, 256)
 
@@ -298,8 +261,6 @@ def _cudnn_graph(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, sm_scale:
 
 def _cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor,
                          vs: torch.Tensor, sm_scale: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    from .fastpath import triton_quantize_fp8
-
     if q.dtype == torch.float8_e4m3fn:  # already quantised (see fp8_attention_fp8)
         q8, k8, v8 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     else:
@@ -357,70 +318,65 @@ def _triton_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs:
 
 @torch.library.custom_op("fp8cookbook::fp8_attention", mutates_args=())
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
-                  v_scale: torch.Tensor, sm_scale: float) -> torch.Tensor:
+                  v_scale: torch.Tensor, sm_scale: float, kernel: str = "triton") -> torch.Tensor:
     """FP8 attention, (batch, seq, heads, head_dim) in and out; opaque to torch.compile (one custom op).
 
-    On CUDA: cuDNN's FP8 SDPA or the Triton kernel (`KERNEL`, `_pick_kernel`); elsewhere, and for shapes neither
-    kernel takes, the float32 reference.
+    On CUDA: the `kernel` asked for when it takes the shape (`pick_kernel`), else Triton's; elsewhere, and for
+    shapes neither kernel takes, the float32 reference.
     """
     args = (q, k, v, q_scale, k_scale, v_scale, sm_scale)
     on_gpu = fp8_gemm_supported(q.device) and q.dtype in (torch.bfloat16, torch.float16)
-    kernel = _pick_kernel(q, k, sm_scale) if on_gpu else None
-    if kernel is None:
+    chosen = pick_kernel(q, k, sm_scale, kernel) if on_gpu else None
+    if chosen is None:
         return fp8_attention_reference(*args)
-    return _CUDA_KERNELS[kernel](*args)
+    return _CUDA_KERNELS[chosen](*args)
 
 
 @fp8_attention.register_fake
-def _(q, k, v, q_scale, k_scale, v_scale, sm_scale):
+def _(q, k, v, q_scale, k_scale, v_scale, sm_scale, kernel="triton"):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 @torch.library.custom_op("fp8cookbook::fp8_attention_fp8", mutates_args=())
 def fp8_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_scale: torch.Tensor,
                       k_scale: torch.Tensor, v_scale: torch.Tensor, sm_scale: float,
-                      out_dtype: torch.dtype) -> torch.Tensor:
+                      out_dtype: torch.dtype, kernel: str = "triton") -> torch.Tensor:
     """`fp8_attention` on inputs already quantised (e4m3, the same scales): under torch.compile the quantisation is
     left to Inductor, which fuses it into the kernels that produce Q/K/V (RoPE, norms) instead of separate passes."""
     args = (q8, k8, v8, q_scale, k_scale, v_scale, sm_scale)
-    kernel = _pick_kernel(q8, k8, sm_scale) if fp8_gemm_supported(q8.device) else None
-    if kernel is None:
+    chosen = pick_kernel(q8, k8, sm_scale, kernel) if fp8_gemm_supported(q8.device) else None
+    if chosen is None:
         return _reference_fp8_inputs(*args, out_dtype)
-    return _CUDA_KERNELS[kernel](*args, out_dtype=out_dtype)
+    return _CUDA_KERNELS[chosen](*args, out_dtype=out_dtype)
 
 
 @fp8_attention_fp8.register_fake
-def _(q8, k8, v8, q_scale, k_scale, v_scale, sm_scale, out_dtype):
+def _(q8, k8, v8, q_scale, k_scale, v_scale, sm_scale, out_dtype, kernel="triton"):
     return torch.empty(q8.shape, dtype=out_dtype, device=q8.device)
 
 
 _CUDA_KERNELS = {"triton": _triton_fp8_attention, "cudnn": _cudnn_fp8_attention}
-_RAN: dict[tuple, str] = {}
 
 
-def kernel_choices() -> dict[str, str]:
-    """Which CUDA kernel ran per (query shape, key shape, input dtype), for reports."""
-    return {f"q{list(key[0])} k{list(key[1])} {str(key[2]).removeprefix('torch.')}": kernel
-            for key, kernel in _RAN.items()}
-
-
-def _pick_kernel(q: torch.Tensor, k: torch.Tensor, sm_scale: float) -> str | None:
-    """The CUDA kernel for this call: cuDNN's when `KERNEL` asks for it and it takes the shape, else Triton's when it
+def pick_kernel(q: torch.Tensor, k: torch.Tensor, sm_scale: float, kernel: str = "triton") -> str | None:
+    """The CUDA kernel for this call: cuDNN's when `kernel` asks for it and it takes the shape, else Triton's when it
     takes the shape, else None (then the reference runs).
 
     cuDNN's FP8 SDPA is about 1.2x faster than Triton's at Wan2.2's 32k tokens, but it accumulates P·V over all key
     tiles in the FP8 tensor cores' reduced-precision accumulator, as our kernel first did: on the full-size Wan2.2
     step that put its cosine against BF16 0.019 below the FP8-GEMM path (Triton now: 0.00004), far beyond issue 5's
-    0.002. So it runs only when asked for (FP8COOKBOOK_ATTENTION_KERNEL=cudnn).
+    0.002. So it runs only when asked for (FP8COOKBOOK_ATTENTION_KERNEL=cudnn, read by `AttentionMode.parse`).
     """
-    if KERNEL == "cudnn" and cudnn_attention_available() and _cudnn_ok(q, k, sm_scale):
-        kernel = "cudnn"
-    elif _triton_ok(q):
-        kernel = "triton"
-    else:
-        return None
-    _RAN.setdefault((tuple(q.shape), tuple(k.shape), q.dtype), kernel)
-    return kernel
+    if kernel == "cudnn" and cudnn_attention_available() and _cudnn_ok(q, k, sm_scale):
+        return "cudnn"
+    if triton_ok(q):
+        return "triton"
+    return None
+
+
+def cudnn_errors() -> list[str]:
+    """The shapes cuDNN refused so far, with its reasons (for benchmark reports)."""
+    return list(_CUDNN.get("errors", []))
 
 
 def _cudnn_ok(q: torch.Tensor, k: torch.Tensor, sm_scale: float) -> bool:
@@ -437,214 +393,3 @@ def _cudnn_ok(q: torch.Tensor, k: torch.Tensor, sm_scale: float) -> bool:
     return _CUDNN[key]
 
 
-# ------------------------------------------------------------------------------ diffusers integration
-_DIFFUSERS_DISPATCH: Any = None  # diffusers' own dispatch_attention_fn, bound outside traced code (no import in it)
-
-
-def bind_diffusers_dispatch() -> None:
-    """Remember diffusers' `dispatch_attention_fn`; called before any forward goes through ours."""
-    global _DIFFUSERS_DISPATCH
-    if _DIFFUSERS_DISPATCH is None:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-        _DIFFUSERS_DISPATCH = dispatch_attention_fn
-
-
-def fp8_dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                              enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
-    """`dispatch_attention_fn` with FP8 attention for processors whose backend is an `AttentionScales`."""
-    if isinstance(backend, AttentionScales):
-        st = backend
-        plain = (attn_mask is None and not is_causal and dropout_p == 0.0 and parallel_config is None
-                 and not attention_kwargs and query.shape[2] == key.shape[2] and query.shape[-1] == value.shape[-1])
-        if plain and st.record is not None:
-            st.kv_tokens = max(st.kv_tokens, key.shape[1])
-            for n, t in (("q", query), ("k", key), ("v", value)):
-                a = t.detach().abs().amax().float().reshape(1)
-                st.record[n] = torch.maximum(st.record[n], a) if n in st.record else a
-        elif plain and st.q is not None and (st.min_kv_tokens <= 0 or _pays(query, key, st.min_kv_tokens)):
-            if st.q.device != query.device:  # the model moved after the scales were installed: follow it once
-                st.q, st.k, st.v = (t.to(query.device) for t in (st.q, st.k, st.v))
-            sm_scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-            if torch.compiler.is_compiling():  # torch ops: Inductor fuses the quantisation into Q/K/V's producers
-                return torch.ops.fp8cookbook.fp8_attention_fp8(quantize_fp8(query, st.q), quantize_fp8(key, st.k),
-                                                               quantize_fp8(value, st.v), st.q, st.k, st.v,
-                                                               sm_scale, query.dtype)
-            st.calls += 1
-            return torch.ops.fp8cookbook.fp8_attention(query, key, value, st.q, st.k, st.v, sm_scale)
-        elif not torch.compiler.is_compiling():
-            st.bf16_calls += 1
-        backend = st.fallback
-    return _DIFFUSERS_DISPATCH(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                               attention_kwargs, backend=backend, parallel_config=parallel_config)
-
-
-def _pays(query: torch.Tensor, key: torch.Tensor, min_kv_tokens: int) -> bool:
-    """The "auto" rule: enough keys, and a CUDA FP8 kernel for the call (the float32 reference never runs here)."""
-    return (key.shape[1] >= min_kv_tokens and query.is_cuda and _cuda_fp8_ok(query.device)
-            and (_triton_ok(query) or (KERNEL == "cudnn" and cudnn_attention_available())))
-
-
-def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Attention modules whose processor routes through `dispatch_attention_fn(backend=...)`, by module name."""
-    out = {}
-    for name, m in model.named_modules():
-        proc = getattr(m, "processor", None)
-        if proc is not None and hasattr(proc, "_attention_backend"):
-            out[name] = m
-    return out
-
-
-def _patch_dispatch(proc: Any) -> None:
-    bind_diffusers_dispatch()
-    mod = sys.modules.get(type(proc).__module__)
-    if mod is None or not hasattr(mod, "dispatch_attention_fn"):
-        raise Fp8CookbookError(f"{type(proc).__name__}: its module does not call dispatch_attention_fn; "
-                               "FP8 attention cannot be installed for this processor")
-    if mod.dispatch_attention_fn is not fp8_dispatch_attention_fn:
-        mod.dispatch_attention_fn = fp8_dispatch_attention_fn
-
-
-def _state(m: nn.Module, name: str) -> AttentionScales:
-    proc = m.processor
-    st = proc._attention_backend
-    if not isinstance(st, AttentionScales):
-        st = AttentionScales(name=name, fallback=st)
-        _patch_dispatch(proc)
-        proc._attention_backend = st
-    return st
-
-
-def install_fp8_attention(model: nn.Module, scales: dict[str, tuple[float, float, float]], *,
-                          min_kv_tokens: int = 0) -> list[str]:
-    """Give each named attention module its (q, k, v) dequantisation scales; returns the modules now FP8.
-
-    Every name must be an attention module of `model`, and every scale positive and finite; modules without an
-    entry keep BF16 attention. `min_kv_tokens` > 0 is the "auto" rule (`MIN_KV_TOKENS`): shorter calls, and calls
-    no CUDA kernel takes, stay BF16.
-    """
-    mods = attention_modules(model)
-    unknown = sorted(set(scales) - set(mods))
-    if unknown:
-        raise Fp8CookbookError(f"attention scales for modules the model does not have: {unknown[:5]}"
-                               + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
-    done = []
-    for name, (qs, ks, vs) in sorted(scales.items()):
-        for what, val in (("q", qs), ("k", ks), ("v", vs)):
-            if not (val > 0 and val < float("inf")):
-                raise Fp8CookbookError(f"attention scale {name}.{what} = {val}: must be positive and finite")
-        m = mods[name]
-        dev = next((p.device for p in m.parameters()), torch.device("cpu"))
-        st = _state(m, name)
-        st.q, st.k, st.v = (torch.tensor([float(x)], dtype=torch.float32, device=dev) for x in (qs, ks, vs))
-        st.record = None
-        st.min_kv_tokens = min_kv_tokens
-        done.append(name)
-    return done
-
-
-def fp8_attention_modules(model: nn.Module) -> list[str]:
-    """Names of the attention modules that run FP8 attention now (installed scales, not just recording)."""
-    backends = {name: m.processor._attention_backend for name, m in attention_modules(model).items()}
-    return [name for name, b in backends.items() if isinstance(b, AttentionScales) and b.q is not None]
-
-
-def remove_fp8_attention(model: nn.Module) -> int:
-    """Give every processor back the backend it had before; returns how many were FP8."""
-    n = 0
-    for m in attention_modules(model).values():
-        st = m.processor._attention_backend
-        if isinstance(st, AttentionScales):
-            m.processor._attention_backend = st.fallback
-            n += st.q is not None
-    return n
-
-
-@contextlib.contextmanager
-def record_attention_amax(model: nn.Module) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
-    """Record the amax of each attention module's Q/K/V inputs while the model runs BF16 attention.
-
-    Yields {module: {"q": amax, "k": amax, "v": amax}}, filled as forwards run. Modules that already had FP8
-    attention keep it afterwards.
-    """
-    mods = attention_modules(model)
-    states = {}
-    for name, m in mods.items():
-        had = isinstance(m.processor._attention_backend, AttentionScales)
-        st = _state(m, name)
-        st.record, st.kv_tokens = {}, 0
-        states[name] = (st, had)
-    out: dict[str, dict[str, torch.Tensor]] = {name: st.record for name, (st, _) in states.items()}
-    try:
-        yield out
-    finally:
-        for name, (st, had) in states.items():
-            st.record = None
-            if not had:
-                mods[name].processor._attention_backend = st.fallback
-
-
-def recorded_key_lengths(model: nn.Module) -> dict[str, int]:
-    """Inside `record_attention_amax`: the longest key sequence each attention module has seen so far."""
-    backends = {name: m.processor._attention_backend for name, m in attention_modules(model).items()}
-    return {name: b.kv_tokens for name, b in backends.items() if isinstance(b, AttentionScales) and b.record is not None}
-
-
-def scales_from_amax(amax: dict[str, dict[str, Any]]) -> dict[str, tuple[float, float, float]]:
-    """{module: {"q","k","v": amax}} -> {module: (s_q, s_k, s_v)} with s = amax/448; modules never called are left out.
-
-    A zero or non-finite amax would give a useless scale: it raises, naming the module.
-    """
-    out = {}
-    for name, a in sorted(amax.items()):
-        if not a:
-            continue
-        if set(a) != {"q", "k", "v"}:
-            raise Fp8CookbookError(f"attention amax of {name}: have {sorted(a)}, need q, k and v")
-        vals = []
-        for what in ("q", "k", "v"):
-            x = float(torch.as_tensor(a[what]).float().reshape(()))
-            if not (x > 0 and x < float("inf")):
-                raise Fp8CookbookError(f"attention amax {name}.{what}_bmm_quantizer = {x}: must be positive and finite")
-            vals.append(x / FP8_MAX)
-        out[name] = tuple(vals)
-    return out
-
-
-def read_attention_scales(folder: str | Path) -> dict[str, tuple[float, float, float]] | None:
-    """The (q, k, v) scales per attention module from a checkpoint's side file; None when the folder has none."""
-    path = Path(folder) / ATTENTION_SCALES_NAME
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        entries = data["amax"]
-        if data.get("format") != "amax" or not isinstance(entries, dict):
-            raise ValueError("expected {\"format\": \"amax\", \"amax\": {...}}")
-    except (ValueError, KeyError, TypeError) as e:
-        raise Fp8CookbookError(f"{path}: not an attention-scale file ({e})") from None
-    amax: dict[str, dict[str, float]] = {}
-    for key, val in entries.items():
-        module, _, quantizer = key.rpartition(".")
-        if quantizer not in ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer"):
-            raise Fp8CookbookError(f"{path}: unexpected entry {key!r} (want <module>.[qkv]_bmm_quantizer)")
-        amax.setdefault(module, {})[quantizer[0]] = val
-    try:
-        return scales_from_amax(amax)
-    except Fp8CookbookError as e:
-        raise Fp8CookbookError(f"{path}: {e}") from None
-
-
-@contextlib.contextmanager
-def count_fp8_attention_calls(model: nn.Module) -> Iterator[dict[str, dict[str, int]]]:
-    """Count, per attention module, the calls that ran FP8 and those that fell back to BF16 (eager only)."""
-    states = {name: m.processor._attention_backend for name, m in attention_modules(model).items()
-              if isinstance(m.processor._attention_backend, AttentionScales)}
-    for st in states.values():
-        st.calls = st.bf16_calls = 0
-    counts: dict[str, dict[str, int]] = {}
-    try:
-        yield counts
-    finally:
-        for name, st in states.items():
-            counts[name] = {"fp8": st.calls, "bf16": st.bf16_calls}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fp8cookbook.checkpoint import FP8_DTYPE
-from fp8cookbook.fp8linear import FP8Linear, count_fp8_calls, fp8_gemm_supported, quantize_fp8
+from fp8cookbook.fp8.linear import FP8Linear, count_fp8_calls
+from fp8cookbook.fp8.numerics import fp8_gemm_supported, quantize_fp8
 
 
 def _layer(seed: int = 0, k: int = 64, n: int = 48) -> tuple[torch.nn.Linear, FP8Linear, torch.Tensor]:

@@ -8,11 +8,13 @@ import json
 import pytest
 import torch
 
-from fp8cookbook import fp8attention as fa
+from fp8cookbook import checkpoint as ck
+from fp8cookbook.fp8 import attention as fa
+from fp8cookbook.fp8 import attention_diffusers as fd
 from fp8cookbook.checkpoint import FP8_MAX
 from fp8cookbook.errors import Fp8CookbookError
 from fp8cookbook.families import FAMILIES, build_transformer, get_family
-from fp8cookbook.fp8linear import quantize_fp8
+from fp8cookbook.fp8.numerics import quantize_fp8
 
 NAMES = sorted(FAMILIES)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,20 +74,20 @@ def _tiny(name: str):
 @pytest.mark.parametrize("name", NAMES)
 def test_install_runs_fp8_attention_everywhere_and_remove_restores(name):
     model, inputs = _tiny(name)
-    mods = fa.attention_modules(model)
+    mods = fd.attention_modules(model)
     assert mods
     with torch.no_grad():
         ref = model(**inputs)[0]
-        with fa.record_attention_amax(model) as amax:
+        with fd.record_attention_amax(model) as amax:
             again = model(**inputs)[0]
         assert torch.equal(again, ref)  # recording does not change the math
         assert not any(isinstance(m.processor._attention_backend, fa.AttentionScales) for m in mods.values())
-        scales = fa.scales_from_amax(amax)
+        scales = ck.scales_from_amax(amax)
         assert sorted(scales) == sorted(mods)
-        assert sorted(fa.install_fp8_attention(model, scales)) == sorted(mods)
-        with fa.count_fp8_attention_calls(model) as counts:
+        assert sorted(fd.install_fp8_attention(model, scales)) == sorted(mods)
+        with fd.count_fp8_attention_calls(model) as counts:
             out = model(**inputs)[0]
-        assert fa.remove_fp8_attention(model) == len(mods)
+        assert fd.remove_fp8_attention(model) == len(mods)
         back = model(**inputs)[0]
     assert all(c["fp8"] >= 1 and c["bf16"] == 0 for c in counts.values()), counts
     assert torch.equal(back, ref)
@@ -107,7 +109,7 @@ def test_masked_calls_fall_back_to_bf16():
     q = torch.randn(1, 8, 2, 16)
     st = fa.AttentionScales("x", *(torch.ones(1) for _ in range(3)))
     mask = torch.ones(1, 1, 8, 8, dtype=torch.bool)
-    out = fa.fp8_dispatch_attention_fn(q, q, q, attn_mask=mask, backend=st)
+    out = fd.fp8_dispatch_attention_fn(q, q, q, attn_mask=mask, backend=st)
     assert st.bf16_calls == 1 and st.calls == 0
     assert torch.allclose(out, _exact(q, q, q), atol=1e-5)
 
@@ -115,22 +117,22 @@ def test_masked_calls_fall_back_to_bf16():
 def test_install_refuses_unknown_modules_and_bad_scales():
     model, _ = _tiny("flux1")
     with pytest.raises(Fp8CookbookError, match="does not have.*nope.attn"):
-        fa.install_fp8_attention(model, {"nope.attn": (1.0, 1.0, 1.0)})
-    name = next(iter(fa.attention_modules(model)))
+        fd.install_fp8_attention(model, {"nope.attn": (1.0, 1.0, 1.0)})
+    name = next(iter(fd.attention_modules(model)))
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(Fp8CookbookError, match=f"{name}.k"):
-            fa.install_fp8_attention(model, {name: (1.0, bad, 1.0)})
+            fd.install_fp8_attention(model, {name: (1.0, bad, 1.0)})
 
 
 def _side_file(folder, entries):
-    (folder / fa.ATTENTION_SCALES_NAME).write_text(json.dumps({"format": "amax", "amax": entries}))
+    (folder / ck.ATTENTION_SCALES_NAME).write_text(json.dumps({"format": "amax", "amax": entries}))
 
 
 def test_read_attention_scales(tmp_path):
-    assert fa.read_attention_scales(tmp_path) is None
+    assert ck.read_attention_scales(tmp_path) is None
     _side_file(tmp_path, {"a.attn.q_bmm_quantizer": 448.0, "a.attn.k_bmm_quantizer": 224.0,
                           "a.attn.v_bmm_quantizer": 4.48})
-    assert fa.read_attention_scales(tmp_path) == {"a.attn": pytest.approx((1.0, 0.5, 0.01))}
+    assert ck.read_attention_scales(tmp_path) == {"a.attn": pytest.approx((1.0, 0.5, 0.01))}
 
 
 @pytest.mark.parametrize("content, message", [
@@ -142,10 +144,10 @@ def test_read_attention_scales(tmp_path):
      "a.attn.v_bmm_quantizer = 0.0"),
 ])
 def test_bad_side_file_names_the_file(tmp_path, content, message):
-    (tmp_path / fa.ATTENTION_SCALES_NAME).write_text(content)
+    (tmp_path / ck.ATTENTION_SCALES_NAME).write_text(content)
     with pytest.raises(Fp8CookbookError, match=message) as info:
-        fa.read_attention_scales(tmp_path)
-    assert str(tmp_path / fa.ATTENTION_SCALES_NAME) in str(info.value)
+        ck.read_attention_scales(tmp_path)
+    assert str(tmp_path / ck.ATTENTION_SCALES_NAME) in str(info.value)
 
 
 # --------------------------------------------------------------------------------------------- GPU
@@ -159,7 +161,7 @@ KERNELS = ["triton", "cudnn"]
 def _kernel(monkeypatch, kernel: str) -> None:
     if kernel == "cudnn" and not fa.cudnn_attention_available():
         pytest.skip("the cuDNN frontend package (nvidia-cudnn-frontend) is not installed")
-    monkeypatch.setattr(fa, "KERNEL", kernel)
+    # the kernel is an argument now (ops, install_fp8_attention); nothing process-wide to patch
 
 
 @pytest.mark.gpu
@@ -174,17 +176,17 @@ def test_cuda_kernel_matches_reference(shape, kernel, monkeypatch):
     k = torch.randn(B, nkv, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
     v = torch.randn(B, nkv, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
     sc = _scales(q, k, v)
-    out = torch.ops.fp8cookbook.fp8_attention(q, k, v, *sc, D ** -0.5)
+    out = torch.ops.fp8cookbook.fp8_attention(q, k, v, *sc, D ** -0.5, kernel)
     ref = fa.fp8_attention_reference(q, k, v, *sc, D ** -0.5)
     fp8_noise = _rel(ref, _exact(q, k, v))
     err = _rel(out, ref)
     print(f"{kernel} {shape}: kernel vs reference {err:.2e}, reference vs exact {fp8_noise:.2e}, "
-          f"cuDNN refusals {fa._CUDNN.get('errors', [])}")
+          f"cuDNN refusals {fa.cudnn_errors()}")
     assert out.shape == q.shape and out.dtype == q.dtype
     assert err < 0.5 * fp8_noise and err < 0.04
     # The same on inputs quantised beforehand (what runs under torch.compile).
     q8, k8, v8 = (quantize_fp8(t, s) for t, s in zip((q, k, v), sc))
-    out8 = torch.ops.fp8cookbook.fp8_attention_fp8(q8, k8, v8, *sc, D ** -0.5, torch.bfloat16)
+    out8 = torch.ops.fp8cookbook.fp8_attention_fp8(q8, k8, v8, *sc, D ** -0.5, torch.bfloat16, kernel)
     assert out8.dtype == torch.bfloat16 and _rel(out8, ref) < 0.5 * fp8_noise
 
 
@@ -197,7 +199,7 @@ def test_kernel_runs_under_torch_compile_and_strided_inputs(kernel, monkeypatch)
     qkv = torch.randn(1, 300, 3, 2, 64, device="cuda", generator=g, dtype=torch.bfloat16)
     q, k, v = qkv.unbind(2)  # strided views, as fused projections give
     sc = _scales(q, k, v)
-    f = torch.compile(lambda q, k, v: torch.ops.fp8cookbook.fp8_attention(q, k, v, *sc, 0.125) * 2, fullgraph=True)
+    f = torch.compile(lambda q, k, v: torch.ops.fp8cookbook.fp8_attention(q, k, v, *sc, 0.125, kernel) * 2, fullgraph=True)
     out = f(q, k, v)
     ref = fa.fp8_attention_reference(q, k, v, *sc, 0.125) * 2
     assert _rel(out, ref) < 0.04
@@ -208,7 +210,7 @@ def test_kernel_runs_under_torch_compile_and_strided_inputs(kernel, monkeypatch)
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_fp8_attention_model_in_cuda_graph_and_compiled(kernel, monkeypatch):
     """A tiny Wan2.2 model with FP8 attention: CUDA-graph replay equals eager, and compile_repeated_blocks runs it."""
-    from fp8cookbook import fastpath
+    from fp8cookbook.fp8 import fastpath
 
     _kernel(monkeypatch, kernel)
     fam = get_family("wan22-a14b")
@@ -220,24 +222,24 @@ def test_fp8_attention_model_in_cuda_graph_and_compiled(kernel, monkeypatch):
               (v.cuda() if torch.is_tensor(v) else v) for k, v in inputs.items()}
     with torch.no_grad():
         ref = model(**inputs)[0]
-        with fa.record_attention_amax(model) as amax:
+        with fd.record_attention_amax(model) as amax:
             model(**inputs)
-        scales = fa.scales_from_amax(amax)
+        scales = ck.scales_from_amax(amax)
         # the "auto" rule with a threshold above every call's key count: every call stays BF16, bit for bit
-        fa.install_fp8_attention(model, scales, min_kv_tokens=10 ** 9)
-        with fa.count_fp8_attention_calls(model) as calls:
+        fd.install_fp8_attention(model, scales, min_kv_tokens=10 ** 9, kernel=kernel)
+        with fd.count_fp8_attention_calls(model) as calls:
             torch.testing.assert_close(model(**inputs)[0], ref, rtol=0, atol=0)
         assert all(c["fp8"] == 0 for c in calls.values())
         # above the 8 text tokens: the self-attention calls (32 video tokens) run FP8, the cross-attention ones do not
-        fa.install_fp8_attention(model, scales, min_kv_tokens=9)
-        with fa.count_fp8_attention_calls(model) as calls:
+        fd.install_fp8_attention(model, scales, min_kv_tokens=9, kernel=kernel)
+        with fd.count_fp8_attention_calls(model) as calls:
             model(**inputs)
         assert {n: c["fp8"] for n, c in calls.items()} == {n: int(n.endswith("attn1")) for n in calls}
-        fa.install_fp8_attention(model, scales)
-        with fa.count_fp8_attention_calls(model) as calls:
+        fd.install_fp8_attention(model, scales, kernel=kernel)
+        with fd.count_fp8_attention_calls(model) as calls:
             eager = model(**inputs)[0]
         assert all(c["fp8"] == 1 for c in calls.values())
-        assert fa._pick_kernel(*(torch.empty(1, 80, 2, 64, device="cuda", dtype=torch.bfloat16),) * 2, 0.125) == kernel
+        assert fa.pick_kernel(*(torch.empty(1, 80, 2, 64, device="cuda", dtype=torch.bfloat16),) * 2, 0.125, kernel) == kernel
         replay = fastpath.CudaGraphForward(model)(**inputs)
         model.compile_repeated_blocks(fullgraph=True)
         compiled = model(**inputs)[0]
@@ -264,7 +266,7 @@ def test_long_sequence_accumulates_exactly_enough():
     common = torch.randn(1, 1, H, D, device="cuda", generator=g)
     v = (common + 0.5 * torch.randn(B, nkv, H, D, device="cuda", generator=g)).bfloat16()
     sc = _scales(q, k, v)
-    out = torch.ops.fp8cookbook.fp8_attention(q, k, v, *sc, D ** -0.5).float()
+    out = torch.ops.fp8cookbook.fp8_attention(q, k, v, *sc, D ** -0.5, "triton").float()
     ref = fa.fp8_attention_reference(q, k, v, *sc, D ** -0.5).float()
     exact = _exact(q, k, v).float()
     print(f"norm ratio kernel/reference {float(out.norm() / ref.norm()):.6f}, kernel vs reference {_rel(out, ref):.2e}, "

@@ -1,0 +1,97 @@
+"""FLUX.2-dev: everything the library knows about it (registered in families/__init__.py on import)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..fp8.fusion import FusionRule
+from . import Family, LayerRule, TinySettings, register
+from ._tiny import SEED, flux_vae, mistral_tokenizer, tiny_transformer
+from .flux1 import flux_attention_groups, flux_ids, flux_sensitive
+
+
+# --------------------------------------------------------------------------------------------- dummy inputs
+def _inputs(config: dict, *, height: int, width: int, num_frames: int | None = None, batch: int = 1,
+                  text_len: int = 512, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                  generator: torch.Generator | None = None) -> dict[str, Any]:
+    h, w = height // 16, width // 16
+    axes = len(config["axes_dims_rope"])
+    img_ids, txt_ids = flux_ids(h, w, text_len, axes, torch.device(device))
+    g = generator
+    out = {
+        "hidden_states": torch.randn(batch, h * w, config["in_channels"], generator=g).to(device, dtype),
+        "encoder_hidden_states": torch.randn(batch, text_len, config["joint_attention_dim"], generator=g).to(device, dtype),
+        "timestep": torch.full((batch,), 0.5, device=device, dtype=dtype),
+        "img_ids": img_ids.unsqueeze(0).expand(batch, -1, -1),
+        "txt_ids": txt_ids.unsqueeze(0).expand(batch, -1, -1),
+        "return_dict": False,
+    }
+    if config.get("guidance_embeds"):
+        out["guidance"] = torch.full((batch,), 4.0, device=device, dtype=dtype)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- layer policies
+FLUX2_FALLBACK = (
+    LayerRule(r"time_guidance_embed\.(timestep|guidance)_embedder\.linear_[12]", "conditioning embedders"),
+    LayerRule(r"double_stream_modulation_(img|txt)\.linear", "modulation shared by every double block"),
+    LayerRule(r"single_stream_modulation\.linear", "modulation shared by every single block"),
+    LayerRule(r"x_embedder", "latent-token input projection"),
+    LayerRule(r"context_embedder", "text-token input projection (K=15360 text features)"),
+    LayerRule(r"norm_out\.linear", "final AdaLN modulation"),
+)
+
+
+# ------------------------------------------------------------------------------------------ tiny pipeline
+def _build_tiny(family: Family):
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    cfg = family.tiny_config
+    tok = mistral_tokenizer(model_max_length=256)
+    layers = 3  # Flux2Pipeline stacks hidden states (10, 20, 30): joint_attention_dim = 3 * hidden_size
+    hidden = cfg["joint_attention_dim"] // layers
+    torch.manual_seed(SEED)
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tok), hidden_size=hidden, intermediate_size=32,
+                         num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
+                         max_position_embeddings=1024, rope_theta=1e9, sliding_window=None,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=8, patch_size=4, image_size=32),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2))
+    vae = flux_vae(AutoencoderKLFlux2, cfg["in_channels"] // 4)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096, time_shift_type="exponential")
+    return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                         transformer=tiny_transformer(family, SEED))
+
+
+register(Family(
+    name="flux2",
+    title="FLUX.2-dev",
+    class_name="Flux2Transformer2DModel",
+    pipeline_class="Flux2Pipeline",
+    hub_id="black-forest-labs/FLUX.2-dev",
+    full_config=dict(patch_size=1, in_channels=128, out_channels=None, num_layers=8, num_single_layers=48,
+                     attention_head_dim=128, num_attention_heads=48, joint_attention_dim=15360,
+                     timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=[32, 32, 32, 32],
+                     rope_theta=2000, eps=1e-6, guidance_embeds=True),
+    tiny_config=dict(patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=1,
+                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,  # 3 x tiny Mistral width
+                     timestep_guidance_channels=32, mlp_ratio=3.0, axes_dims_rope=[4, 4, 4, 4],
+                     rope_theta=2000, eps=1e-6, guidance_embeds=True),
+    bf16_fallback=FLUX2_FALLBACK,
+    sensitive=flux_sensitive,
+    make_inputs=_inputs,
+    build_tiny_pipeline=_build_tiny,
+    tiny_settings=TinySettings(height=64, width=64, num_frames=None, num_inference_steps=3, guidance_scale=4.0),
+    num_steps=50,
+    guidance_scale=4.0,
+    sglang_memory_flags=("--text-encoder-cpu-offload true", "--vae-cpu-offload true"),  # 24B Mistral text encoder
+    # The single blocks ship their Q/K/V/MLP-in projection fused already.
+    fusion_rules=(FusionRule("Flux2Attention", groups=flux_attention_groups),),
+), "flux.2")

@@ -1,0 +1,174 @@
+"""Wan2.2: both variants, T2V-A14B (two experts) and TI2V-5B (one transformer); registered on import."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..fp8.fusion import FusionRule
+from ..sglang_names import GENERIC_RULES, RuntimeRule, runtime_names
+from . import Family, InputMaker, LayerRule, TinySettings, register
+from ._tiny import SEED, t5_tokenizer, tiny_transformer
+
+
+# --------------------------------------------------------------------------------------------- dummy inputs
+def _inputs(spatial: int) -> InputMaker:
+    def make(config: dict, *, height: int, width: int, num_frames: int | None = 81, batch: int = 1,
+             text_len: int = 512, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+             generator: torch.Generator | None = None) -> dict[str, Any]:
+        frames = ((num_frames or 1) - 1) // 4 + 1  # the Wan VAE compresses time by 4
+        g = generator
+        return {
+            "hidden_states": torch.randn(batch, config["in_channels"], frames, height // spatial, width // spatial,
+                                         generator=g).to(device, dtype),
+            "timestep": torch.full((batch,), 500, device=device, dtype=torch.long),
+            "encoder_hidden_states": torch.randn(batch, text_len, config["text_dim"], generator=g).to(device, dtype),
+            "return_dict": False,
+        }
+
+    return make
+
+
+# ------------------------------------------------------------------------------------------- layer policies
+def _sensitive(config: dict) -> tuple[LayerRule, ...]:
+    """ModelOpt's Wan filter: embeddings, the output projection, and the first and last three blocks."""
+    n = int(config["num_layers"])
+    edge = sorted({i for i in (0, 1, 2, n - 3, n - 2, n - 1) if 0 <= i < n})
+    return (
+        LayerRule(r"patch_embedding(\..*)?", "Conv3d patch embedding: not a Linear, never FP8"),
+        LayerRule(r"condition_embedder(\..*)?", "time/text conditioning embedders"),
+        LayerRule(r"proj_out", "final projection back to latent space"),
+        LayerRule(r"blocks\.(%s)\..*" % "|".join(map(str, edge)),
+                  "first and last three blocks: FP8 there broke Wan2.2 output"),
+    )
+
+
+# ------------------------------------------------------------------------------------------ tiny pipeline
+def _build_tiny(family: Family):
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = family.tiny_config
+    tok = t5_tokenizer(model_max_length=32)
+    torch.manual_seed(SEED)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tok), d_model=cfg["text_dim"], d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu"))
+    z = cfg["in_channels"]
+    two_experts = "transformer_2" in family.experts
+    if two_experts:
+        # Wan2.1 VAE (used by A14B): 8x spatial, 4x temporal.
+        vae = AutoencoderKLWan(base_dim=8, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True],
+                               latents_mean=[0.0] * z, latents_std=[1.0] * z)
+    else:
+        # Wan2.2 VAE (TI2V-5B): residual blocks and a 2x2 patchify on top of 8x, so 16x spatial.
+        vae = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                               out_channels=12, patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
+                               latents_mean=[0.0] * z, latents_std=[1.0] * z)
+    # What the diffusers conversion script ships: UniPC on flow sigmas, shift 3 (A14B) or 5 (TI2V-5B).
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=family.flow_shift)
+    if two_experts:  # high-noise `transformer`, low-noise `transformer_2`: same config, different weights
+        extra = dict(transformer_2=tiny_transformer(family, SEED + 1),
+                     boundary_ratio=family.boundary_ratio)
+    else:
+        extra = dict(expand_timesteps=True)  # TI2V-5B: per-token timesteps
+    return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                       transformer=tiny_transformer(family, SEED), **extra)
+
+
+# ------------------------------------------------------------------------------------------- fast path
+def _attention_groups(attn: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
+    """Self-attention to_q/to_k/to_v -> to_qkv, cross-attention to_k/to_v -> to_kv (diffusers' own fused path)."""
+    groups = [("to_kv", ("to_k", "to_v"))] if attn.is_cross_attention else [("to_qkv", ("to_q", "to_k", "to_v"))]
+    if getattr(attn, "add_k_proj", None) is not None:
+        groups.append(("to_added_kv", ("add_k_proj", "add_v_proj")))
+    return groups
+
+
+_FUSION = (FusionRule("WanAttention", groups=_attention_groups),)
+
+_WAN_A14B = dict(patch_size=[1, 2, 2], num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+                 text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+                 qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None,
+                 rope_max_seq_len=1024, pos_embed_seq_len=None)
+_WAN_TINY = dict(_WAN_A14B, num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32,
+                 freq_dim=32, ffn_dim=64, num_layers=7, rope_max_seq_len=32)
+
+# SGLang's runtime names (`WanVideoArchConfig.param_names_mapping`): its Wan block holds the self-attention
+# projections directly. `ignore` covers a layer under any of these names (sglang_names.py).
+SGLANG_NAMES: tuple[RuntimeRule, ...] = GENERIC_RULES + (
+    (r"(blocks\.\d+)\.attn1\.(to_[qkv])", r"\1.\2", "self-attention Q/K/V live on the block"),
+    (r"(blocks\.\d+)\.attn1\.to_out\.0", r"\1.to_out", "self-attention output projection"),
+    (r"(blocks\.\d+)\.attn2\.to_out\.0", r"\1.attn2.to_out", "cross-attention output projection"),
+    (r"(blocks\.\d+)\.ffn\.net\.0\.proj", r"\1.ffn.fc_in", "feed-forward input"),
+    (r"(blocks\.\d+)\.ffn\.net\.2", r"\1.ffn.fc_out", "feed-forward output"),
+    (r"condition_embedder\.text_embedder\.linear_1", "condition_embedder.text_embedder.fc_in", "text embedder"),
+    (r"condition_embedder\.text_embedder\.linear_2", "condition_embedder.text_embedder.fc_out", "text embedder"),
+    (r"condition_embedder\.time_embedder\.linear_1", "condition_embedder.time_embedder.mlp.fc_in", "time embedder"),
+    (r"condition_embedder\.time_embedder\.linear_2", "condition_embedder.time_embedder.mlp.fc_out", "time embedder"),
+    (r"condition_embedder\.time_proj", "condition_embedder.time_modulation.linear", "timestep modulation"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj", "condition_embedder.image_embedder.ff.fc_in",
+     "image embedder FF input (I2V)"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.2", "condition_embedder.image_embedder.ff.fc_out",
+     "image embedder FF output (I2V)"),
+)
+
+
+def sglang_aliases(module_name: str) -> list[str]:
+    """The names SGLang's Wan2.2 runtime gives a module besides its diffusers one."""
+    return runtime_names(module_name, SGLANG_NAMES)
+
+
+register(Family(
+    name="wan22-a14b",
+    title="Wan2.2 T2V-A14B",
+    class_name="WanTransformer3DModel",
+    pipeline_class="WanPipeline",
+    hub_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+    full_config=_WAN_A14B,
+    tiny_config=_WAN_TINY,
+    bf16_fallback=(),  # spec section 4: ModelOpt's Wan filter already keeps the sensitive layers BF16
+    sensitive=_sensitive,
+    make_inputs=_inputs(spatial=8),
+    build_tiny_pipeline=_build_tiny,
+    # 4 tiny steps whose timesteps fall on both sides of the boundary (UniPC, shift 3: timesteps 999, 900 >= 875
+    # go to `transformer`; 750, 500 to `transformer_2`).
+    tiny_settings=TinySettings(height=64, width=64, num_frames=5, num_inference_steps=4, guidance_scale=4.0),
+    experts=("transformer", "transformer_2"),
+    boundary_ratio=0.875,
+    height=480, width=832, num_frames=81, num_steps=40, guidance_scale=4.0,
+    forwards_per_step=2,
+    flow_shift=3.0,
+    sglang_aliases=sglang_aliases,
+    sglang_extra_flags=("--num-gpus 4", "--ulysses-degree 4"),
+    sglang_memory_flags=("--text-encoder-cpu-offload true",),  # UMT5-XXL beside two 14B experts
+    fusion_rules=_FUSION,
+), "wan22", "wan")
+
+register(Family(
+    name="wan22-ti2v-5b",
+    title="Wan2.2 TI2V-5B",
+    class_name="WanTransformer3DModel",
+    pipeline_class="WanPipeline",
+    hub_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+    full_config=dict(_WAN_A14B, num_attention_heads=24, in_channels=48, out_channels=48, ffn_dim=14336, num_layers=30),
+    tiny_config=dict(_WAN_TINY, in_channels=12, out_channels=12),
+    bf16_fallback=(),
+    sensitive=_sensitive,
+    make_inputs=_inputs(spatial=16),
+    build_tiny_pipeline=_build_tiny,
+    tiny_settings=TinySettings(height=64, width=64, num_frames=5, num_inference_steps=3, guidance_scale=5.0),
+    height=704, width=1280, num_frames=121, num_steps=50, guidance_scale=5.0,
+    size_multiple=32,  # the Wan2.2 VAE's 16x spatial compression, then the 2x2 patch
+    forwards_per_step=2,
+    flow_shift=5.0,
+    sglang_aliases=sglang_aliases,
+    serve_notes=("TI2V-5B FP8 is not in SGLang's validated ModelOpt matrix (FLUX.1, FLUX.2, Wan2.2-T2V-A14B): check "
+                 "the served output against this notebook's comparison",),
+    fusion_rules=_FUSION,
+))

@@ -1,0 +1,311 @@
+"""`quantize_pipeline`: calibrate every transformer of a pipeline with ModelOpt and write the state, the ModelOpt
+export and the SGLang FP8 checkpoint of each, atomically (a temporary folder renamed in at the end).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import STATS_NAME, scan_tensors, write_json_atomic
+from ..convert import ConvertStats, convert_checkpoint, peak_rss_mb
+from ..errors import Fp8CookbookError
+from ..families import Family, get_family
+from ..pipelines import default_tiny_settings, transformer_names
+from .calibration import (DEFAULT_NUM_PROMPTS, as_json, calibrate_together, calibration_settings, is_tiny,
+                          no_amax_message, calibration_prompts)
+from .export import export_transformer, save_modelopt_state
+from .recipe import missing_amaxes, quiet_modelopt, fp8_diffusion_quant_cfg, require_modelopt, tensor_quantizers
+
+@dataclass
+class QuantizeResult:
+    """What `quantize_pipeline` wrote (final paths) and how it calibrated; `lines()` is the printed summary."""
+
+    family: str
+    output_dir: Path
+    paths: dict[str, dict[str, Path]]  # per transformer name: {"base", "state", "export", "fp8"}
+    convert_stats: dict[str, ConvertStats]
+    calibration: dict[str, Any]  # prompts, steps, seeds, size, guidance, forward calls and timesteps per transformer
+    seconds: float
+    peak_memory_mb: float  # CPU: this process's VmHWM (reset at the start where Linux allows)
+    peak_cuda_memory_mb: float | None = None  # torch.cuda.max_memory_allocated, when the transformers are on CUDA
+
+    def lines(self) -> list[str]:
+        c = self.calibration
+        n = len(c["prompts"])
+        size = f"{c['width']}x{c['height']}" + (f"x{c['num_frames']}f" if c.get("num_frames") else "")
+        seeds = f"seed {c['seed']}" if n == 1 else f"seeds {c['seed']}..{c['seed'] + n - 1}"
+        out = [
+            f"family           {self.family}",
+            f"calibration      {n} prompt(s) x {c['num_inference_steps']} steps, {seeds}, {size}, "
+            f"guidance {c['guidance_scale']}, {c['dtype']} on {c['device']}" + (", +MHA" if c.get("quantize_mha") else ""),
+            "forward calls    " + ", ".join(f"{name} {calls}" for name, calls in c["forward_calls"].items()),
+        ]
+        for name, p in self.paths.items():
+            s = self.convert_stats[name]
+            out.append(f"{name:16s} {s.quantized_weights} FP8 layers, {s.bf16_fallback_weights} BF16 fallback, "
+                       f"{s.preserved_ignored_weights} other BF16 -> {p['fp8']}")
+        out.append(f"output           {self.output_dir}")
+        out.append(f"time             {self.seconds:.1f} s")
+        memory = f"peak memory      {self.peak_memory_mb:.0f} MB CPU (VmHWM)"
+        if self.peak_cuda_memory_mb is not None:
+            memory += f", {self.peak_cuda_memory_mb:.0f} MB CUDA (max allocated)"
+        out.append(memory)
+        return out
+
+
+def _local_base(model: nn.Module) -> Path | None:
+    """The folder the transformer was loaded from, if it can serve as the converter's BF16 base: a local folder
+    with config.json of the same class whose tensors are all BF16 and match the model's names and shapes."""
+    source = model.config.get("_name_or_path") if hasattr(model.config, "get") else None
+    if not source:
+        return None
+    folder = Path(str(source)).expanduser()
+    try:
+        if not (folder / "config.json").is_file():
+            return None
+        config = json.loads((folder / "config.json").read_text())
+        tensors = scan_tensors(folder)
+    except (OSError, ValueError, Fp8CookbookError):
+        return None
+    if config.get("_class_name") != type(model).__name__:
+        return None
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if set(shapes) != set(tensors) or any(tensors[k].shape != s for k, s in shapes.items()):
+        return None
+    if any(t.dtype.is_floating_point and t.dtype != torch.bfloat16 for t in tensors.values()):
+        return None
+    return folder.resolve()
+
+
+@torch.no_grad()
+def _save_bf16(model: nn.Module, folder: Path) -> Path:
+    """`save_pretrained` layout in BF16 (the converter copies fallback layers from here as they are)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    floats = [t for t in model.state_dict().values() if t.is_floating_point()]
+    with quiet_modelopt():
+        if all(t.dtype == torch.bfloat16 for t in floats):
+            model.save_pretrained(folder)
+        else:  # e.g. a float32 pipeline on CPU: cast per tensor, never the model itself
+            model.save_config(folder)
+            state = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).detach().cpu().contiguous()
+                     for k, v in model.state_dict().items()}
+            save_file(state, folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    try:  # Linux: "5" resets VmHWM to the current RSS, so the peak is this call's
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _move_into_place(tmp: Path, output_dir: Path) -> None:
+    if not output_dir.exists():
+        os.replace(tmp, output_dir)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+    try:
+        os.replace(output_dir, trash / "old")
+        try:
+            os.replace(tmp, output_dir)
+        except OSError:
+            os.replace(trash / "old", output_dir)  # put the previous output back
+            raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, prompts: list[str] | None = None,
+                      num_prompts: int | None = None, num_inference_steps: int | None = None, seed: int = 0,
+                      height: int | None = None, width: int | None = None, num_frames: int | None = None,
+                      guidance_scale: float | None = None, quantize_mha: bool = True, overwrite: bool = False,
+                      progress: bool = True) -> QuantizeResult:
+    """Quantize every transformer of a diffusers pipeline to FP8 with ModelOpt, calibrating on the real pipeline,
+    and write each as a ModelOpt state, a ModelOpt export and an SGLang FP8 checkpoint.
+
+    Calibration runs `pipe` over the prompts (prompt i with seed `seed + i`, latents only, no VAE decode) after
+    FP8 quantizers (`fp8_diffusion_quant_cfg`, the family's sensitive layers disabled) have been inserted into all
+    transformers, so one pass calibrates them all: Wan2.2 A14B's `transformer` sees the steps at or above the
+    boundary, `transformer_2` those below. Any enabled quantizer left without an amax stops the run with an error
+    naming it (and, for an expert that never ran, the timesteps that were used). `quantize_mha` (on by default)
+    also calibrates the attention Q/K/V inputs; their scales go to the side file that fp8cookbook's FP8 attention
+    reads (SGLang does not).
+
+    Defaults when None: `prompts` = the shipped `calibration_prompts()`; `num_prompts` = all given prompts, or of the
+    shipped file 4 (tiny pipeline), 64 (image) or 16 (video); size, steps and guidance = `default_tiny_settings`
+    for the tiny pipelines, else the family's size and guidance with `REAL_CALIB_STEPS` (20) steps.
+
+    Output layout (written into a temporary folder beside `output_dir`, renamed in only when everything
+    succeeded; an existing `output_dir` is refused unless `overwrite`)::
+
+        output_dir/
+          <name>.pt          ModelOpt state (`mto.save`): quantizer config, amaxes and weights; the fake-quant
+                             reference is `load_fake_quant(paths[name]["base"], <name>.pt)`
+          export/<name>/     ModelOpt export (`export_hf_checkpoint`): FP8 weights, 0-d scales, quantization_config
+          fp8/<name>/        SGLang FP8 checkpoint (`convert_checkpoint`): `--transformer-path` for SGLang
+          base/<name>/       BF16 weights saved before quantizing, only when the pipeline's own transformer folder
+                             (`config._name_or_path`, BF16) is not available; that folder is the base otherwise
+          quantize.json      calibration settings, paths, conversion stats, time and memory
+
+    `<name>` is `transformer` (and `transformer_2` for Wan2.2 A14B). The transformers are changed in place and
+    hold FP8 export weights afterwards: reload the pipeline to generate with it.
+    """
+    t0 = time.perf_counter()
+    family = get_family(family) if isinstance(family, str) else family
+    require_modelopt()
+    models = _checked_models(family, pipe)
+    names = list(models)
+    tiny = is_tiny(models[names[0]], family)
+    prompts = _chosen_prompts(prompts, num_prompts, DEFAULT_NUM_PROMPTS["tiny" if tiny else "video" if family.is_video
+                                                                        else "image"])
+    settings = calibration_settings(family, tiny, num_inference_steps=num_inference_steps, height=height,
+                                     width=width, num_frames=num_frames, guidance_scale=guidance_scale)
+    output_dir = Path(output_dir).expanduser()
+    bases = {n: _local_base(model) for n, model in models.items()}
+    _check_output_dir(output_dir, bases, overwrite)
+
+    first = next(models[names[0]].parameters())
+    _reset_peak_memory(first.device)
+    created = [p for p in output_dir.absolute().parents if not p.exists()]  # removed again on failure
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        paths: dict[str, dict[str, Path]] = {}
+        for n, model in models.items():  # BF16 base first: quantization changes the weights
+            base = bases[n] or _save_bf16(model, tmp / "base" / n)
+            paths[n] = {"base": base, "state": tmp / f"{n}.pt", "export": tmp / "export" / n, "fp8": tmp / "fp8" / n}
+        calls, timesteps = calibrate_together(pipe, family, names, prompts, settings, seed=seed,
+                                               quantize_mha=quantize_mha, progress=progress)
+        calibration: dict[str, Any] = dict(
+            prompts=list(prompts), seed=seed, **settings, quantize_mha=quantize_mha,
+            dtype=str(first.dtype).replace("torch.", ""), device=str(first.device), tiny=tiny,
+            forward_calls=calls, timesteps=timesteps)
+        problems = [no_amax_message(family, n, bad, calibration)
+                    for n in names if (bad := missing_amaxes(getattr(pipe, n)))]
+        if problems:
+            raise Fp8CookbookError(" | ".join(problems))
+        stats = _write_checkpoints(pipe, family, names, paths, progress)
+        paths = _final_paths(paths, stats, tmp, output_dir)
+        result = QuantizeResult(family.name, output_dir, paths, stats, calibration, 0.0, 0.0)
+        result.seconds = time.perf_counter() - t0
+        result.peak_memory_mb = peak_rss_mb()
+        if first.device.type == "cuda":
+            result.peak_cuda_memory_mb = torch.cuda.max_memory_allocated(first.device) / 2**20
+        write_json_atomic(tmp / "quantize.json", _summary(result))
+        _move_into_place(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:  # deepest first
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+    return result
+
+
+def _checked_models(family: Family, pipe) -> dict[str, nn.Module]:
+    """The pipeline's transformers by name, refused unless they are the family's, of its class, not quantized yet."""
+    names = transformer_names(pipe)
+    if names != list(family.experts):
+        raise Fp8CookbookError(f"the pipeline has transformers {names}, but {family.title} has {list(family.experts)}")
+    models = {n: getattr(pipe, n) for n in names}
+    for n, model in models.items():
+        if type(model).__name__ != family.class_name:
+            raise Fp8CookbookError(f"pipe.{n} is a {type(model).__name__}; {family.title} needs {family.class_name}")
+        if any(True for _ in tensor_quantizers(model)):
+            raise Fp8CookbookError(f"pipe.{n} already holds ModelOpt quantizers: reload the pipeline and quantize once")
+    return models
+
+
+def _chosen_prompts(prompts: list[str] | None, num_prompts: int | None, shipped_default: int) -> list[str]:
+    """The calibration prompts: the shipped file's first `shipped_default`, or the given ones; `num_prompts` cuts."""
+    if prompts is None:
+        prompts = calibration_prompts()
+        default_n = shipped_default
+    else:
+        prompts = [str(p) for p in prompts]
+        default_n = len(prompts)
+        if not prompts or not all(p.strip() for p in prompts):
+            raise Fp8CookbookError("calibration prompts must be a non-empty list of non-empty strings")
+    if num_prompts is None:
+        return prompts[:default_n]
+    if isinstance(num_prompts, bool) or int(num_prompts) != num_prompts or num_prompts < 1:
+        raise Fp8CookbookError(f"num_prompts must be a positive integer, got {num_prompts!r}")
+    if num_prompts > len(prompts):
+        raise Fp8CookbookError(f"{num_prompts} calibration prompts asked for, {len(prompts)} available")
+    return prompts[:num_prompts]
+
+
+def _check_output_dir(output_dir: Path, bases: dict[str, Path | None], overwrite: bool) -> None:
+    """Refuse, before any slow work, an output folder that holds the pipeline's weights or exists unasked."""
+    target = output_dir.resolve()
+    for n, base in bases.items():
+        if base is not None and (target == base or target in base.parents):
+            raise Fp8CookbookError(f"{output_dir}: holds the pipeline's own {n} weights ({base}); choose another folder")
+    if output_dir.exists() and not overwrite:
+        raise Fp8CookbookError(f"{output_dir}: already exists (pass --overwrite / overwrite=True to replace it)")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise Fp8CookbookError(f"{output_dir}: exists and is not a folder")
+
+
+def _write_checkpoints(pipe, family: Family, names: list[str], paths: dict[str, dict[str, Path]],
+                       progress: bool) -> dict[str, ConvertStats]:
+    """Per transformer: the ModelOpt state, the ModelOpt export, then the SGLang checkpoint converted from it."""
+    stats: dict[str, ConvertStats] = {}
+    for n in names:
+        model = getattr(pipe, n)
+        save_modelopt_state(model, paths[n]["state"])
+        export_transformer(model, paths[n]["export"])  # FP8 in place: the model cannot run afterwards
+        stats[n] = convert_checkpoint(paths[n]["export"], paths[n]["fp8"], state_file=paths[n]["state"],
+                                      base_transformer=paths[n]["base"], family=family.name, progress=progress)
+    return stats
+
+
+def _final_paths(paths: dict[str, dict[str, Path]], stats: dict[str, ConvertStats], tmp: Path,
+                 output_dir: Path) -> dict[str, dict[str, Path]]:
+    """The paths as they will be after the rename; the converter's stats files are rewritten to say so."""
+    def final(p: Path) -> Path:
+        return output_dir / p.relative_to(tmp) if p.is_relative_to(tmp) else p
+
+    paths = {n: {k: final(p) for k, p in entry.items()} for n, entry in paths.items()}
+    for n, s in stats.items():  # the converter recorded the temporary folder's paths
+        s.export_dir, s.output_dir = str(paths[n]["export"]), str(paths[n]["fp8"])
+        write_json_atomic(tmp / "fp8" / n / STATS_NAME, asdict(s))
+    return paths
+
+
+def _summary(result: QuantizeResult) -> dict[str, Any]:
+    import modelopt
+
+    from .. import __version__
+
+    def rel(p: Path) -> str:
+        return str(p.relative_to(result.output_dir)) if p.is_relative_to(result.output_dir) else str(p)
+
+    return {
+        "family": result.family,
+        "producer": {"fp8cookbook": __version__, "modelopt": getattr(modelopt, "__version__", None),
+                     "torch": torch.__version__},
+        "quant_cfg": fp8_diffusion_quant_cfg(result.calibration["quantize_mha"]),
+        "calibration": result.calibration,
+        "paths": {n: {k: rel(p) for k, p in entry.items()} for n, entry in result.paths.items()},
+        "convert_stats": {n: asdict(s) for n, s in result.convert_stats.items()},
+        "seconds": round(result.seconds, 3),
+        "peak_memory_mb": round(result.peak_memory_mb, 1),
+        "peak_cuda_memory_mb": result.peak_cuda_memory_mb,
+    }
