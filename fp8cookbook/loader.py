@@ -23,6 +23,7 @@ from .fp8.attention_diffusers import install_fp8_attention
 from .fp8.attention_mode import MIN_KV_TOKENS, AttentionMode
 from .fp8.linear import FP8Linear, fp8_modules, swap_linears
 from .repo import save_fp8_transformer
+from .sglang_names import bf16_decider
 
 OFFLOAD_WARNING = ("{what} disabled for the FP8 transformer: offload rebuilds weights contiguously and loses the "
                    "column-major FP8 weight view that torch._scaled_mm needs; text-encoder and VAE offload stay allowed")
@@ -160,7 +161,8 @@ def _empty_model(path: Path, config: dict, info: QuantInfo, dtype: torch.dtype, 
         with torch.device("meta"):
             return FP8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype=dtype)
 
-    swap_linears(model, lambda m, name: not ignored(name, info.ignore), make)
+    keep_bf16 = bf16_decider(info, class_name)  # SGLang's rule: its runtime names count too
+    swap_linears(model, lambda m, name: not keep_bf16(name), make)
     report.bf16_linear_layers += sum(isinstance(m, nn.Linear) for m in model.modules())  # the ignored ones
     return model
 

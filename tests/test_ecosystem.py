@@ -563,3 +563,12 @@ def test_one_call_load_pipeline(wan_repo, wan_fp8, tmp_path):
     strip_quant_config(wan_fp8["transformer"], unmarked / "transformer")
     with pytest.raises(Fp8CookbookError, match="transformer: .*no quantization_config"):
         fp8cookbook.load_pipeline("wan22", unmarked)
+
+
+def test_inspect_checkpoint_flags_fp8_without_quantization_config(flux1_folders, tmp_path):
+    from fp8cookbook.checkpoint import inspect_checkpoint
+
+    report = inspect_checkpoint(strip_quant_config(flux1_folders["ours"], tmp_path / "bare"))
+    assert report.problems[0].endswith("no quantization_config, but the folder holds 13 FP8 weight(s) and 26 "
+                                       "scale tensor(s)")
+    assert inspect_checkpoint(flux1_folders["base"]).problems == []  # a BF16 folder is not wrong
