@@ -381,11 +381,18 @@ def _quantize(args: argparse.Namespace) -> int:
         family.name, pipe, args.output_dir, prompts=prompts, num_prompts=args.num_prompts,
         num_inference_steps=args.calib_steps, seed=args.seed, height=args.height, width=args.width,
         num_frames=args.frames, guidance_scale=args.guidance, quantize_mha=args.quantize_mha,
-        overwrite=args.overwrite, progress=not args.quiet)
+        overwrite=args.overwrite, progress=not args.quiet, full_repo=args.full_repo, link=args.link)
     print("\n".join(result.lines()))
     fp8 = {name: p["fp8"] for name, p in result.paths.items()}
     for name, path in fp8.items():
         print(f"FP8 checkpoint   {name}: {path}")
+    from .repo import serve_commands
+
+    base = args.model_path or family.hub_id
+    serve = serve_commands(repo=str(result.repo) if result.repo else None, base=base, transformer=str(fp8["transformer"]),
+                           extra_flags=family.sglang_extra_flags)
+    for line in serve:
+        print(f"serve            {line}")
     flags = " ".join(f"--{'candidate' if n == 'transformer' else 'candidate-2'} {p}" for n, p in fp8.items())
     model = f" --model-path {args.model_path}" if args.model_path else ""
     print(f"next             fp8cookbook compare --family {family.name}{model} {flags} --output-dir compare/")
@@ -451,6 +458,7 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
                "  OUTPUT_DIR/export/NAME/   ModelOpt export (export_hf_checkpoint)\n"
                "  OUTPUT_DIR/fp8/NAME/      SGLang FP8 checkpoint: pass it to SGLang's --transformer-path\n"
                "  OUTPUT_DIR/base/NAME/     BF16 weights, only if the pipeline's own transformer folder is not local BF16\n"
+               "  OUTPUT_DIR/repo/          with --full-repo: complete diffusers repo for SGLang's --model-path\n"
                "  OUTPUT_DIR/quantize.json  settings, calibration record, conversion stats, time, peak memory\n\n"
                "examples:\n"
                "  fp8cookbook quantize --family flux1 --output-dir /tmp/flux1-tiny     # tiny pipeline, seconds on CPU\n"
@@ -484,6 +492,13 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--output-dir", required=True, type=Path, help="folder to create (see the layout below)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists (only once all succeeded)")
+    p.add_argument("--full-repo", action="store_true",
+                   help="also write OUTPUT_DIR/repo: a complete diffusers repo (the pipeline's other components, "
+                        "model_index.json, each FP8 transformer in its folder, model card) that `sglang generate "
+                        "--model-path OUTPUT_DIR/repo` serves alone (both Wan2.2 A14B experts)")
+    p.add_argument("--link", default="hardlink", choices=("hardlink", "symlink", "copy"),
+                   help="how --full-repo takes the pipeline's other components (default: hard links, copies across "
+                        "file systems)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -572,3 +572,55 @@ def test_inspect_checkpoint_flags_fp8_without_quantization_config(flux1_folders,
     assert report.problems[0].endswith("no quantization_config, but the folder holds 13 FP8 weight(s) and 26 "
                                        "scale tensor(s)")
     assert inspect_checkpoint(flux1_folders["base"]).problems == []  # a BF16 folder is not wrong
+
+
+def test_convert_refuses_an_fp8_base_and_cards_carry_front_matter(flux1_folders, tmp_path):
+    base = tmp_path / "pipeline" / "transformer"
+    shutil.copytree(flux1_folders["base"], base)
+    (tmp_path / "pipeline" / "README.md").write_text("---\nlicense: other\nlicense_name: flux-1-dev-non-commercial-"
+                                                     "license\n---\n")
+    out = tmp_path / "fp8"
+    convert_checkpoint(flux1_folders["export"], out, base_transformer=base, progress=False)
+    meta = read_card_metadata(out)
+    assert meta["base_model"] == "black-forest-labs/FLUX.1-dev" and meta["library_name"] == "diffusers"
+    assert {"fp8", "modelopt", "sglang"} <= set(meta["tags"])
+    assert meta["license"] == "other" and meta["license_name"] == "flux-1-dev-non-commercial-license"
+    card = (out / "README.md").read_text()
+    assert "--model-path black-forest-labs/FLUX.1-dev --transformer-path" in card
+    assert 'fp8cookbook.load_pipeline("black-forest-labs/FLUX.1-dev", fp8=' in card
+    with pytest.raises(Fp8CookbookError, match="must be the original BF16 one, but it holds FP8"):
+        convert_checkpoint(flux1_folders["export"], tmp_path / "bad", base_transformer=flux1_folders["ours"],
+                           progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_quantize_full_repo_serves_both_experts(tmp_path, capsys, monkeypatch):
+    """`quantize --full-repo`: OUTPUT_DIR/repo holds both FP8 experts and loads as one FP8 pipeline."""
+    import fp8cookbook
+    from fp8cookbook.cli import main
+    from fp8cookbook.pipelines import tiny_pipeline_dir
+
+    monkeypatch.setenv("FP8COOKBOOK_CACHE", str(tmp_path / "cache"))
+    base = tiny_pipeline_dir("wan22")
+    out = tmp_path / "q"
+    assert main(["quantize", "--family", "wan22", "--num-prompts", "1", "--no-quantize-mha", "--output-dir",
+                 str(out), "--full-repo", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"serve            sglang generate --model-path {out / 'repo'} --num-gpus 4" in printed
+    assert f"--transformer-path {out / 'fp8' / 'transformer'}" in printed
+    layout = detect_layout(out / "repo")
+    assert layout.layout == "fp8cookbook-repo" and layout.fp8_components() == ["transformer", "transformer_2"]
+    assert json.loads((out / "quantize.json").read_text())["repo"] == "repo"
+    vae = next((out / "repo" / "vae").glob("*.safetensors"))
+    assert os.stat(vae).st_ino == os.stat(base / "vae" / vae.name).st_ino
+    pipe = fp8cookbook.load_pipeline(out / "repo")
+    assert _fp8_linear_count(pipe.transformer) > 0 and _fp8_linear_count(pipe.transformer_2) > 0
+    # an in-memory pipeline has no folder to take the other components from: refused before calibrating
+    from fp8cookbook.pipelines import build_tiny_pipeline
+    from fp8cookbook.quantize import quantize_pipeline
+
+    with pytest.raises(Fp8CookbookError, match="full_repo needs the pipeline's own folder"):
+        quantize_pipeline("wan22", build_tiny_pipeline("wan22"), tmp_path / "mem", full_repo=True, progress=False)
+    assert not (tmp_path / "mem").exists()
+    with pytest.raises(Fp8CookbookError, match="already holds FP8 layers"):
+        quantize_pipeline("wan22", pipe, tmp_path / "again", progress=False)
