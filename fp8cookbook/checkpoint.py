@@ -562,6 +562,9 @@ def inspect_checkpoint(folder: str | Path) -> InspectReport:
     report = InspectReport(str(folder), config.get("_class_name"), info.quant_algo if info else None)
     ignore = info.rules if info else IgnoreRules()
     report.ignore_patterns = len(ignore)
+    from .sglang_names import bf16_decider  # SGLang's rule: a module's runtime names count too
+
+    keep_bf16 = bf16_decider(info, config.get("_class_name"))
     tensors = scan_tensors(folder)
     report.shards = len({t.file for t in tensors.values()})
     report.total_bytes = sum(t.nbytes for t in tensors.values())
@@ -576,11 +579,11 @@ def inspect_checkpoint(folder: str | Path) -> InspectReport:
             if "_quantizer." in name:
                 report.problems.append(f"{name}: ModelOpt quantizer leftover (SGLang cannot load it)")
             module = module_of(name)
-            if name.endswith(".weight") and len(t.shape) == 2 and ignored(module, ignore):
+            if name.endswith(".weight") and len(t.shape) == 2 and keep_bf16(module):
                 report.ignored_modules += 1
             if name.endswith(".weight") and t.dtype == FP8_DTYPE:
                 report.fp8_layers += 1
-                if ignored(module, ignore):
+                if keep_bf16(module):
                     report.problems.append(f"{name}: FP8 weight in a module that `ignore` keeps BF16")
                 for scale in (WEIGHT_SCALE, INPUT_SCALE):
                     key = f"{module}.{scale}"
@@ -594,7 +597,7 @@ def inspect_checkpoint(folder: str | Path) -> InspectReport:
                 report.bf16_linear_weights += 1
                 dtype = str(t.dtype).replace("torch.", "")
                 report.unquantized_weight_dtypes[dtype] = report.unquantized_weight_dtypes.get(dtype, 0) + 1
-                if not ignored(module, ignore) and info is not None:
+                if not keep_bf16(module) and info is not None:
                     report.problems.append(f"{name}: {t.dtype} weight not covered by `ignore` (SGLang would build an FP8 layer)")
             if name.endswith((f".{WEIGHT_SCALE}", f".{INPUT_SCALE}")):
                 scale = reader.get(name)
@@ -607,6 +610,10 @@ def inspect_checkpoint(folder: str | Path) -> InspectReport:
                     report.problems.append(f"{name}: scale beside a {tensors[f'{module}.weight'].dtype} weight")
     report.weight_scale_range = (min(ws), max(ws)) if ws else None
     report.input_scale_range = (min(xs), max(xs)) if xs else None
+    scales = sum(1 for n in tensors if n.endswith((f".{WEIGHT_SCALE}", f".{INPUT_SCALE}")))
+    if info is None and (report.fp8_layers or scales):  # every reader would take the FP8 codes for BF16 weights
+        report.problems.insert(0, f"{folder / 'config.json'}: no quantization_config, but the folder holds "
+                                  f"{report.fp8_layers} FP8 weight(s) and {scales} scale tensor(s)")
     return report
 
 

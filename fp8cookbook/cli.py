@@ -35,8 +35,28 @@ def _command(name: str):
 @_command("convert")
 def _convert(args: argparse.Namespace) -> int:
     from .convert import base_from_quantize_report, convert_checkpoint
+    from .repo import MODEL_INDEX, convert_repo
     from .stages import StageLog
 
+    if (args.export_dir / MODEL_INDEX).is_file() or args.full_repo:
+        if args.dry_run:
+            raise Fp8CookbookError("--dry-run works on one transformer export, not with a repo or --full-repo")
+        if args.base_transformer is not None:
+            raise Fp8CookbookError("with a repo or --full-repo, give the BF16 pipeline as --base (its component "
+                                   "folders are the base transformers), not --base-transformer")
+        with StageLog().stage("convert", output=args.output_dir):
+            stats = convert_repo(args.export_dir, args.output_dir, base=args.base, component=args.component,
+                                 state_file=args.state_file, full_repo=args.full_repo, link=args.link,
+                                 family=args.family, keep_bf16=args.keep_bf16, overwrite=args.overwrite,
+                                 progress=not args.quiet)
+        print(f"wrote {args.output_dir}" + (" (full diffusers repo)" if args.full_repo else ""))
+        for name, s in stats.items():
+            print(f"  {name}:")
+            for line in s.lines():
+                print("    " + line)
+        return 0
+    if args.base is not None:
+        raise Fp8CookbookError("--base goes with a repo input or --full-repo; for one export use --base-transformer")
     base = args.base_transformer
     if base is None and (base := base_from_quantize_report(args.export_dir)) is not None:
         print(f"base transformer {base} (from quantize.json)")
@@ -56,16 +76,14 @@ def _convert(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- inspect
 @_command("inspect")
 def _inspect(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    from .repo import inspect_path
 
-    from .checkpoint import inspect_checkpoint
-
-    report = inspect_checkpoint(args.checkpoint)
+    lines, data, ok = inspect_path(args.checkpoint)
     if args.json:
-        print(json.dumps(asdict(report), indent=2))
+        print(json.dumps(data, indent=2))
     else:
-        print("\n".join(report.lines()))
-    return 1 if report.problems else 0
+        print("\n".join(lines))
+    return 0 if ok else 1
 
 
 # ------------------------------------------------------------------------------------------------- load
@@ -129,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the amaxes of --state-file) into the FP8 checkpoint folder SGLang loads with "
                                    "--transformer-path. The family's BF16-fallback layers are taken from "
                                    "--base-transformer. Writes to a temporary folder and renames at the end.")
-    p.add_argument("export_dir", type=Path, help="ModelOpt export (the transformer folder, or a pipeline export holding one)")
+    p.add_argument("export_dir", type=Path,
+                   help="ModelOpt export: a transformer folder, or a whole-pipeline export (model_index.json at the "
+                        "top, e.g. nvidia/Wan2.2-T2V-A14B-Diffusers-FP8), whose FP8 components are all converted")
     p.add_argument("output_dir", type=Path, help="folder to create")
     p.add_argument("--state-file", type=Path, help="ModelOpt state (mto.save, e.g. transformer.pt): amaxes for a BF16 export")
     p.add_argument("--base-transformer", type=Path, help="original BF16 transformer folder (diffusers layout), for "
@@ -138,14 +158,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default="auto", help="fallback profile: a family name, 'auto' (from _class_name) or 'none'")
     p.add_argument("--keep-bf16", action="append", default=[], metavar="REGEX",
                    help="also keep modules whose name matches REGEX (re.search, as SGLang's --keep-bf16-pattern) in BF16; repeatable")
+    p.add_argument("--base", metavar="PIPELINE",
+                   help="original BF16 pipeline (folder or cached hub id), for a repo input or --full-repo: its "
+                        "component folders give the fallback layers, its model card the license")
+    p.add_argument("--full-repo", action="store_true",
+                   help="write a complete diffusers repo (model_index.json, every component, each FP8 transformer "
+                        "in its folder, model card) that `sglang generate --model-path OUTPUT_DIR` serves alone")
+    p.add_argument("--component", default="transformer",
+                   help="which component one transformer export is, for --full-repo (default: transformer)")
+    p.add_argument("--link", default="hardlink", choices=("hardlink", "symlink", "copy"),
+                   help="how --full-repo takes the other components: hard links (default; copies across file "
+                        "systems), symbolic links, or copies")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("inspect", help="summarize an FP8 checkpoint; exit 1 if inconsistent",
-                       description="Summarize a checkpoint (dtypes, FP8 layer count, ignore coverage, scale ranges). "
-                                   "Exits 1 when a module in `ignore` holds FP8 tensors, an FP8 weight lacks a scale, "
-                                   "or a scale is not finite and positive.")
+    p = sub.add_parser("inspect", help="summarize an FP8 checkpoint or repo; exit 1 if inconsistent",
+                       description="Summarize a checkpoint (dtypes, FP8 layer count, ignore coverage, scale ranges), "
+                                   "or every component of a diffusers repo. `ignore` is read as SGLang reads it (its "
+                                   "runtime names count). Exits 1 when a module in `ignore` holds FP8 tensors, an FP8 "
+                                   "weight lacks a scale, a scale is not finite and positive, a folder holds FP8 "
+                                   "weights or scales without a quantization_config, or a folder cannot be judged.")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -381,11 +414,19 @@ def _quantize(args: argparse.Namespace) -> int:
         family.name, pipe, args.output_dir, prompts=prompts, num_prompts=args.num_prompts,
         num_inference_steps=args.calib_steps, seed=args.seed, height=args.height, width=args.width,
         num_frames=args.frames, guidance_scale=args.guidance, quantize_mha=args.quantize_mha,
-        overwrite=args.overwrite, progress=not args.quiet, stages=log)
+        overwrite=args.overwrite, progress=not args.quiet, stages=log, full_repo=args.full_repo,
+        link=args.link)
     print("\n".join(result.lines()))
     fp8 = {name: p["fp8"] for name, p in result.paths.items()}
     for name, path in fp8.items():
         print(f"FP8 checkpoint   {name}: {path}")
+    from .repo import serve_commands
+
+    base = args.model_path or family.hub_id
+    serve = serve_commands(repo=str(result.repo) if result.repo else None, base=base, transformer=str(fp8["transformer"]),
+                           extra_flags=family.sglang_extra_flags)
+    for line in serve:
+        print(f"serve            {line}")
     flags = " ".join(f"--{'candidate' if n == 'transformer' else 'candidate-2'} {p}" for n, p in fp8.items())
     model = f" --model-path {args.model_path}" if args.model_path else ""
     print(f"next             fp8cookbook compare --family {family.name}{model} {flags} --output-dir compare/")
@@ -451,6 +492,7 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
                "  OUTPUT_DIR/export/NAME/   ModelOpt export (export_hf_checkpoint)\n"
                "  OUTPUT_DIR/fp8/NAME/      SGLang FP8 checkpoint: pass it to SGLang's --transformer-path\n"
                "  OUTPUT_DIR/base/NAME/     BF16 weights, only if the pipeline's own transformer folder is not local BF16\n"
+               "  OUTPUT_DIR/repo/          with --full-repo: complete diffusers repo for SGLang's --model-path\n"
                "  OUTPUT_DIR/quantize.json  settings, calibration record, conversion stats, time, peak memory\n\n"
                "examples:\n"
                "  fp8cookbook quantize --family flux1 --output-dir /tmp/flux1-tiny     # tiny pipeline, seconds on CPU\n"
@@ -484,6 +526,13 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--output-dir", required=True, type=Path, help="folder to create (see the layout below)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists (only once all succeeded)")
+    p.add_argument("--full-repo", action="store_true",
+                   help="also write OUTPUT_DIR/repo: a complete diffusers repo (the pipeline's other components, "
+                        "model_index.json, each FP8 transformer in its folder, model card) that `sglang generate "
+                        "--model-path OUTPUT_DIR/repo` serves alone (both Wan2.2 A14B experts)")
+    p.add_argument("--link", default="hardlink", choices=("hardlink", "symlink", "copy"),
+                   help="how --full-repo takes the pipeline's other components (default: hard links, copies across "
+                        "file systems)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -244,6 +244,10 @@ def convert_checkpoint(
     base = TensorReader(Path(base_transformer)) if base_transformer else None
     protect_inputs(output_dir, _input_files(export) + (_input_files(base) if base else []))
     if base is not None:
+        coded = [n for n, t in base.index.items() if t.dtype == FP8_DTYPE or n.endswith((f".{WEIGHT_SCALE}", f".{INPUT_SCALE}"))]
+        if coded:  # fallback layers come from here as BF16: FP8 codes would be copied as if they were weights
+            raise Fp8CookbookError(f"{base.folder}: the base transformer must be the original BF16 one, but it holds "
+                                   f"FP8 weights or scales ({coded[0]}, {len(coded)} in all)")
         base_class = read_config(base.folder).get("_class_name")
         if base_class != config.get("_class_name"):
             raise Fp8CookbookError(f"{base.folder / 'config.json'}: _class_name {base_class!r} differs from the export's "
@@ -276,6 +280,7 @@ def convert_checkpoint(
     try:
         with staged_dir(output_dir, overwrite=overwrite, need_bytes=stats.total_bytes + (1 << 20)) as tmp:
             _write(tmp, shards, qconfig, config, stats, attention, progress, export)
+            write_text_atomic(tmp / "README.md", _model_card(config, stats, base_transformer))
             report = inspect_checkpoint(tmp)
             if report.problems:
                 raise Fp8CookbookError(f"{output_dir}: converted checkpoint is inconsistent: {report.problems[0]}"
@@ -420,15 +425,20 @@ def _write(folder: Path, shards: dict[str, list[_Out]], qconfig: dict, config: d
     write_json_atomic(folder / "config.json", out_config, sort_keys=True)
     if attention:
         write_attention_scales(folder, attention)
-    write_text_atomic(folder / "README.md", _model_card(config, stats))
 
 
-def _model_card(config: dict, stats: ConvertStats) -> str:
-    return (
-        f"# FP8 transformer ({config.get('_class_name')})\n\n"
-        "Static per-tensor FP8 (E4M3) weights and activations, converted by fp8cookbook from a NVIDIA ModelOpt export.\n"
-        "Load it in SGLang with `sglang generate --model-path <base model> --transformer-path <this folder>`; keep DiT "
-        "CPU offload and layer-wise offload off.\n\n"
-        f"- FP8 layers: {stats.quantized_weights}\n- BF16 fallback layers: {stats.bf16_fallback_weights}\n"
-        f"- other BF16 weights: {stats.preserved_ignored_weights}\n- family profile: {stats.family}\n"
-    )
+def _model_card(config: dict, stats: ConvertStats, base_transformer: str | Path | None) -> str:
+    """The folder's model card, with Hugging Face front matter; the license is the base model's, when its card (in
+    the base transformer folder or the pipeline folder above it) has one."""
+    from .repo import license_fields, transformer_card
+
+    fam = get_family(stats.family) if stats.family else None
+    license = {}
+    if base_transformer is not None:
+        license = license_fields(base_transformer) or license_fields(Path(base_transformer).parent)
+    return transformer_card(
+        config.get("_class_name"), base_model=fam.hub_id if fam else None, family_title=fam.title if fam else None,
+        license=license, video=bool(fam and fam.is_video), extra_flags=fam.sglang_extra_flags if fam else (),
+        details=[f"FP8 layers: {stats.quantized_weights}", f"BF16 fallback layers: {stats.bf16_fallback_weights}",
+                 f"other BF16 weights: {stats.preserved_ignored_weights}", f"family profile: {stats.family}",
+                 "converted by fp8cookbook from an NVIDIA ModelOpt export"])

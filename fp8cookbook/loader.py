@@ -6,6 +6,7 @@ rule, so both runtimes agree on which layers are FP8), and tensors are read one 
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
@@ -15,12 +16,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import __version__
 from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, QuantInfo, TensorReader,
-                         inspect_checkpoint, read_attention_scales, read_config, read_quant_info)
+                         inspect_checkpoint, quant_config, read_attention_scales, read_config, read_quant_info)
 from .errors import Fp8CookbookError
 from .fp8.attention_diffusers import install_fp8_attention
 from .fp8.attention_mode import DEFAULT_KERNEL, MIN_KV_TOKENS, AttentionMode
 from .fp8.linear import FP8Linear, fp8_modules, swap_linears
+from .repo import save_fp8_transformer
+from .sglang_names import bf16_decider
 
 MAX_CONFIG_INT = 1 << 20  # above every dimension and token count of the supported families
 MAX_LAYERS = 1024  # config keys naming layers or blocks: FLUX.2 has 56, Wan2.2 A14B 40
@@ -127,6 +131,12 @@ def _checked_config(path: Path) -> tuple[dict, QuantInfo]:
     config = read_config(path)
     info = read_quant_info(config, str(path / "config.json"))
     if info is None:
+        from .repo import FP8_UNMARKED, classify_folder
+
+        comp = classify_folder(path)
+        if comp.kind == FP8_UNMARKED:  # never read FP8 codes as BF16 weights
+            raise Fp8CookbookError(f"{path}: {comp.note}; restore the quantization_config (or re-save it with "
+                                   "an FP8 model's save_pretrained)")
         raise Fp8CookbookError(f"{path / 'config.json'}: no quantization_config; not an FP8 checkpoint")
     if info.quant_algo != "FP8":
         raise Fp8CookbookError(f"{path / 'config.json'}: quant_algo is {info.quant_algo!r}, expected 'FP8'")
@@ -163,7 +173,8 @@ def _empty_model(path: Path, config: dict, info: QuantInfo, dtype: torch.dtype, 
         with torch.device("meta"):
             return FP8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype=dtype)
 
-    swap_linears(model, lambda m, name: not info.rules.matches(name), make)
+    keep_bf16 = bf16_decider(info, class_name)  # SGLang's rule: its runtime names count too
+    swap_linears(model, lambda m, name: not keep_bf16(name), make)
     report.bf16_linear_layers += sum(isinstance(m, nn.Linear) for m in model.modules())  # the ignored ones
     return model
 
@@ -237,4 +248,12 @@ def load_fp8_transformer(
         report.fp8_attention_mode = mode.mode
     report.seconds = time.perf_counter() - t0
     model.fp8_load_report = report
+    # `save_pretrained` writes a complete FP8 checkpoint (diffusers' own would drop quantization_config, and every
+    # reader would then take the FP8 codes for BF16 weights)
+    qc = config.get("quantization_config")
+    model.fp8_quantization_config = dict(qc) if isinstance(qc, dict) and "quant_algo" in qc else quant_config(
+        info.ignore, __version__)  # the nested (hf_quant_config) form is saved flat
+    side = path / ATTENTION_SCALES_NAME
+    model.fp8_attention_scales_text = side.read_text() if side.is_file() else None
+    model.save_pretrained = functools.partial(save_fp8_transformer, model)
     return model, report

@@ -102,41 +102,87 @@ def tiny_pipeline_dir(family_name: str, cache_dir: str | Path | None = None) -> 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def load_pipeline(family_name: str, model_path: str | Path | None = None, *, dtype: torch.dtype = torch.bfloat16,
-                  device: str | torch.device = "cpu"):
-    """The family's diffusers pipeline from a local folder or hub id; None means the tiny test pipeline.
+def _family_or_none(name: Any) -> Family | None:
+    """The family a first argument names, or None when it is a folder or a hub id (a folder wins over a name)."""
+    if not isinstance(name, str) or Path(name).expanduser().exists():
+        return None
+    try:
+        return get_family(name)
+    except Fp8CookbookError:
+        return None
 
-    Tiny and real take the same `from_pretrained` path, so what the tests exercise is what users run. The
-    per-step progress bar is off (re-enable with `pipe.set_progress_bar_config(disable=False)`).
+
+def load_pipeline(family_or_source: str | Path | None = None, model_path: str | Path | None = None, *,
+                  fp8: str | Path | dict[str, str | Path] | None = None, dtype: torch.dtype = torch.bfloat16,
+                  device: str | torch.device = "cpu", **fp8_options: Any):
+    """A diffusers pipeline, BF16 or with fp8cookbook's FP8 transformers, in one call.
+
+        load_pipeline("flux1")                                    the tiny test pipeline (BF16)
+        load_pipeline("flux1", "black-forest-labs/FLUX.1-dev")    a family's pipeline from a folder or hub id
+        load_pipeline("black-forest-labs/FLUX.1-dev", fp8=folder) a base plus an FP8 folder, repo or {name: folder}
+        load_pipeline("wan22-fp8-repo")                           a repo with FP8 components (ours, NVIDIA's)
+
+    Any FP8 component (in the source, or given as `fp8`) is loaded by `load_fp8_transformer`
+    (`repo.load_fp8_pipeline`; `fp8_options` are its offload and `fp8_attention` options, DiT offload refused); a
+    component holding FP8 codes without a quantization_config is refused, never loaded as BF16. Tiny and real take
+    the same `from_pretrained` path, so what the tests exercise is what users run. The per-step progress bar is off
+    (re-enable with `pipe.set_progress_bar_config(disable=False)`).
     """
     import diffusers
 
-    family = get_family(family_name)
-    source = str(tiny_pipeline_dir(family.name) if model_path is None else model_path)
+    from .repo import MODEL_INDEX, detect_layout, load_fp8_pipeline
+
+    family = _family_or_none(family_or_source)
+    if family is None:
+        if family_or_source is None:
+            raise Fp8CookbookError("load_pipeline: give a family name, a pipeline folder or a hub id")
+        if model_path is not None:
+            raise Fp8CookbookError(f"load_pipeline({family_or_source!r}, {model_path!r}): {family_or_source!r} is "
+                                   "not a family name; pass the family first, or the pipeline alone")
+        source = str(family_or_source)
+    else:
+        source = str(tiny_pipeline_dir(family.name) if model_path is None else model_path)
     local = Path(source).expanduser()
     absent: dict[str, None] = {}
     if local.exists():
-        index = local / "model_index.json"
-        if not index.is_file():
+        if not (local / MODEL_INDEX).is_file():
             raise Fp8CookbookError(f"{source}: not a diffusers pipeline folder (no model_index.json)")
         try:
-            entries = json.loads(index.read_text())
+            entries = json.loads((local / MODEL_INDEX).read_text())
             class_name = entries.get("_class_name")
         except ValueError as e:
             raise Fp8CookbookError(f"{source}: unreadable model_index.json ({e})") from e
-        if class_name != family.pipeline_class:
+        if family is not None and class_name != family.pipeline_class:
             raise Fp8CookbookError(f"{source}: model_index.json names {class_name}, but {family.title} needs "
                                    f"{family.pipeline_class}")
         source = str(local)
         # Components listed as [null, null] (e.g. a stand-in written with --components) load as None.
         absent = {k: None for k, v in entries.items() if not k.startswith("_") and v == [None, None]}
+        holds_fp8 = bool(detect_layout(local).fp8_components())
     elif not _HUB_ID.fullmatch(source):
-        raise Fp8CookbookError(f"{source}: no such folder (and not a hub id like {family.hub_id})")
-    cls = getattr(diffusers, family.pipeline_class)
+        hint = f" like {family.hub_id}" if family is not None else " like owner/name, nor a family name"
+        raise Fp8CookbookError(f"{source}: no such folder (and not a hub id{hint})")
+    else:
+        holds_fp8, class_name = False, None
+    if fp8 is not None or holds_fp8:
+        return load_fp8_pipeline(source, fp8, dtype=dtype, device=str(device), **fp8_options)
+    if fp8_options:
+        raise Fp8CookbookError(f"load_pipeline: {', '.join(sorted(fp8_options))} apply to FP8 components only, and "
+                               f"{source} has none (pass fp8=<FP8 folder or repo>)")
+    if local.exists():  # a BF16 pipeline; a component with FP8 codes but no quantization_config must not load
+        from .repo import FP8_UNMARKED
+
+        bad = [c for c in detect_layout(local).components.values() if c.kind == FP8_UNMARKED]
+        if bad:
+            raise Fp8CookbookError(f"{local / bad[0].name}: {bad[0].note}")
+    cls = getattr(diffusers, family.pipeline_class if family is not None else str(class_name), None)
+    if cls is None:  # a hub id without a family: let diffusers read model_index.json
+        cls = diffusers.DiffusionPipeline
+    title = family.title if family is not None else cls.__name__
     try:
         pipe = cls.from_pretrained(source, dtype=dtype, **absent)
     except Exception as e:  # noqa: BLE001 - whatever the hub or a broken folder raises, say which path failed
-        raise Fp8CookbookError(f"cannot load {family.title} pipeline from {source}: {e}") from e
+        raise Fp8CookbookError(f"cannot load {title} pipeline from {source}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import Fp8CookbookError
 from ..fp8.fusion_rule import FusionRule
+from ..sglang_names import generic_runtime_names
 
 if TYPE_CHECKING:  # torch loads where a model is built, so the registry (and `fp8cookbook --help`) stay light
     import torch
@@ -82,7 +83,8 @@ class Family:
     forwards_per_step: int = 1  # transformer forwards per denoising step (2: classifier-free guidance batches)
     flow_shift: float | None = None  # the scheduler's static flow shift (None: no shift, i.e. 1.0)
     # Serving with SGLang.
-    sglang_aliases: Callable[[str], list[str]] = field(default=lambda name: [])
+    # the names SGLang's runtime (and its converter's `ignore`) may give a module besides the diffusers one
+    sglang_aliases: Callable[[str], list[str]] = generic_runtime_names
     sglang_extra_flags: tuple[str, ...] = ()
     sglang_memory_flags: tuple[str, ...] = ()  # offload flags so the model fits one 80 GB GPU (SGLang's examples)
     serve_notes: tuple[str, ...] = ()  # printed with the serve command

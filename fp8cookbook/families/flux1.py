@@ -10,6 +10,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from ..fp8.fusion_rule import FusionRule
+from ..sglang_names import GENERIC_RULES, RuntimeRule, runtime_names
 from . import Family, LayerRule, TinySettings, register
 from ._tiny import SEED, clip_tokenizer, flux_vae, t5_tokenizer, tiny_transformer
 
@@ -81,13 +82,17 @@ def flux_sensitive(config: dict) -> tuple[LayerRule, ...]:
     return MODELOPT_FLUX_FILTER
 
 
-def _sglang_aliases(module_name: str) -> list[str]:
-    """SGLang's FLUX.1 runtime names the feed-forward layers differently from diffusers; list both in `ignore`."""
-    for ours, theirs in ((".net.0.proj", ".proj_in"), (".net.2", ".proj_out")):
-        m = re.fullmatch(r"(transformer_blocks\.\d+\.ff(?:_context)?)" + re.escape(ours), module_name)
-        if m:
-            return [m.group(1) + theirs]
-    return []
+# SGLang's runtime names (sglang_names.py): its converter writes `ff.proj_in`/`ff.proj_out` for the image
+# feed-forward; the text-stream FF is listed under both names too (spec section 4), whichever name a runtime uses.
+SGLANG_NAMES: tuple[RuntimeRule, ...] = GENERIC_RULES + (
+    (r"(transformer_blocks\.\d+\.ff_context)\.net\.0\.proj", r"\1.proj_in", "text-stream FF input, runtime name"),
+    (r"(transformer_blocks\.\d+\.ff_context)\.net\.2", r"\1.proj_out", "text-stream FF output, runtime name"),
+)
+
+
+def sglang_aliases(module_name: str) -> list[str]:
+    """The names SGLang may give a FLUX.1 module besides its diffusers one; the converter lists both in `ignore`."""
+    return runtime_names(module_name, SGLANG_NAMES)
 
 
 # ------------------------------------------------------------------------------------------ tiny pipeline
@@ -205,7 +210,7 @@ register(Family(
     tiny_settings=TinySettings(height=64, width=64, num_frames=None, num_inference_steps=3, guidance_scale=3.5),
     num_steps=28,
     guidance_scale=3.5,
-    sglang_aliases=_sglang_aliases,
+    sglang_aliases=sglang_aliases,
     fusion_rules=(FusionRule("FluxSingleTransformerBlock", fuse_block=_fuse_flux1_single_block),
                   FusionRule("FluxAttention", groups=flux_attention_groups)),
 ), "flux", "flux.1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..fp8.fusion_rule import FusionRule
+from ..sglang_names import GENERIC_RULES, RuntimeRule, runtime_names
 from . import Family, InputMaker, LayerRule, TinySettings, register
 from ._tiny import SEED, t5_tokenizer, tiny_transformer
 
@@ -103,6 +104,31 @@ _WAN_A14B = dict(patch_size=[1, 2, 2], num_attention_heads=40, attention_head_di
 _WAN_TINY = dict(_WAN_A14B, num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32,
                  freq_dim=32, ffn_dim=64, num_layers=7, rope_max_seq_len=32)
 
+# SGLang's runtime names (`WanVideoArchConfig.param_names_mapping`): its Wan block holds the self-attention
+# projections directly. `ignore` covers a layer under any of these names (sglang_names.py).
+SGLANG_NAMES: tuple[RuntimeRule, ...] = GENERIC_RULES + (
+    (r"(blocks\.\d+)\.attn1\.(to_[qkv])", r"\1.\2", "self-attention Q/K/V live on the block"),
+    (r"(blocks\.\d+)\.attn1\.to_out\.0", r"\1.to_out", "self-attention output projection"),
+    (r"(blocks\.\d+)\.attn2\.to_out\.0", r"\1.attn2.to_out", "cross-attention output projection"),
+    (r"(blocks\.\d+)\.ffn\.net\.0\.proj", r"\1.ffn.fc_in", "feed-forward input"),
+    (r"(blocks\.\d+)\.ffn\.net\.2", r"\1.ffn.fc_out", "feed-forward output"),
+    (r"condition_embedder\.text_embedder\.linear_1", "condition_embedder.text_embedder.fc_in", "text embedder"),
+    (r"condition_embedder\.text_embedder\.linear_2", "condition_embedder.text_embedder.fc_out", "text embedder"),
+    (r"condition_embedder\.time_embedder\.linear_1", "condition_embedder.time_embedder.mlp.fc_in", "time embedder"),
+    (r"condition_embedder\.time_embedder\.linear_2", "condition_embedder.time_embedder.mlp.fc_out", "time embedder"),
+    (r"condition_embedder\.time_proj", "condition_embedder.time_modulation.linear", "timestep modulation"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj", "condition_embedder.image_embedder.ff.fc_in",
+     "image embedder FF input (I2V)"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.2", "condition_embedder.image_embedder.ff.fc_out",
+     "image embedder FF output (I2V)"),
+)
+
+
+def sglang_aliases(module_name: str) -> list[str]:
+    """The names SGLang's Wan2.2 runtime gives a module besides its diffusers one."""
+    return runtime_names(module_name, SGLANG_NAMES)
+
+
 register(Family(
     name="wan22-a14b",
     title="Wan2.2 T2V-A14B",
@@ -123,6 +149,7 @@ register(Family(
     height=480, width=832, num_frames=81, num_steps=40, guidance_scale=4.0,
     forwards_per_step=2,
     flow_shift=3.0,
+    sglang_aliases=sglang_aliases,
     sglang_extra_flags=("--num-gpus 4", "--ulysses-degree 4"),
     sglang_memory_flags=("--text-encoder-cpu-offload true",),  # UMT5-XXL beside two 14B experts
     fusion_rules=_FUSION,
@@ -145,6 +172,7 @@ register(Family(
     size_multiple=32,  # the Wan2.2 VAE's 16x spatial compression, then the 2x2 patch
     forwards_per_step=2,
     flow_shift=5.0,
+    sglang_aliases=sglang_aliases,
     serve_notes=("TI2V-5B FP8 is not in SGLang's validated ModelOpt matrix (FLUX.1, FLUX.2, Wan2.2-T2V-A14B): check "
                  "the served output against this notebook's comparison",),
     fusion_rules=_FUSION,

@@ -20,6 +20,7 @@ from torch import nn
 from ..checkpoint import STATS_NAME, scan_tensors, write_json_atomic
 from ..convert import ConvertStats, convert_checkpoint, peak_rss_mb
 from ..errors import Fp8CookbookError
+from ..fp8.linear import FP8Linear
 from ..families import Family, get_family
 from ..pipelines import default_tiny_settings, require_components, transformer_names
 from ..stages import StageLog
@@ -40,6 +41,7 @@ class QuantizeResult:
     seconds: float
     peak_memory_mb: float  # CPU: this process's VmHWM (reset at the start where Linux allows)
     peak_cuda_memory_mb: float | None = None  # torch.cuda.max_memory_allocated, when the transformers are on CUDA
+    repo: Path | None = None  # the full diffusers repo (`full_repo=True`): `sglang generate --model-path` alone
 
     def lines(self) -> list[str]:
         c = self.calibration
@@ -56,6 +58,8 @@ class QuantizeResult:
             s = self.convert_stats[name]
             out.append(f"{name:16s} {s.quantized_weights} FP8 layers, {s.bf16_fallback_weights} BF16 fallback, "
                        f"{s.preserved_ignored_weights} other BF16 -> {p['fp8']}")
+        if self.repo is not None:
+            out.append(f"full repo        {self.repo}")
         out.append(f"output           {self.output_dir}")
         out.append(f"time             {self.seconds:.1f} s")
         memory = f"peak memory      {self.peak_memory_mb:.0f} MB CPU (VmHWM)"
@@ -136,7 +140,8 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
                       num_prompts: int | None = None, num_inference_steps: int | None = None, seed: int = 0,
                       height: int | None = None, width: int | None = None, num_frames: int | None = None,
                       guidance_scale: float | None = None, quantize_mha: bool = True, overwrite: bool = False,
-                      progress: bool = True, stages: StageLog | None = None) -> QuantizeResult:
+                      progress: bool = True, stages: StageLog | None = None, full_repo: bool = False,
+                      link: str = "hardlink") -> QuantizeResult:
     """Quantize every transformer of a diffusers pipeline to FP8 with ModelOpt, calibrating on the real pipeline,
     and write each as a ModelOpt state, a ModelOpt export and an SGLang FP8 checkpoint.
 
@@ -163,6 +168,10 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
           fp8/<name>/        SGLang FP8 checkpoint (`convert_checkpoint`): `--transformer-path` for SGLang
           base/<name>/       BF16 weights saved before quantizing, only when the pipeline's own transformer folder
                              (`config._name_or_path`, BF16) is not available; that folder is the base otherwise
+          repo/              only with `full_repo`: a complete diffusers repo (`repo.write_full_repo`): the
+                             pipeline's other components (`link`: hard links, symbolic links or copies), its
+                             model_index.json, each FP8 transformer in its component folder, a model card;
+                             `sglang generate --model-path output_dir/repo` serves it alone
           quantize.json      calibration settings, paths, conversion stats, time and memory
 
     `<name>` is `transformer` (and `transformer_2` for Wan2.2 A14B). The transformers are changed in place and
@@ -184,6 +193,7 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
     output_dir = Path(output_dir).expanduser()
     bases = {n: _local_base(model) for n, model in models.items()}
     _check_output_dir(output_dir, bases, overwrite)
+    repo_base = _repo_base(pipe, link) if full_repo else None  # refused before calibrating, not after
 
     first = next(models[names[0]].parameters())
     _reset_peak_memory(first.device)
@@ -213,6 +223,9 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
         stats = _write_checkpoints(pipe, family, names, paths, progress, stages)
         paths = _final_paths(paths, stats, tmp, output_dir, stages)
         result = QuantizeResult(family.name, output_dir, paths, stats, calibration, 0.0, 0.0)
+        if repo_base is not None:
+            _write_repo(repo_base, pipe, family, names, tmp, link, tiny)
+            result.repo = output_dir / "repo"
         result.seconds = time.perf_counter() - t0
         result.peak_memory_mb = peak_rss_mb()
         if first.device.type == "cuda":
@@ -231,6 +244,29 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
     return result
 
 
+def _repo_base(pipe, link: str) -> Path:
+    """The pipeline's own folder (local, or its hub id in the local cache): a full repo takes its other components."""
+    from ..repo import LINK_MODES, local_pipeline_dir
+
+    if link not in LINK_MODES:
+        raise Fp8CookbookError(f"link must be one of {', '.join(LINK_MODES)}, got {link!r}")
+    source = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    if not source:
+        raise Fp8CookbookError("full_repo needs the pipeline's own folder (load it with from_pretrained / "
+                               "load_pipeline); this pipeline was built in memory")
+    return local_pipeline_dir(source)
+
+
+def _write_repo(base: Path, pipe, family: Family, names: list[str], tmp: Path, link: str, tiny: bool) -> None:
+    from ..repo import write_full_repo
+
+    source = str(getattr(pipe, "name_or_path", "") or "")
+    hub_id = source if not Path(source).expanduser().exists() and "/" in source else None
+    write_full_repo(base, {n: tmp / "fp8" / n for n in names}, tmp / "repo", link=link,
+                    base_model=hub_id or (None if tiny else family.hub_id), family_title=family.title,
+                    video=family.is_video, extra_flags=family.sglang_extra_flags)
+
+
 def _checked_models(family: Family, pipe) -> dict[str, nn.Module]:
     """The pipeline's transformers by name, refused unless they are the family's, of its class, not quantized yet."""
     require_components(pipe, family, "calibration")
@@ -243,6 +279,8 @@ def _checked_models(family: Family, pipe) -> dict[str, nn.Module]:
             raise Fp8CookbookError(f"pipe.{n} is a {type(model).__name__}; {family.title} needs {family.class_name}")
         if any(True for _ in tensor_quantizers(model)):
             raise Fp8CookbookError(f"pipe.{n} already holds ModelOpt quantizers: reload the pipeline and quantize once")
+        if any(isinstance(m, FP8Linear) for m in model.modules()):
+            raise Fp8CookbookError(f"pipe.{n} already holds FP8 layers (an FP8 checkpoint): quantize the BF16 pipeline")
     return models
 
 
@@ -345,6 +383,7 @@ def _summary(result: QuantizeResult) -> dict[str, Any]:
         "quant_cfg": fp8_diffusion_quant_cfg(result.calibration["quantize_mha"]),
         "calibration": result.calibration,
         "paths": {n: {k: rel(p) for k, p in entry.items()} for n, entry in result.paths.items()},
+        "repo": rel(result.repo) if result.repo is not None else None,
         "convert_stats": {n: asdict(s) for n, s in result.convert_stats.items()},
         "seconds": round(result.seconds, 3),
         "peak_memory_mb": round(result.peak_memory_mb, 1),
