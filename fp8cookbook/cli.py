@@ -34,10 +34,12 @@ def _command(name: str):
 # ----------------------------------------------------------------------------------------------- convert
 @_command("convert")
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import base_from_quantize_report, convert_checkpoint
+    from .convert import base_from_quantize_report, convert_checkpoint, protect_inputs
     from .repo import MODEL_INDEX, convert_repo
     from .stages import StageLog
 
+    # first, whatever the layout: an output that is, holds or lies in an input is refused before anything else
+    protect_inputs(args.output_dir, [args.export_dir, args.state_file, args.base_transformer, args.base])
     if (args.export_dir / MODEL_INDEX).is_file() or args.full_repo:
         if args.dry_run:
             raise Fp8CookbookError("--dry-run works on one transformer export, not with a repo or --full-repo")

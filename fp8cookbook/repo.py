@@ -57,6 +57,7 @@ class Component:
     fp8_weights: int = 0
     scale_tensors: int = 0
     note: str = ""
+    error: Fp8CookbookError | None = None  # why an unreadable folder could not be read, to re-raise for one folder
 
     @property
     def is_fp8(self) -> bool:
@@ -105,7 +106,7 @@ def classify_folder(folder: str | Path, name: str = "") -> Component:
         config = read_config(folder)
         info = read_quant_info(config, str(config_path))
     except Fp8CookbookError as e:
-        comp.note = str(e)
+        comp.note, comp.error = str(e), e
         return comp
     comp.class_name = config.get("_class_name") or (config.get("architectures") or [None])[0]
     if not safetensors:
@@ -119,7 +120,7 @@ def classify_folder(folder: str | Path, name: str = "") -> Component:
     try:
         tensors = scan_tensors(folder)
     except Fp8CookbookError as e:
-        comp.note = str(e)
+        comp.note, comp.error = str(e), e
         return comp
     comp.fp8_weights = sum(1 for n, t in tensors.items() if t.dtype == FP8_DTYPE and n.endswith(".weight"))
     comp.scale_tensors = sum(1 for n in tensors if n.endswith((f".{WEIGHT_SCALE}", f".{INPUT_SCALE}")))
@@ -606,8 +607,9 @@ def convert_repo(export: str | Path, output_dir: str | Path, *, base: str | Path
     from dataclasses import asdict
 
     from .checkpoint import write_json_atomic
-    from .convert import convert_checkpoint
+    from .convert import convert_checkpoint, protect_inputs
     from .families import family_for_class
+    from .files import staged_dir
 
     layout = detect_layout(export)
     base_dir = local_pipeline_dir(base) if base is not None else None
@@ -627,13 +629,10 @@ def convert_repo(export: str | Path, output_dir: str | Path, *, base: str | Path
             raise Fp8CookbookError("a full repo from one transformer export needs --base, the BF16 pipeline whose "
                                    "other components it takes")
     output_dir = Path(output_dir).expanduser()
-    if output_dir.exists() and not overwrite:
-        raise Fp8CookbookError(f"{output_dir}: already exists (pass --overwrite to replace it)")
     if link not in LINK_MODES:
         raise Fp8CookbookError(f"link must be one of {', '.join(LINK_MODES)}, got {link!r}")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    protect_inputs(output_dir, [Path(export), *sources.values(), base_dir, state_file])
+    with staged_dir(output_dir, overwrite=overwrite) as stage:
         stats = {}
         for name, src in sources.items():
             base_transformer = base_dir / name if base_dir is not None and (base_dir / name).is_dir() else None
@@ -648,16 +647,12 @@ def convert_repo(export: str | Path, output_dir: str | Path, *, base: str | Path
                             family_title=fam.title if fam else None, video=bool(fam and fam.is_video),
                             extra_flags=fam.sglang_extra_flags if fam else (),
                             license=license_fields(base_dir if base_dir is not None else rest))
-            result = stage / "repo"
-        else:
-            result = stage
-        if output_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            os.replace(output_dir, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(result, output_dir)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+            # the repo is what is published: its FP8 components move in, the per-component folders go
+            for name in sources:
+                shutil.rmtree(stage / name)
+            for entry in (stage / "repo").iterdir():
+                os.replace(entry, stage / entry.name)
+            (stage / "repo").rmdir()
     return stats
 
 
@@ -673,6 +668,10 @@ def inspect_path(path: str | Path) -> tuple[list[str], dict[str, Any], bool]:
     from dataclasses import asdict
 
     layout = detect_layout(path)
+    if not layout.is_repo:  # one folder that cannot be read is an input error (exit 2), as for convert and load
+        for comp in layout.components.values():
+            if comp.error is not None:
+                raise comp.error
     ok = True
     lines = [f"path             {layout.path}", f"layout           {layout.layout}"
              + (f" ({layout.pipeline_class})" if layout.pipeline_class else "")]

@@ -217,7 +217,7 @@ class StageLog:
         oom = is_out_of_memory(failure)
         record.status = "oom" if oom else "error"
         record.error = _first_line(failure)
-        self._finish(record)
+        self.records.append(record)  # not printed: the error itself reaches the user as one line
         if not oom:
             raise failure
         where = "host" if _host_oom(failure) else "GPU"

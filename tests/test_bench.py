@@ -149,8 +149,12 @@ def test_a14b_schedule_uses_both_experts():
 def test_json_written_atomically(tmp_path):
     path = tmp_path / "r.json"
     write_json_atomic(path, {"a": 1})
-    with pytest.raises(TypeError):
-        write_json_atomic(path, {"a": object()})  # fails halfway through serialising
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("cannot be written")
+
+    with pytest.raises(RuntimeError):
+        write_json_atomic(path, {"a": 1, "b": Unprintable()})  # fails halfway through serialising
     assert json.loads(path.read_text()) == {"a": 1}, "a failed write must leave the old report intact"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
