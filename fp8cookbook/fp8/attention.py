@@ -327,40 +327,41 @@ def _triton_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs:
 
 @torch.library.custom_op("fp8cookbook::fp8_attention", mutates_args=())
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
-                  v_scale: torch.Tensor, sm_scale: float, kernel: str = "sage") -> torch.Tensor:
+                  v_scale: torch.Tensor, sm_scale: float, backend: str = "sage") -> torch.Tensor:
     """FP8 attention, (batch, seq, heads, head_dim) in and out; opaque to torch.compile (one custom op).
 
-    On CUDA: the `kernel` asked for when it takes the shape (`pick_kernel`), else Triton's; elsewhere, and for
-    shapes neither kernel takes, the float32 reference.
+    On CUDA: the kernel named by `backend` when it takes the shape (`pick_kernel`), else Triton's; elsewhere, and
+    for shapes neither kernel takes, the float32 reference. (The argument is not called `kernel`: Inductor's
+    fallback lowering passes its own `kernel` argument and fails with "got multiple values for argument 'kernel'".)
     """
     args = (q, k, v, q_scale, k_scale, v_scale, sm_scale)
     on_gpu = fp8_gemm_supported(q.device) and q.dtype in (torch.bfloat16, torch.float16)
-    chosen = pick_kernel(q, k, sm_scale, kernel) if on_gpu else None
+    chosen = pick_kernel(q, k, sm_scale, backend) if on_gpu else None
     if chosen is None:
         return fp8_attention_reference(*args)
     return _CUDA_KERNELS[chosen](*args)
 
 
 @fp8_attention.register_fake
-def _(q, k, v, q_scale, k_scale, v_scale, sm_scale, kernel="sage"):
+def _(q, k, v, q_scale, k_scale, v_scale, sm_scale, backend="sage"):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 @torch.library.custom_op("fp8cookbook::fp8_attention_fp8", mutates_args=())
 def fp8_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_scale: torch.Tensor,
                       k_scale: torch.Tensor, v_scale: torch.Tensor, sm_scale: float,
-                      out_dtype: torch.dtype, kernel: str = "sage") -> torch.Tensor:
+                      out_dtype: torch.dtype, backend: str = "sage") -> torch.Tensor:
     """`fp8_attention` on inputs already quantised (e4m3, the same scales): under torch.compile the quantisation is
     left to Inductor, which fuses it into the kernels that produce Q/K/V (RoPE, norms) instead of separate passes."""
     args = (q8, k8, v8, q_scale, k_scale, v_scale, sm_scale)
-    chosen = pick_kernel(q8, k8, sm_scale, kernel) if fp8_gemm_supported(q8.device) else None
+    chosen = pick_kernel(q8, k8, sm_scale, backend) if fp8_gemm_supported(q8.device) else None
     if chosen is None:
         return _reference_fp8_inputs(*args, out_dtype)
     return _CUDA_KERNELS[chosen](*args, out_dtype=out_dtype)
 
 
 @fp8_attention_fp8.register_fake
-def _(q8, k8, v8, q_scale, k_scale, v_scale, sm_scale, out_dtype, kernel="sage"):
+def _(q8, k8, v8, q_scale, k_scale, v_scale, sm_scale, out_dtype, backend="sage"):
     return torch.empty(q8.shape, dtype=out_dtype, device=q8.device)
 
 
