@@ -142,6 +142,8 @@ def test_peer_side_rebuilds_bf16_and_reports(one_thread, monkeypatch, family):
     text = "\n".join(summary_lines(report))
     assert all(f"vs {peer} (" in text for peer in BOTH) and "on CPU" in text
     json.dumps(report)  # the report stays JSON
+    installed = importlib.util.find_spec("torchao") is not None
+    assert (report["environment"]["torchao"] is not None) == installed
 
 
 # ---------------------------------------------------------------------------------------------------- GPU
@@ -170,3 +172,4 @@ def test_gpu_tiny_bench_with_torchao_peers(tmp_path, capsys):
         assert side["loop_s"]["n"] == 2 and side["peak_memory_gb"] > 0
         block = report["peers"][peer]
         assert block["ms_per_step"] > 0 and block["ours_speedup_vs_peer"] > 0 and block["speedup_vs_bf16"] > 0
+    assert report["environment"]["torchao"] == report["sides"][-1]["peer"]["version"]
