@@ -101,7 +101,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             continue
         loop = side["loop_s"]
         peak = "-" if side.get("peak_memory_gb") is None else f"{side['peak_memory_gb']:.1f}"
-        ran = f"{side['fp8_layers_ran']}/{side['fp8_layers']}" if "fp8_layers" in side else "-"
+        ran = (f"{side['fp8_layers_ran']}/{side['fp8_layers']}" if "fp8_layers" in side else
+               f"{side['peer_layers']}/{side['peer_layers_planned']}" if "peer_layers" in side else "-")
         speed = f"{side['speedup_vs_bf16']:.2f}x" if "speedup_vs_bf16" in side else "-"
         cos = f"{side['first_forward_cosine_vs_bf16']:.6f}" if "first_forward_cosine_vs_bf16" in side else "-"
         lines.append(f"  {side['name']:30s} {loop['median']:10.3f}s [{loop['min']:8.3f}, {loop['max']:8.3f}] "
@@ -110,7 +111,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines.append(f"  FP8 ({report['fp8']}) vs BF16 ({report['bf16']}): {report['speedup']:.2f}x"
                  + (f", peak memory {100 * ratio:.0f}% of BF16" if ratio else ""))
     for name, p in report.get("peers", {}).items():
-        lines.append(f"  ours ({p['ours']}, {p['ours_ms_per_step']:.1f} ms/step) vs {name} ({p['ms_per_step']:.1f} "
-                     f"ms/step, {p['speedup_vs_bf16']:.2f}x BF16's {p['bf16_ms_per_step']:.1f}): "
-                     f"{p['ours_speedup_vs_peer']:.3f}x, on {where}")
+        lines.append(f"  {name}: {p['ms_per_step']:.1f} ms/step, {p['speedup_vs_bf16']:.2f}x BF16 "
+                     f"({p['bf16_ms_per_step']:.1f} ms/step); ours ({p['ours']}, {p['ours_ms_per_step']:.1f} ms/step) "
+                     f"runs at {p['ours_speedup_vs_peer']:.3f}x its speed, on {where}")
     return lines
