@@ -217,7 +217,8 @@ def _bench(args: argparse.Namespace) -> int:
         height=args.height, width=args.width, num_frames=args.frames, steps=args.steps, runs=args.runs,
         warmup=args.warmup, text_len=args.text_len, compile=args.compile, cuda_graphs=args.cuda_graphs,
         fast=False if args.plain else None, levers=args.levers, include_fallback=args.include_fallback,
-        attention_backend=args.attention_backend, fp8_attention=args.fp8_attention, device=args.device)
+        attention_backend=args.attention_backend, fp8_attention=args.fp8_attention, device=args.device,
+        peers=tuple(args.peer.split(",")) if args.peer else ())
     from .stages import StageLog
 
     with StageLog().stage("bench", hint="time fewer --steps, or a smaller --height/--width (--frames)"):
@@ -246,6 +247,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                "  fp8cookbook bench --family flux1 --synthetic tiny --device cpu      # seconds, any machine\n"
                "  fp8cookbook bench --family flux1 --synthetic full --steps 10 --compile --output flux1.json\n"
                "  fp8cookbook bench --family wan22 --synthetic full --steps 2 --runs 2 --levers\n"
+               "  fp8cookbook bench --family flux1 --synthetic full --steps 10 --peer torchao-rowwise,torchao-tensorwise\n"
                "  fp8cookbook bench --family flux1 --model-path black-forest-labs/FLUX.1-dev --fp8 flux1-fp8/",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", required=True, help="model family: flux1, flux2, wan22 (= wan22-a14b), wan22-ti2v-5b")
@@ -282,6 +284,12 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                         "on = every call (bare --fp8-attention); off = none. Synthetic runs calibrate the scales, "
                         "--fp8 uses the checkpoint's --quantize-mha side file. Each side reports its first forward's "
                         "cosine against BF16")
+    p.add_argument("--peer", metavar="PEER[,PEER]",
+                   help="synthetic only: also time another library's FP8 on the layers our FP8 side quantises, each "
+                        "on a fresh BF16 build after our sides, comma-separated: torchao-rowwise, torchao-tensorwise "
+                        "(torchao's Float8DynamicActivationFloat8WeightConfig, PerRow or PerTensor; needs "
+                        "pip install 'fp8cookbook[torchao]' and a CUDA GPU of compute capability >= 8.9). The "
+                        "report gives each peer's ms/step and its ratio to ours and to BF16")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--output", type=Path, metavar="JSON", help="write the full report here (atomically)")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")

@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # GPU benchmark runs behind docs/benchmarks.md, one phase per device call (each fits in 10 minutes).
 #
-#   bash scripts/gpu_bench.sh PHASE [OUT]      PHASE: check | flux1 | flux2 | wan | graphs | attention | wan-attention | flux-attention
+#   bash scripts/gpu_bench.sh PHASE [OUT]      PHASE: check | flux1 | flux2 | wan | graphs | attention | wan-attention | flux-attention | torchao | torchao-flux2
 #
 # Needs: python3 with CUDA torch and Triton; diffusers (and importlib_metadata) as wheels in .whl/ when the machine
 # lacks them. Writes logs and JSON reports to OUT (default: $OUT, else ./outputs/bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phase="${1:?phase: check | flux1 | flux2 | wan | graphs | attention | wan-attention | flux-attention}"
+phase="${1:?phase: check | flux1 | flux2 | wan | graphs | attention | wan-attention | flux-attention | torchao | torchao-flux2}"
 out="${2:-${OUT:-outputs/bench}}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if ! python3 -c "import diffusers" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if [[ "$phase" == torchao* ]] && ! python3 -c "import torchao" 2>/dev/null; then  # the [torchao] extra, from .whl/
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/torchao-*.whl || exit 1
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -63,6 +67,17 @@ log="$out/$phase.log"
       timeout 130 $bench --family flux1 --steps 10 --compile --fp8-attention on --output "$out/flux1-compiled-attn.json"
       timeout 170 $bench --family flux2 --steps 8 --compile --fp8-attention on --output "$out/flux2-compiled-attn.json"
       timeout 100 $bench --family flux2 --steps 8 --fp8-attention on --output "$out/flux2-eager-attn.json"
+      ;;
+    torchao)  # issue 13: torchao's float8 (dynamic activations; per-row and per-tensor weights) on our FP8 layers, FLUX.1
+      python3 -c "import torchao; print('torchao', torchao.__version__)"
+      timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_bench_peers.py
+      timeout 150 $bench --family flux1 --steps 4 --runs 3 --peer torchao-rowwise,torchao-tensorwise --output "$out/flux1-eager-torchao.json"
+      timeout 300 $bench --family flux1 --steps 4 --runs 3 --compile --peer torchao-rowwise,torchao-tensorwise --output "$out/flux1-compiled-torchao.json"
+      ;;
+    torchao-flux2)  # the same for FLUX.2
+      python3 -c "import torchao; print('torchao', torchao.__version__)"
+      timeout 200 $bench --family flux2 --steps 2 --runs 2 --peer torchao-rowwise,torchao-tensorwise --output "$out/flux2-eager-torchao.json"
+      timeout 380 $bench --family flux2 --steps 2 --runs 2 --compile --peer torchao-rowwise,torchao-tensorwise --output "$out/flux2-compiled-torchao.json"
       ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac

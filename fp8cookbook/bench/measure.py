@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import statistics
 import time
@@ -32,6 +33,10 @@ def environment(device: torch.device) -> dict[str, Any]:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    try:  # the --peer library's version, read from its metadata (importing torchao is slow and noisy)
+        env["torchao"] = importlib.metadata.version("torchao")
+    except importlib.metadata.PackageNotFoundError:
+        env["torchao"] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gb=round(props.total_memory / 2**30, 1),

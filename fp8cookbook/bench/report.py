@@ -59,7 +59,28 @@ def finish(report: dict[str, Any], sides: list[dict[str, Any]], s: BenchSettings
                                    if fp8.get("peak_memory_gb") and bf16.get("peak_memory_gb") else None)
     report["fp8_layers"] = fp8.get("fp8_layers")
     report["fp8_layers_ran"] = fp8.get("fp8_layers_ran")
+    for side in sides:
+        side["ms_per_step"] = 1e3 * side["loop_s"]["median"] / len(side["step_s_median"])
+    report["peers"] = _peers(sides, bf16, fp8)
     return report
+
+
+def _peers(sides: list[dict[str, Any]], bf16: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    """Each peer side against BF16 and against our headline FP8 side (and its GEMM-only side when that has FP8
+    attention on top, since the peers change only the GEMMs): ms/step and ratios of loop medians."""
+    gemm = next((x for x in sides if x["name"] == ours["name"].removesuffix("+fp8-attention")), ours)
+    out = {}
+    for peer in (x for x in sides if x["precision"] == "peer"):
+        loop = peer["loop_s"]["median"]
+        entry = {"ms_per_step": peer["ms_per_step"], "bf16_ms_per_step": bf16["ms_per_step"],
+                 "ours": ours["name"], "ours_ms_per_step": ours["ms_per_step"],
+                 "speedup_vs_bf16": bf16["loop_s"]["median"] / loop,
+                 "ours_speedup_vs_peer": loop / ours["loop_s"]["median"],
+                 "layers": peer.get("peer_layers")}
+        if gemm is not ours:
+            entry.update(ours_gemm_only=gemm["name"], ours_gemm_only_speedup_vs_peer=loop / gemm["loop_s"]["median"])
+        out[peer["name"]] = entry
+    return out
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -80,7 +101,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             continue
         loop = side["loop_s"]
         peak = "-" if side.get("peak_memory_gb") is None else f"{side['peak_memory_gb']:.1f}"
-        ran = f"{side['fp8_layers_ran']}/{side['fp8_layers']}" if "fp8_layers" in side else "-"
+        ran = (f"{side['fp8_layers_ran']}/{side['fp8_layers']}" if "fp8_layers" in side else
+               f"{side['peer_layers']}/{side['peer_layers_planned']}" if "peer_layers" in side else "-")
         speed = f"{side['speedup_vs_bf16']:.2f}x" if "speedup_vs_bf16" in side else "-"
         cos = f"{side['first_forward_cosine_vs_bf16']:.6f}" if "first_forward_cosine_vs_bf16" in side else "-"
         lines.append(f"  {side['name']:30s} {loop['median']:10.3f}s [{loop['min']:8.3f}, {loop['max']:8.3f}] "
@@ -88,4 +110,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     ratio = report.get("peak_memory_ratio")
     lines.append(f"  FP8 ({report['fp8']}) vs BF16 ({report['bf16']}): {report['speedup']:.2f}x"
                  + (f", peak memory {100 * ratio:.0f}% of BF16" if ratio else ""))
+    for name, p in report.get("peers", {}).items():
+        lines.append(f"  {name}: {p['ms_per_step']:.1f} ms/step, {p['speedup_vs_bf16']:.2f}x BF16 "
+                     f"({p['bf16_ms_per_step']:.1f} ms/step); ours ({p['ours']}, {p['ours_ms_per_step']:.1f} ms/step) "
+                     f"runs at {p['ours_speedup_vs_peer']:.3f}x its speed, on {where}")
     return lines

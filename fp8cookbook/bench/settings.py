@@ -11,6 +11,7 @@ from ..errors import Fp8CookbookError
 from ..families import Family, get_family
 from ..fp8.attention_mode import AttentionMode
 from ..fp8.linear import FastPathConfig
+from .peers import check_peers, parse_peers
 
 SCHEMA = "fp8cookbook.bench/1"
 _TINY_DEFAULTS = dict(height=64, width=64, num_frames=5, steps=3, runs=2, warmup=1, text_len=8)
@@ -42,6 +43,8 @@ class BenchSettings:
     # kernel: the default, as in the loader), "on" (every call) or "off"
     fp8_attention: str = "auto"
     fp8_attention_threshold: int | None = None  # "auto"'s key count; None: attention_mode.MIN_KV_TOKENS
+    # other FP8 libraries timed on the same layers, each from a fresh BF16 build after our sides (bench/peers.py)
+    peers: tuple[str, ...] = ()
     device: str | None = None
     seed: int = 0
     batch: int = 1
@@ -115,6 +118,10 @@ def resolve_settings(s: BenchSettings) -> tuple[Family, BenchSettings]:
         s.fp8_attention = "off"  # nothing would change: the auto rule needs a CUDA kernel (and scales)
     if s.cuda_graphs and s.synthetic is None:
         raise Fp8CookbookError("--cuda-graphs is for the synthetic benchmark (a pipeline's loop is not captured)")
+    s.peers = parse_peers(s.peers)
+    if s.peers and s.synthetic is None:
+        raise Fp8CookbookError("--peer is for --synthetic (each peer side rebuilds the BF16 weights from the seed)")
+    check_peers(s.peers, device)
     if s.fast is None:
         s.fast = FastPathConfig.from_env().enabled
     return family, s
@@ -134,6 +141,7 @@ class Side:
     cuda_graphs: bool = False
     fp8_attention: str = "off"  # "auto" | "on" | "off", as BenchSettings.fp8_attention
     headline: bool = False  # the FP8 side the report's `speedup` is about
+    peer: str | None = None  # another library's FP8 (bench/peers.py PEERS); precision "peer", none of our levers
 
     def levers(self) -> dict[str, bool]:
         return {"fast": self.fast, "triton_quant": self.triton_quant, "fast_accum": self.fast_accum,
@@ -141,11 +149,12 @@ class Side:
 
 
 def plan_sides(s: BenchSettings) -> list[Side]:
-    """The sides to measure, BF16 first (FP8 is made from it in place), structural changes (fusion) last.
+    """The sides to measure, BF16 first (FP8 is made from it in place), structural changes (fusion), then peers.
 
     The FP8 headline side is the fast path as shipped: one-pass quantisation and fast accumulation always, fused
     projections only under torch.compile, where they pay (in eager mode the strided Q/K/V views they produce cost
     more copies than the fused GEMM saves; docs/benchmarks.md has the numbers). `--plain` makes it the plain path.
+    Peers come last, each on a fresh BF16 build, so adding one leaves our sides measured exactly as without it.
     """
     sides = _plan_gemm_sides(s)
     if s.fp8_attention != "off":  # the most complete FP8 side again, with FP8 attention on top: the headline
@@ -153,6 +162,7 @@ def plan_sides(s: BenchSettings) -> list[Side]:
         sides.append(replace(last, name=f"{last.name}+fp8-attention", fp8_attention=s.fp8_attention, headline=True))
         for side in sides[:-1]:
             side.headline = False
+    sides += [Side(peer, "peer", cuda_graphs=s.cuda_graphs, peer=peer) for peer in s.peers]
     return sides
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import statistics
 import time
 from dataclasses import replace
@@ -21,6 +22,7 @@ from ..fp8.numerics import triton_available
 from ..fp8.quantize import StaticFP8Config, attention_scales, fp8_candidates, quantize_, record_input_amax
 from .measure import (Step, Timer, compile_model, gb, model_bytes, schedule, set_attention_backend,
                       stats, sync, uncompile)
+from .peers import peer_info, quantize_peer
 from .report import finish, report_head
 from .settings import BenchSettings, Side, attention_mode_of, plan_sides
 
@@ -36,9 +38,7 @@ class SyntheticRun:
         self.experts = list(dict.fromkeys(st.expert for st in self.steps))
         self.cfg = family.forwards_per_step
         self.models: dict[str, nn.Module] = {}
-        for i, name in enumerate(self.experts):
-            self.models[name] = build_transformer(family, s.synthetic, seed=s.seed + i, device=self.device)
-            set_attention_backend(self.models[name], s.attention_backend)
+        self.build_models()
         config = dict(next(iter(self.models.values())).config)
         g = torch.Generator().manual_seed(s.seed)
         self.inputs = family.make_inputs(config, height=s.height, width=s.width, num_frames=s.num_frames,
@@ -51,6 +51,13 @@ class SyntheticRun:
                   for st in self.steps]
         self.graphs: dict[str, CudaGraphForward] = {}
         self.reference_output: torch.Tensor | None = None  # the BF16 side's first forward, the quality reference
+
+    def build_models(self) -> None:
+        """The BF16 models from the seed (the same weights every time: peer sides start from a rebuild)."""
+        for i, name in enumerate(self.experts):
+            self.models[name] = build_transformer(self.family, self.s.synthetic, seed=self.s.seed + i,
+                                                  device=self.device)
+            set_attention_backend(self.models[name], self.s.attention_backend)
 
     def kwargs(self, step: Step, x: torch.Tensor, negative: bool = False) -> dict[str, Any]:
         kw = dict(self.inputs, hidden_states=x, timestep=self.t[step.index])
@@ -107,7 +114,9 @@ class SyntheticRun:
                 if not bool(torch.isfinite(a)):
                     amax[name] = torch.ones_like(a)
                     self.nonfinite_amax += 1
-        return {e: sorted(a) for e, a in self.amax.items()}
+        # the layers `to_fp8` swaps (each calibrated candidate), which the peers quantise too
+        self.fp8_layer_names = {e: sorted(a) for e, a in self.amax.items()}
+        return self.fp8_layer_names
 
     def to_fp8(self) -> int:
         n = 0
@@ -116,6 +125,23 @@ class SyntheticRun:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return n
+
+    def to_peer(self, peer: str) -> dict[str, Any]:
+        """Free the current models, rebuild BF16 from the seed, and let the peer quantise our FP8 layers."""
+        t0 = time.perf_counter()
+        self.models.clear()
+        self.graphs = {}
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.build_models()
+        sync(self.device)
+        t1 = time.perf_counter()
+        layers = sum(quantize_peer(m, peer, self.fp8_layer_names[e]) for e, m in self.models.items())
+        sync(self.device)
+        return {"peer": peer_info(peer), "peer_layers": layers,
+                "peer_layers_planned": sum(len(v) for v in self.fp8_layer_names.values()),
+                "rebuild_wall_s": t1 - t0, "convert_wall_s": time.perf_counter() - t1}
 
     @torch.no_grad()
     def count_fp8(self) -> dict[str, Any]:
@@ -221,6 +247,8 @@ class SyntheticRun:
         dev = self.device
         out: dict[str, Any] = {"name": side.name, "precision": side.precision, "levers": side.levers(),
                                "headline": side.headline}
+        if side.peer is not None:
+            out.update(self.to_peer(side.peer))
         self._set_fast_path(side, out)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
