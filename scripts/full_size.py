@@ -86,8 +86,8 @@ def disk_estimate(family_name: str, size: str, layers: int | None, stages: list[
     need = 0
     if "quantize" in stages:
         need += int(2.2 * bf16)
-    if "convert" in stages:  # one expert's second FP8 copy, then its `cp`, each removed after its stage
-        need += int(0.6 * bf16 / len(fam.experts))
+    if "convert" in stages:  # the second FP8 copy replaces the first; `cp` holds one shard at a time
+        need += int(0.1 * bf16)
     return need
 
 
@@ -183,10 +183,18 @@ def main(argv: list[str] | None = None) -> int:
             for n in experts:
                 export, copy = args.work / "quantize" / "export" / n, args.work / "cp" / n
                 again = args.work / "convert" / n
+                # the quantize stage's checkpoint makes room for the copies; the one converted again replaces it
+                if n in fp8_paths:
+                    shutil.rmtree(fp8_paths[n])
                 with log.stage(f"cp-{n}", output=copy) as r:
-                    copy.parent.mkdir(parents=True, exist_ok=True)
-                    r.extra["seconds_cp"] = _timed_command(["cp", "-r", str(export), str(copy)])
-                    r.extra["read_gb_per_s"] = tree_bytes([export]) / 1e9 / max(r.extra["seconds_cp"], 1e-9)
+                    # one file at a time, each copy removed once timed: the disk never holds a third full copy
+                    copy.mkdir(parents=True, exist_ok=True)
+                    seconds = 0.0
+                    for f in sorted(p for p in export.iterdir() if p.is_file()):
+                        seconds += _timed_command(["cp", str(f), str(copy / f.name)])
+                        (copy / f.name).unlink()
+                    r.extra["seconds_cp"] = seconds
+                    r.extra["read_gb_per_s"] = tree_bytes([export]) / 1e9 / max(seconds, 1e-9)
                 shutil.rmtree(copy)
                 with log.stage(f"convert-{n}", output=again) as r:
                     stats = convert_checkpoint(export, again, state_file=args.work / "quantize" / f"{n}.pt",
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                                                family=fam.name, progress=False)
                     r.extra["read_gb_per_s"] = tree_bytes([export]) / 1e9 / max(stats.seconds, 1e-9)
                     r.extra["converter_peak_rss_mb"] = stats.peak_rss_mb
-                shutil.rmtree(again)
+                fp8_paths[n] = again
                 save()
 
         loaded: dict[str, torch.nn.Module] = {}
