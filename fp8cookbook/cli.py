@@ -95,8 +95,10 @@ def _load(args: argparse.Namespace) -> int:
     from .fp8.attention_diffusers import count_fp8_attention_calls
     from .fp8.linear import count_fp8_calls
     from .loader import load_fp8_transformer
+    from .params import require_device
     from .stages import StageLog
 
+    require_device(args.device, "--device")
     log = StageLog()
     with log.stage("load", hint="load with --device cpu, or free the GPU"):
         model, report = load_fp8_transformer(args.checkpoint, device=args.device, fp8_attention=args.fp8_attention)
@@ -296,6 +298,7 @@ def _compare(args: argparse.Namespace) -> int:
     from .compare import (Thresholds, compare_trajectories, default_prompt, default_thresholds, load_transformer,
                           write_outputs)
     from .families import get_family
+    from .params import require_device
     from .pipelines import default_tiny_settings, load_pipeline
     from .stages import StageLog
     from .workflow import resolve_dtype
@@ -303,7 +306,7 @@ def _compare(args: argparse.Namespace) -> int:
     family = get_family(args.family)
     if "transformer_2" not in family.experts and (args.candidate_2 or args.reference_2):
         raise Fp8CookbookError(f"{family.title} has one transformer; --candidate-2/--reference-2 apply to Wan2.2 A14B")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = require_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     dtype = resolve_dtype(args.dtype, device)  # the notebooks' rule: float32 on CPU, bfloat16 on CUDA
     load_to = "cpu" if args.offload_idle else device
     log = StageLog()
@@ -387,6 +390,7 @@ def _quantize(args: argparse.Namespace) -> int:
     import torch
 
     from .families import get_family
+    from .params import require_device
     from .pipelines import load_pipeline
     from .quantize import calibration_prompts, require_modelopt, quantize_pipeline
     from .stages import StageLog
@@ -398,12 +402,10 @@ def _quantize(args: argparse.Namespace) -> int:
         raise Fp8CookbookError(f"{family.title} makes images: --frames applies to the Wan2.2 families")
     if args.output_dir.exists() and not args.overwrite:
         raise Fp8CookbookError(f"{args.output_dir}: already exists (pass --overwrite to replace it)")
+    device = require_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script inside ModelOpt's import
         require_modelopt()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise Fp8CookbookError(f"--device {device}: CUDA is not available here (use --device cpu)")
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
 

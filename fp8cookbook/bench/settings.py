@@ -101,8 +101,9 @@ def resolve_settings(s: BenchSettings) -> tuple[Family, BenchSettings]:
         device = torch.device(s.device)
     except (RuntimeError, ValueError):
         raise Fp8CookbookError(f"--device: not a torch device: {s.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Fp8CookbookError(f"--device {s.device}: CUDA is not available on this machine")
+    from ..params import require_device
+
+    require_device(s.device, "--device")
     if s.cuda_graphs and device.type != "cuda":
         raise Fp8CookbookError("--cuda-graphs needs a CUDA device")
     if s.include_fallback and s.synthetic is None:
