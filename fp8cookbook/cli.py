@@ -252,8 +252,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--synthetic", choices=["full", "tiny"],
                    help="random weights of the family's transformer: 'full' size (timing) or 'tiny' (CPU, seconds)")
     p.add_argument("--model-path", help="instead of --synthetic: a BF16 diffusers pipeline (folder or hub id)")
-    p.add_argument("--fp8", help="with --model-path: FP8 checkpoint folder (or one holding transformer/, "
-                                 "transformer_2/); without it the pipeline's transformer is quantised in-process")
+    p.add_argument("--fp8", help="FP8 checkpoint folder (or one holding transformer/, transformer_2/) for the "
+                                 "--model-path pipeline (default: the tiny test pipeline at its small settings, as "
+                                 "quantize and compare); a --model-path without it is quantised in-process")
     p.add_argument("--height", help="image/video height (default: the family's, 64 with --synthetic tiny)")
     p.add_argument("--width", help="image/video width (default: the family's, 64 with --synthetic tiny)")
     p.add_argument("--frames", help="video frames, 4k+1 (Wan2.2 only; default 81 or 121, 5 with tiny)")
