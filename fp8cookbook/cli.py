@@ -327,7 +327,7 @@ def _compare(args: argparse.Namespace) -> int:
             pipe, reference, candidate, family=family, prompt=args.prompt or default_prompt(family), seed=args.seed,
             height=pick(args.height, "height"), width=pick(args.width, "width"),
             num_frames=pick(args.frames, "num_frames"), steps=pick(args.steps, "num_inference_steps"),
-            guidance_scale=pick(args.guidance, "guidance_scale"), progress=not args.quiet,
+            guidance_scale=pick(args.guidance, "guidance_scale"), progress=not args.quiet and not tiny,
             offload_idle=args.offload_idle)
     defaults = default_thresholds(family)  # the notebooks' bounds, unless set here
     thresholds = Thresholds(**{k: (v if getattr(args, k) is None else getattr(args, k))
@@ -411,13 +411,14 @@ def _quantize(args: argparse.Namespace) -> int:
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
 
     log = StageLog()  # one line per step (time, peak memory, bytes written); also in quantize.json
-    with _progress_bars(not args.quiet), log.stage("load", hint="load on --device cpu (--dtype bfloat16)"):
+    with log.stage("load", hint="load on --device cpu (--dtype bfloat16)"):
         pipe = load_pipeline(family.name, args.model_path, dtype=dtype, device=device)
     result = quantize_pipeline(
         family.name, pipe, args.output_dir, prompts=prompts, num_prompts=args.num_prompts,
         num_inference_steps=args.calib_steps, seed=args.seed, height=args.height, width=args.width,
         num_frames=args.frames, guidance_scale=args.guidance, quantize_mha=args.quantize_mha,
-        overwrite=args.overwrite, progress=not args.quiet, stages=log, full_repo=args.full_repo,
+        overwrite=args.overwrite, progress=not args.quiet and args.model_path is not None, stages=log,
+        full_repo=args.full_repo,
         link=args.link)
     print("\n".join(result.lines()))
     fp8 = {name: p["fp8"] for name, p in result.paths.items()}
@@ -436,26 +437,6 @@ def _quantize(args: argparse.Namespace) -> int:
     if args.quantize_mha:
         print("FP8 attention    scales written; the loader uses them on a GPU (--fp8-attention on|off to choose)")
     return 0
-
-
-@contextlib.contextmanager
-def _progress_bars(enabled: bool):
-    """diffusers' and transformers' loading bars off for --quiet, restored afterwards (main() may run in-process)."""
-    if enabled:
-        yield
-        return
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    states = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
-    for lib, _ in states:
-        lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib, was_enabled in states:
-            if was_enabled:
-                lib.enable_progress_bar()
 
 
 def _positive_int(text: str) -> int:
@@ -667,13 +648,28 @@ def _one_line(text: str) -> str:
     return " ".join(text.split("\n")).strip()
 
 
+# Commands that import diffusers/transformers: their output goes through console.command_output (inspect and
+# families stay fast and import neither). Loading bars are for long work: a real --model-path, a notebook, a stand-in.
+_THIRD_PARTY = ("quantize", "compare", "bench", "load", "run", "standin")
+
+
+def _output(args: argparse.Namespace):
+    if args.command not in _THIRD_PARTY:
+        return contextlib.nullcontext()
+    from .console import command_output
+
+    long_work = args.command in ("run", "standin") or getattr(args, "model_path", None) is not None
+    return command_output(quiet=bool(getattr(args, "quiet", False)), bars=long_work)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
-            return COMMANDS[args.command](args)
+            with _output(args):
+                return COMMANDS[args.command](args)
     except Fp8CookbookError as e:
         print(f"fp8cookbook {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
