@@ -37,17 +37,24 @@ def progress_style(progress: bool) -> Literal["bar", "lines", "off"]:
     return "bar" if interactive() else "lines"
 
 
+LINE_SECONDS = 5.0  # at most one progress line this often: work that ends sooner prints none
+
+
 class ProgressLines:
-    """Plain `DESC i/N (s)` lines on stderr for logs: about ten per loop, and always the last one."""
+    """Plain `DESC i/N (s)` lines on stderr for logs: one every LINE_SECONDS at most, and the last one once any was
+    printed; so short work (a tiny model) prints nothing and an hour's calibration a line every few seconds."""
 
     def __init__(self, desc: str, total: int):
-        self.desc, self.total, self.t0 = desc, max(int(total), 1), time.perf_counter()
-        self.every = max(1, self.total // 10)
+        self.desc, self.total = desc, max(int(total), 1)
+        self.t0 = self.last = time.perf_counter()
+        self.printed = False
 
     def __call__(self, done: int) -> None:
-        if done == self.total or done % self.every == 0:
-            print(f"{self.desc} {done}/{self.total} ({time.perf_counter() - self.t0:.1f} s)", file=sys.stderr,
-                  flush=True)
+        now = time.perf_counter()
+        if now - self.last < LINE_SECONDS and not (done >= self.total and self.printed):
+            return
+        print(f"{self.desc} {done}/{self.total} ({now - self.t0:.1f} s)", file=sys.stderr, flush=True)
+        self.last, self.printed = now, True
 
 
 @contextlib.contextmanager

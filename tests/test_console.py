@@ -50,10 +50,13 @@ def test_bench_normal_output_has_no_third_party_noise():
     assert not noisy and proc.stderr == "", noisy or proc.stderr
 
 
-def test_long_work_in_a_log_gets_plain_progress_lines(tmp_path, tiny_cache_env, capsys):
-    """Not a terminal (capsys): the denoising loops print `reference step i/N` lines, no bars."""
+def test_long_work_in_a_log_gets_plain_progress_lines(tmp_path, tiny_cache_env, capsys, monkeypatch):
+    """Not a terminal (capsys): the denoising loops print `reference step i/N` lines, no bars (a line at most every
+    LINE_SECONDS: 0 here, so the tiny model's steps count as long work)."""
+    from fp8cookbook import console
     from fp8cookbook.pipelines import tiny_pipeline_dir
 
+    monkeypatch.setattr(console, "LINE_SECONDS", 0.0)
     folder = tiny_pipeline_dir("flux1")  # given as --model-path: a real pipeline's settings, long work
     rc = main(["compare", "--family", "flux1", "--model-path", str(folder), "--candidate",
                str(folder / "transformer"), "--output-dir", str(tmp_path / "c"), "--steps", "3", "--height", "64",
@@ -62,6 +65,22 @@ def test_long_work_in_a_log_gets_plain_progress_lines(tmp_path, tiny_cache_env, 
     assert rc == 0, err
     assert "reference step 3/3" in err and "candidate step 3/3" in err, err
     assert "\r" not in err and "it/s" not in err, err
+
+
+def test_progress_lines_are_throttled(capsys, monkeypatch):
+    """A line at most every LINE_SECONDS and the last one once any was printed; quick work prints none."""
+    from fp8cookbook import console
+
+    def run(total: int, times: list[float]) -> list[str]:
+        clock = iter(times)
+        monkeypatch.setattr(console.time, "perf_counter", lambda: next(clock))
+        lines = console.ProgressLines("calibrate prompt", total)  # the first time is its start
+        for done in range(1, total + 1):
+            lines(done)
+        return capsys.readouterr().err.splitlines()
+
+    assert run(4, [0.0, 1.0, 2.0, 6.0, 7.0]) == ["calibrate prompt 3/4 (6.0 s)", "calibrate prompt 4/4 (7.0 s)"]
+    assert run(3, [0.0, 0.1, 0.2, 0.3]) == []
 
 
 def test_levels_are_restored_after_a_command(handmade, tmp_path, capsys):
