@@ -276,7 +276,7 @@ def _transformer_output(family_name: str, model: torch.nn.Module) -> torch.Tenso
     family = get_family(family_name)
     inputs = family.make_inputs(dict(model.config), height=32, width=32, num_frames=5 if family.is_video else None,
                                 text_len=8, dtype=next(model.parameters()).dtype,
-                                generator=torch.Generator().manual_seed(0))
+                                device=next(model.parameters()).device, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return model(**inputs)[0]
 
@@ -307,3 +307,18 @@ def test_callers_pipeline_is_left_as_it_was(name, fails, tmp_path):
         assert torch.equal(_transformer_output(name, model), outputs[e])
     again = quantize_pipeline(name, pipe, tmp_path / "again", num_prompts=1, progress=False)  # "already holds
     _check_fp8_folders(again, name)  # ModelOpt quantizers: reload the pipeline" before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_callers_pipeline_back_on_its_gpu(tmp_path):
+    """On a GPU the originals wait on the CPU while the copy calibrates, and come back to the GPU unchanged."""
+    pipe = load_pipeline("flux1", device="cuda")
+    own = pipe.transformer
+    before = {k: v.clone() for k, v in own.state_dict().items()}
+    output = _transformer_output("flux1", own)
+    _check_fp8_folders(quantize_pipeline("flux1", pipe, tmp_path / "out", num_prompts=1, progress=False), "flux1")
+    assert pipe.transformer is own and next(own.parameters()).device.type == "cuda"
+    assert not any(_is_modelopt(m) for m in own.modules())
+    assert all(torch.equal(own.state_dict()[k], v) for k, v in before.items())
+    assert torch.equal(_transformer_output("flux1", own), output)
