@@ -97,8 +97,10 @@ def _load(args: argparse.Namespace) -> int:
     from .fp8.attention_diffusers import count_fp8_attention_calls
     from .fp8.linear import count_fp8_calls
     from .loader import load_fp8_transformer
+    from .params import require_device
     from .stages import StageLog
 
+    require_device(args.device, "--device")
     log = StageLog()
     with log.stage("load", hint="load with --device cpu, or free the GPU"):
         model, report = load_fp8_transformer(args.checkpoint, device=args.device, fp8_attention=args.fp8_attention)
@@ -254,8 +256,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--synthetic", choices=["full", "tiny"],
                    help="random weights of the family's transformer: 'full' size (timing) or 'tiny' (CPU, seconds)")
     p.add_argument("--model-path", help="instead of --synthetic: a BF16 diffusers pipeline (folder or hub id)")
-    p.add_argument("--fp8", help="with --model-path: FP8 checkpoint folder (or one holding transformer/, "
-                                 "transformer_2/); without it the pipeline's transformer is quantised in-process")
+    p.add_argument("--fp8", help="FP8 checkpoint folder (or one holding transformer/, transformer_2/) for the "
+                                 "--model-path pipeline (default: the tiny test pipeline at its small settings, as "
+                                 "quantize and compare); a --model-path without it is quantised in-process")
     p.add_argument("--height", help="image/video height (default: the family's, 64 with --synthetic tiny)")
     p.add_argument("--width", help="image/video width (default: the family's, 64 with --synthetic tiny)")
     p.add_argument("--frames", help="video frames, 4k+1 (Wan2.2 only; default 81 or 121, 5 with tiny)")
@@ -306,6 +309,7 @@ def _compare(args: argparse.Namespace) -> int:
     from .compare import (Thresholds, compare_trajectories, default_prompt, default_thresholds, load_transformer,
                           write_outputs)
     from .families import get_family
+    from .params import require_device
     from .pipelines import default_tiny_settings, load_pipeline
     from .stages import StageLog
     from .workflow import resolve_dtype
@@ -313,7 +317,7 @@ def _compare(args: argparse.Namespace) -> int:
     family = get_family(args.family)
     if "transformer_2" not in family.experts and (args.candidate_2 or args.reference_2):
         raise Fp8CookbookError(f"{family.title} has one transformer; --candidate-2/--reference-2 apply to Wan2.2 A14B")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = require_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     dtype = resolve_dtype(args.dtype, device)  # the notebooks' rule: float32 on CPU, bfloat16 on CUDA
     load_to = "cpu" if args.offload_idle else device
     log = StageLog()
@@ -333,7 +337,7 @@ def _compare(args: argparse.Namespace) -> int:
             pipe, reference, candidate, family=family, prompt=args.prompt or default_prompt(family), seed=args.seed,
             height=pick(args.height, "height"), width=pick(args.width, "width"),
             num_frames=pick(args.frames, "num_frames"), steps=pick(args.steps, "num_inference_steps"),
-            guidance_scale=pick(args.guidance, "guidance_scale"), progress=not args.quiet,
+            guidance_scale=pick(args.guidance, "guidance_scale"), progress=not args.quiet and not tiny,
             offload_idle=args.offload_idle)
     defaults = default_thresholds(family)  # the notebooks' bounds, unless set here
     thresholds = Thresholds(**{k: (v if getattr(args, k) is None else getattr(args, k))
@@ -397,6 +401,7 @@ def _quantize(args: argparse.Namespace) -> int:
     import torch
 
     from .families import get_family
+    from .params import require_device
     from .pipelines import load_pipeline
     from .quantize import calibration_prompts, require_modelopt, quantize_pipeline
     from .stages import StageLog
@@ -408,23 +413,22 @@ def _quantize(args: argparse.Namespace) -> int:
         raise Fp8CookbookError(f"{family.title} makes images: --frames applies to the Wan2.2 families")
     if args.output_dir.exists() and not args.overwrite:
         raise Fp8CookbookError(f"{args.output_dir}: already exists (pass --overwrite to replace it)")
+    device = require_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script inside ModelOpt's import
         require_modelopt()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise Fp8CookbookError(f"--device {device}: CUDA is not available here (use --device cpu)")
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
 
     log = StageLog()  # one line per step (time, peak memory, bytes written); also in quantize.json
-    with _progress_bars(not args.quiet), log.stage("load", hint="load on --device cpu (--dtype bfloat16)"):
+    with log.stage("load", hint="load on --device cpu (--dtype bfloat16)"):
         pipe = load_pipeline(family.name, args.model_path, dtype=dtype, device=device)
     result = quantize_pipeline(
         family.name, pipe, args.output_dir, prompts=prompts, num_prompts=args.num_prompts,
         num_inference_steps=args.calib_steps, seed=args.seed, height=args.height, width=args.width,
         num_frames=args.frames, guidance_scale=args.guidance, quantize_mha=args.quantize_mha,
-        overwrite=args.overwrite, progress=not args.quiet, stages=log, full_repo=args.full_repo,
+        overwrite=args.overwrite, progress=not args.quiet and args.model_path is not None, stages=log,
+        full_repo=args.full_repo,
         link=args.link)
     print("\n".join(result.lines()))
     fp8 = {name: p["fp8"] for name, p in result.paths.items()}
@@ -443,26 +447,6 @@ def _quantize(args: argparse.Namespace) -> int:
     if args.quantize_mha:
         print("FP8 attention    scales written; the loader uses them on a GPU (--fp8-attention on|off to choose)")
     return 0
-
-
-@contextlib.contextmanager
-def _progress_bars(enabled: bool):
-    """diffusers' and transformers' loading bars off for --quiet, restored afterwards (main() may run in-process)."""
-    if enabled:
-        yield
-        return
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    states = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
-    for lib, _ in states:
-        lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib, was_enabled in states:
-            if was_enabled:
-                lib.enable_progress_bar()
 
 
 def _positive_int(text: str) -> int:
@@ -674,13 +658,28 @@ def _one_line(text: str) -> str:
     return " ".join(text.split("\n")).strip()
 
 
+# Commands that import diffusers/transformers: their output goes through console.command_output (inspect and
+# families stay fast and import neither). Loading bars are for long work: a real --model-path, a notebook, a stand-in.
+_THIRD_PARTY = ("quantize", "compare", "bench", "load", "run", "standin")
+
+
+def _output(args: argparse.Namespace):
+    if args.command not in _THIRD_PARTY:
+        return contextlib.nullcontext()
+    from .console import command_output
+
+    long_work = args.command in ("run", "standin") or getattr(args, "model_path", None) is not None
+    return command_output(quiet=bool(getattr(args, "quiet", False)), bars=long_work)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
-            return COMMANDS[args.command](args)
+            with _output(args):
+                return COMMANDS[args.command](args)
     except Fp8CookbookError as e:
         print(f"fp8cookbook {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2

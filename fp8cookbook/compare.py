@@ -301,14 +301,19 @@ def _check_compatible(side: str, name: str, own: nn.Module, module: nn.Module, f
 def _run(pipe, modules: dict[str, nn.Module], kwargs: dict[str, Any], label: str, progress: bool,
          on_step: Callable[[int, torch.Tensor], None]) -> tuple[np.ndarray, list[dict[str, Any]], float, dict[str, dict]]:
     """One generation with `modules` swapped in; restores the pipeline's own components and progress settings."""
+    from .console import ProgressLines, progress_style
     from .fp8.linear import count_fp8_calls
 
+    style = progress_style(progress)
+    lines = ProgressLines(f"{label} step", kwargs["num_inference_steps"]) if style == "lines" else None
     own = {name: getattr(pipe, name) for name in modules}
     active: set[str] = set()
     meta: list[dict[str, Any]] = []
 
     def callback(_pipe, i: int, t, tensors: dict[str, torch.Tensor]) -> dict:
         on_step(i, tensors["latents"])
+        if lines is not None:
+            lines(i + 1)
         meta.append({"step": int(i), "timestep": float(t), "experts": sorted(active)})
         active.clear()
         return {}
@@ -322,7 +327,7 @@ def _run(pipe, modules: dict[str, nn.Module], kwargs: dict[str, Any], label: str
             stack.callback(handle.remove)
         ran = {name: stack.enter_context(count_fp8_calls(module)) for name, module in modules.items()}
         stack.callback(setattr, pipe, "_progress_bar_config", saved_bar)
-        pipe.set_progress_bar_config(**{**saved_bar, "disable": not progress, "desc": label})
+        pipe.set_progress_bar_config(**{**saved_bar, "disable": style != "bar", "desc": label})
         t0 = time.perf_counter()
         output = pipe(**kwargs, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
         frames = to_uint8_frames(output.frames if hasattr(output, "frames") else output.images)  # .cpu() syncs

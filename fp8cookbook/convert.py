@@ -25,6 +25,7 @@ from . import __version__
 from .checkpoint import (FP8_DTYPE, FP8_MAX, INDEX_NAME, INPUT_SCALE, STATS_NAME, WEIGHT_SCALE, IgnoreRules,
                          StreamingShardWriter, TensorReader, inspect_checkpoint, module_of, quant_config, read_config,
                          read_quant_info, shard_metadata, write_attention_scales)
+from .console import ProgressLines, progress_style
 from .errors import Fp8CookbookError
 from .files import (check_scale, check_target, open_regular, staged_dir, write_json_atomic,
                     write_text_atomic)
@@ -409,7 +410,9 @@ def _write(folder: Path, shards: dict[str, list[_Out]], qconfig: dict, config: d
     out_config = {k: v for k, v in config.items() if k != "quantization_config"}
     out_config["quantization_config"] = qconfig
     total = sum(len(s) for s in shards.values())
-    with tqdm(total=total, desc="convert", unit="tensor", disable=not progress) as bar:
+    style = progress_style(progress)
+    lines = ProgressLines("convert tensor", total) if style == "lines" else None
+    with tqdm(total=total, desc="convert", unit="tensor", disable=style != "bar") as bar:
         for fname, shard in shards.items():
             meta = dict(export.metadata(fname))
             meta.update(shard_metadata(qconfig))
@@ -419,6 +422,8 @@ def _write(folder: Path, shards: dict[str, list[_Out]], qconfig: dict, config: d
                     writer.write(o.name, o.make())
                     weight_map[o.name] = fname
                     bar.update(1)
+                    if lines is not None:
+                        lines(len(weight_map))
     index_name = export.index_name or INDEX_NAME
     # sorted keys at every level, as SGLang's converter writes them
     write_json_atomic(folder / index_name, {"metadata": {"total_size": stats.total_bytes}, "weight_map": weight_map}, sort_keys=True)

@@ -231,6 +231,9 @@ def load_fp8_transformer(
     `attention_mode.MIN_KV_TOKENS`), "on" (or True) for every call (the side file must exist), "off" (or False) never.
     Its cosine against BF16 stays within 0.00004 of BF16 attention's on full-size models (docs/benchmarks.md).
     """
+    from .params import require_device
+
+    require_device(device)  # before the model is built: a CPU-only torch says so in one line
     mode = AttentionMode.parse(fp8_attention)
     t0 = time.perf_counter()
     path = Path(path)

@@ -103,12 +103,45 @@ def _regexes(value: Any) -> list[str]:
 def _device(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
         raise _Bad(DEVICES)
-    if value.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise _Bad(f"{DEVICES}; CUDA is not available here (torch {torch.__version__}), use 'cpu' or 'auto'")
+    problem = cuda_problem(value)
+    if problem:
+        raise _Bad(f"{DEVICES}; {problem}")
     return value
+
+
+def cuda_problem(device: Any) -> str | None:
+    """Why a CUDA `device` cannot run here, in words (None when it can, or when it is not CUDA).
+
+    Asked before any slow work: otherwise a CPU-only torch answers a load with `AssertionError: Torch not compiled
+    with CUDA enabled` after the pipeline was read. Imports torch only for a CUDA device.
+    """
+    text = str(device)
+    if not text.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.backends.cuda.is_built():
+        return (f"this torch has no CUDA (torch {torch.__version__} is a CPU-only build); use cpu, or install a "
+                "CUDA build of torch")
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return (f"torch {torch.__version__} has CUDA but sees no GPU here"
+                + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "") + "; use cpu")
+    try:
+        index = torch.device(text).index
+    except (RuntimeError, ValueError):
+        return "not a torch device; use cpu, cuda or cuda:N"
+    if index is not None and index >= torch.cuda.device_count():
+        return f"there is no GPU {index} ({torch.cuda.device_count()} visible)"
+    return None
+
+
+def require_device(device: Any, name: str = "device") -> str:
+    """`device` as text, or one Fp8CookbookError naming it as the caller spells it (`--device`, `device`)."""
+    problem = cuda_problem(device)
+    if problem:
+        raise Fp8CookbookError(f"{name} {device}: {problem}")
+    return str(device)
 
 
 def _choice(value: Any, choices: tuple) -> Any:

@@ -182,6 +182,10 @@ def load_pipeline(family_or_source: str | Path | None = None, model_path: str | 
     try:
         pipe = cls.from_pretrained(source, dtype=dtype, **absent)
     except Exception as e:  # noqa: BLE001 - whatever the hub or a broken folder raises, say which path failed
+        if not local.exists():  # a hub id: offline, unknown or gated, in one short line
+            from .repo import hub_error
+
+            raise hub_error(source, e) from e
         raise Fp8CookbookError(f"cannot load {title} pipeline from {source}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

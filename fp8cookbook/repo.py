@@ -322,8 +322,42 @@ def local_pipeline_dir(source: str | Path) -> Path:
     except Fp8CookbookError:
         raise
     except Exception as e:  # noqa: BLE001 - offline, unknown id, gated: one message
-        raise Fp8CookbookError(f"{source}: no such folder, and the hub did not give it ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        raise hub_error(source, e) from None
+
+
+def hub_error(source: str | Path, error: BaseException) -> Fp8CookbookError:
+    """One short line for a hub id that failed to load. Offline or no network (the usual case on a cluster node)
+    says so and that a local folder works; anything else (unknown id, gated) keeps the first line of the hub's
+    own message, cut short: diffusers' text runs to 500 characters and points at a trace the CLI never shows."""
+    if _hub_unreachable(error):
+        return Fp8CookbookError(f"{source}: the Hugging Face Hub cannot be reached for this id (offline, not "
+                                f"cached); a local pipeline folder works (hf download {source} --local-dir DIR)")
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return Fp8CookbookError(f"{source}: no such folder, and the hub did not give it ({type(error).__name__}: "
+                            f"{text[:160]})")
+
+
+def _hub_unreachable(error: BaseException) -> bool:
+    """True when the chain of `error` holds a network failure or huggingface_hub's offline/not-cached error."""
+    import socket
+
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    network: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, socket.gaierror,
+                                                OfflineModeIsEnabled, LocalEntryNotFoundError)
+    try:
+        import httpx
+
+        network += (httpx.TransportError,)
+    except ImportError:  # huggingface_hub < 1.0 talks through requests
+        pass
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, network):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _place(src: Path, dst: Path, link: str) -> None:

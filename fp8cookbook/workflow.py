@@ -75,9 +75,9 @@ def resolve_device(device: str | None) -> str:
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise Fp8CookbookError(f"device {device!r}: CUDA is not available here (use device='cpu' or 'auto')")
-    return str(device)
+    from .params import require_device
+
+    return require_device(device, "device")
 
 
 def resolve_dtype(dtype: str, device: str) -> "torch.dtype":

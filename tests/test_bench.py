@@ -185,14 +185,35 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, words):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_requested_without_cuda(capsys):
     assert main(["bench", "--family", "flux1", "--synthetic", "tiny", "--device", "cuda"]) == 2
-    assert "CUDA is not available" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--device cuda: " in err and ("has no CUDA" in err or "sees no GPU" in err), err
 
 
 def test_resolve_rejects_bad_settings():
     with pytest.raises(Fp8CookbookError, match="synthetic"):
         resolve_settings(BenchSettings(family="flux1", synthetic="huge"))
-    with pytest.raises(Fp8CookbookError, match="--fp8 needs --model-path"):
-        resolve_settings(BenchSettings(family="flux1", fp8_path="x"))
+    with pytest.raises(Fp8CookbookError, match="--synthetic times random weights"):
+        resolve_settings(BenchSettings(family="flux1", synthetic="tiny", fp8_path="x"))
+
+
+def test_fp8_without_model_path_benches_the_tiny_pipeline(tmp_path, capsys, monkeypatch):
+    """As quantize and compare: no --model-path is the tiny pipeline at its small settings, so the checkpoint just
+    made by `quantize` is what is timed (the skill's bench step)."""
+    from fp8cookbook.pipelines import tiny_pipeline_dir
+
+    monkeypatch.setenv("FP8COOKBOOK_CACHE", str(tmp_path / "cache"))
+    assert main(["quantize", "--family", "flux1", "--output-dir", str(tmp_path / "q"), "--quiet"]) == 0
+    capsys.readouterr()
+    fp8 = tmp_path / "q" / "fp8"
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--family", "flux1", "--fp8", str(fp8), "--device", "cpu", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    s, tiny = report["settings"], get_family("flux1").tiny_settings
+    assert report["mode"] == "pipeline" and s["model_path"] == str(tiny_pipeline_dir("flux1")), s
+    assert (s["height"], s["width"], s["steps"]) == (tiny.height, tiny.width, tiny.num_inference_steps), s
+    assert report["fp8_source"].endswith(str(fp8)) and report["fp8_layers_ran"] == report["fp8_layers"] > 0, report
+    assert f"{report['fp8_layers']}/{report['fp8_layers']}" in printed and "64x64" in printed, printed
 
 
 # ------------------------------------------------------------------------------- fast path = same function

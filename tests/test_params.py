@@ -141,3 +141,51 @@ def test_run_clears_stale_outputs_first(tmp_path, captured, capsys):
     assert main(["run", "flux1", "-p", "output_dir", str(out), "--quiet"]) == 2
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
     capsys.readouterr()
+
+
+@pytest.fixture
+def cpu_only_torch(monkeypatch):
+    """A CPU-only torch build, on any machine: no CUDA compiled in, no GPU."""
+    import torch
+
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("argv", [
+    ["load", "{ckpt}", "--device", "cuda"],
+    ["compare", "--family", "flux1", "--candidate", "{ckpt}", "--output-dir", "{out}", "--device", "cuda"],
+    ["quantize", "--family", "flux1", "--output-dir", "{out}", "--device", "cuda:0"],
+    ["bench", "--family", "flux1", "--synthetic", "tiny", "--device", "cuda"],
+    ["run", "flux1", "-p", "device", "cuda", "-p", "output_dir", "{out}"],
+])
+def test_cuda_on_cpu_only_torch_is_one_line_before_work(argv, cpu_only_torch, handmade, tmp_path, capsys, no_kernel,
+                                                        monkeypatch):
+    import fp8cookbook.compare
+    import fp8cookbook.loader
+
+    def reached(*args, **kwargs):
+        raise AssertionError("slow work started although the device cannot run")
+
+    monkeypatch.setattr(fp8cookbook.loader, "_empty_model", reached)
+    monkeypatch.setattr(fp8cookbook.compare, "load_transformer", reached)
+    out = tmp_path / "out"
+    argv = [a.format(ckpt=handmade["export"], out=out) for a in argv]
+    t0 = time.perf_counter()
+    rc = main(argv)
+    seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith(f"fp8cookbook {argv[0]}: error: "), err
+    assert "device" in last and "this torch has no CUDA" in last and "AssertionError" not in err, err
+    assert not out.exists() and seconds < 10
+
+
+def test_cuda_on_cpu_only_torch_in_python(cpu_only_torch, handmade):
+    from fp8cookbook.loader import load_fp8_transformer
+
+    with pytest.raises(Fp8CookbookError, match=r"^device cuda: this torch has no CUDA .*CPU-only build"):
+        load_fp8_transformer(handmade["export"], device="cuda")
+    with pytest.raises(Fp8CookbookError, match=r"^device cuda:1: this torch has no CUDA"):
+        workflow.resolve_device("cuda:1")
+    assert workflow.resolve_device("auto") == "cpu"

@@ -167,3 +167,55 @@ def test_concurrent_builds_and_stale_cache(tmp_path):
     assert tiny_pipeline_dir(name, tmp_path) == path
     assert json.loads(config_file.read_text())["num_layers"] == get_family(name).tiny_config["num_layers"]
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+@pytest.fixture
+def offline(monkeypatch) -> list:
+    """No network, as on a cluster node: huggingface_hub's offline mode, and any name lookup recorded and refused."""
+    import socket
+
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: set it too
+    lookups: list = []
+
+    def refuse(*args, **kwargs):
+        lookups.append(args)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return lookups
+
+
+HUB_ID = "fp8cookbook-test/no-such-pipeline"
+
+
+def _assert_one_short_hub_line(text: str) -> None:
+    line = text.strip()
+    assert "\n" not in line and len(line) < 220, f"{len(line)} characters: {line}"
+    assert HUB_ID in line and "cannot be reached" in line and "local pipeline folder" in line, line
+    assert "stacktrace" not in line, line
+
+
+def test_hub_id_offline_is_one_short_line(offline):
+    with pytest.raises(Fp8CookbookError) as info:
+        load_pipeline("flux1", HUB_ID)
+    _assert_one_short_hub_line(str(info.value))
+    with pytest.raises(Fp8CookbookError) as info:  # the same through the repo path (a base for FP8 components)
+        load_pipeline(HUB_ID, fp8="unused")
+    _assert_one_short_hub_line(str(info.value))
+    assert offline == [], "no network may be tried offline"
+
+
+def test_cli_hub_id_offline_ends_in_one_short_line(offline, handmade, tmp_path, capsys):
+    from fp8cookbook.cli import main
+
+    rc = main(["compare", "--family", "flux1", "--model-path", HUB_ID, "--candidate", str(handmade["base"]),
+               "--output-dir", str(tmp_path / "c"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fp8cookbook compare: error: "), err
+    _assert_one_short_hub_line(last.removeprefix("fp8cookbook compare: error: "))
+    assert not (tmp_path / "c").exists()

@@ -266,3 +266,59 @@ def test_quantize_mha_adds_attention_scales(tmp_path):
     # ... while the default ("auto") just loads BF16 attention and says how to get FP8 attention.
     _, auto = load_fp8_transformer(fp8, dtype=torch.float32)
     assert auto.fp8_attention_layers == 0 and "quantize with --quantize-mha" in "\n".join(auto.lines())
+
+
+def _is_modelopt(module: torch.nn.Module) -> bool:
+    return any(c.__module__.startswith("modelopt.") for c in type(module).__mro__)
+
+
+def _transformer_output(family_name: str, model: torch.nn.Module) -> torch.Tensor:
+    family = get_family(family_name)
+    inputs = family.make_inputs(dict(model.config), height=32, width=32, num_frames=5 if family.is_video else None,
+                                text_len=8, dtype=next(model.parameters()).dtype,
+                                device=next(model.parameters()).device, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+@pytest.mark.parametrize("name, fails", [("flux1", False), ("wan22-a14b", True)])
+def test_callers_pipeline_is_left_as_it_was(name, fails, tmp_path):
+    """quantize_pipeline calibrates and exports copies: the caller's transformers keep their classes, weights and
+    outputs (no ModelOpt QuantLinear left behind), after success and after a failed calibration alike."""
+    pipe = _pipe(name)
+    experts = get_family(name).experts
+    own = {e: getattr(pipe, e) for e in experts}
+    before = {e: {k: v.clone() for k, v in m.state_dict().items()} for e, m in own.items()}
+    outputs = {e: _transformer_output(name, m) for e, m in own.items()}
+    config = dict(pipe.config)
+    if fails:  # one step never reaches transformer_2: the run stops, naming its quantizers
+        with pytest.raises(Fp8CookbookError, match="never ran"):
+            quantize_pipeline(name, pipe, tmp_path / "out", num_prompts=1, num_inference_steps=1, progress=False)
+    else:
+        _check_fp8_folders(quantize_pipeline(name, pipe, tmp_path / "out", num_prompts=1, progress=False), name)
+    assert dict(pipe.config) == config
+    for e in experts:
+        model = getattr(pipe, e)
+        assert model is own[e], f"pipe.{e} was replaced"
+        quantized = [n for n, m in model.named_modules() if _is_modelopt(m)]
+        assert not quantized, f"pipe.{e} holds ModelOpt modules: {quantized[:3]}"
+        state = model.state_dict()
+        assert set(state) == set(before[e]) and all(torch.equal(state[k], v) for k, v in before[e].items())
+        assert torch.equal(_transformer_output(name, model), outputs[e])
+    again = quantize_pipeline(name, pipe, tmp_path / "again", num_prompts=1, progress=False)  # "already holds
+    _check_fp8_folders(again, name)  # ModelOpt quantizers: reload the pipeline" before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_callers_pipeline_back_on_its_gpu(tmp_path):
+    """On a GPU the originals wait on the CPU while the copy calibrates, and come back to the GPU unchanged."""
+    pipe = load_pipeline("flux1", device="cuda")
+    own = pipe.transformer
+    before = {k: v.clone() for k, v in own.state_dict().items()}
+    output = _transformer_output("flux1", own)
+    _check_fp8_folders(quantize_pipeline("flux1", pipe, tmp_path / "out", num_prompts=1, progress=False), "flux1")
+    assert pipe.transformer is own and next(own.parameters()).device.type == "cuda"
+    assert not any(_is_modelopt(m) for m in own.modules())
+    assert all(torch.equal(own.state_dict()[k], v) for k, v in before.items())
+    assert torch.equal(_transformer_output("flux1", own), output)

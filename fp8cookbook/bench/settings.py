@@ -69,8 +69,11 @@ def resolve_settings(s: BenchSettings) -> tuple[Family, BenchSettings]:
     s.family = family.name
     if s.synthetic not in (None, "full", "tiny"):
         raise Fp8CookbookError(f"--synthetic must be 'full' or 'tiny', got {s.synthetic!r}")
-    if s.fp8_path is not None and s.model_path is None:
-        raise Fp8CookbookError("--fp8 needs --model-path (the BF16 pipeline it replaces the transformer of)")
+    tiny_pipeline = s.synthetic is None and s.model_path is None and s.fp8_path is not None
+    if tiny_pipeline:  # as quantize and compare: no --model-path is the tiny test pipeline, at its small settings
+        from ..pipelines import tiny_pipeline_dir
+
+        s.model_path = str(tiny_pipeline_dir(family.name))
     if s.synthetic is None and s.model_path is None:
         raise Fp8CookbookError("say what to time: --synthetic full|tiny (random weights) or --model-path PIPELINE")
     if s.synthetic is not None and (s.model_path or s.fp8_path):
@@ -79,6 +82,10 @@ def resolve_settings(s: BenchSettings) -> tuple[Family, BenchSettings]:
     defaults = dict(_TINY_DEFAULTS) if tiny else dict(height=family.height, width=family.width,
                                                       num_frames=family.num_frames, steps=family.num_steps,
                                                       runs=3, warmup=1, text_len=family.text_len)
+    if tiny_pipeline:
+        t = family.tiny_settings
+        defaults.update(height=t.height, width=t.width, num_frames=t.num_frames, steps=t.num_inference_steps, runs=2,
+                        text_len=_TINY_DEFAULTS["text_len"])
     for key, minimum in (("height", 16), ("width", 16), ("steps", 1), ("runs", 1), ("warmup", 0),
                          ("text_len", 1), ("num_frames", 1), ("batch", 1)):
         value = getattr(s, key)
@@ -104,8 +111,9 @@ def resolve_settings(s: BenchSettings) -> tuple[Family, BenchSettings]:
         device = torch.device(s.device)
     except (RuntimeError, ValueError):
         raise Fp8CookbookError(f"--device: not a torch device: {s.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Fp8CookbookError(f"--device {s.device}: CUDA is not available on this machine")
+    from ..params import require_device
+
+    require_device(s.device, "--device")
     if s.cuda_graphs and device.type != "cuda":
         raise Fp8CookbookError("--cuda-graphs needs a CUDA device")
     if s.include_fallback and s.synthetic is None:

@@ -115,7 +115,11 @@ def calibrate_together(pipe, family: Family, names: list[str], prompts: list[str
     """
     from tqdm.auto import tqdm
 
+    from ..console import ProgressLines, progress_style
+
     mtq, _ = require_modelopt()
+    style = progress_style(progress)
+    lines = ProgressLines("calibrate prompt", len(prompts)) if style == "lines" else None
     calls = {n: 0 for n in names}
     timesteps: dict[str, set[float]] = {n: set() for n in names}
     user_stdout = sys.stdout
@@ -135,11 +139,13 @@ def calibrate_together(pipe, family: Family, names: list[str], prompts: list[str
         transformers_logging.set_verbosity_error()  # "sequence longer than 77": CLIP truncates long prompts, as meant
         try:
             with contextlib.redirect_stdout(user_stdout), tqdm(prompts, desc="calibrate", unit="prompt",
-                                                               disable=not progress) as bar:
+                                                               disable=style != "bar") as bar:
                 for i, prompt in enumerate(bar):
                     pipe(**generation_kwargs(family, pipe, prompt=prompt, seed=seed + i, output_type="latent",
                                              **settings))
                     bar.set_postfix(calls)
+                    if lines is not None:
+                        lines(i + 1)
         finally:
             transformers_logging.set_verbosity(level)
             for h in hooks:

@@ -5,6 +5,7 @@ export and the SGLang FP8 checkpoint of each, atomically (a temporary folder ren
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -174,8 +175,9 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
                              `sglang generate --model-path output_dir/repo` serves it alone
           quantize.json      calibration settings, paths, conversion stats, time and memory
 
-    `<name>` is `transformer` (and `transformer_2` for Wan2.2 A14B). The transformers are changed in place and
-    hold FP8 export weights afterwards: reload the pipeline to generate with it.
+    `<name>` is `transformer` (and `transformer_2` for Wan2.2 A14B). The caller's pipeline is left as it was:
+    calibration and export run on copies of the transformers swapped in for the call (on a GPU the originals wait
+    on the CPU meanwhile, so the GPU holds one set), and the originals go back afterwards, also on failure.
 
     `stages` records the steps (base, calibrate, state, export, convert: time, peak memory, bytes written; see
     `fp8cookbook.stages`) into that log and quantize.json; an out-of-memory in one is one line naming it.
@@ -195,53 +197,55 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
     _check_output_dir(output_dir, bases, overwrite)
     repo_base = _repo_base(pipe, link) if full_repo else None  # refused before calibrating, not after
 
-    first = next(models[names[0]].parameters())
-    _reset_peak_memory(first.device)
-    created = [p for p in output_dir.absolute().parents if not p.exists()]  # removed again on failure
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
-        paths: dict[str, dict[str, Path]] = {}
-        for n, model in models.items():  # BF16 base first: quantization changes the weights
-            if bases[n] is None:
-                with _stage(stages, _named("base", n, names), output=tmp / "base" / n):
-                    base = _save_bf16(model, tmp / "base" / n)
-            else:
-                base = bases[n]
-            paths[n] = {"base": base, "state": tmp / f"{n}.pt", "export": tmp / "export" / n, "fp8": tmp / "fp8" / n}
-        with _stage(stages, "calibrate", hint=_CALIBRATE_HINT, prompts=len(prompts), **settings):
-            calls, timesteps = calibrate_together(pipe, family, names, prompts, settings, seed=seed,
-                                                  quantize_mha=quantize_mha, progress=progress)
-        calibration: dict[str, Any] = dict(
-            prompts=list(prompts), seed=seed, **settings, quantize_mha=quantize_mha,
-            dtype=str(first.dtype).replace("torch.", ""), device=str(first.device), tiny=tiny,
-            forward_calls=calls, timesteps=timesteps)
-        problems = [no_amax_message(family, n, bad, calibration)
-                    for n in names if (bad := missing_amaxes(getattr(pipe, n)))]
-        if problems:
-            raise Fp8CookbookError(" | ".join(problems))
-        stats = _write_checkpoints(pipe, family, names, paths, progress, stages)
-        paths = _final_paths(paths, stats, tmp, output_dir, stages)
-        result = QuantizeResult(family.name, output_dir, paths, stats, calibration, 0.0, 0.0)
-        if repo_base is not None:
-            _write_repo(repo_base, pipe, family, names, tmp, link, tiny)
-            result.repo = output_dir / "repo"
-        result.seconds = time.perf_counter() - t0
-        result.peak_memory_mb = peak_rss_mb()
-        if first.device.type == "cuda":
-            result.peak_cuda_memory_mb = torch.cuda.max_memory_allocated(first.device) / 2**20
-        summary = _summary(result)
-        if stages is not None:
-            summary["stages"] = stages.as_dicts()
-        write_json_atomic(tmp / "quantize.json", summary)
-        _move_into_place(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for parent in created:  # deepest first
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-        raise
-    return result
+    with _working_copies(pipe, names):  # ModelOpt and its export change modules in place: never the caller's
+        models = {n: getattr(pipe, n) for n in names}
+        first = next(models[names[0]].parameters())
+        _reset_peak_memory(first.device)
+        created = [p for p in output_dir.absolute().parents if not p.exists()]  # removed again on failure
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+        try:
+            paths: dict[str, dict[str, Path]] = {}
+            for n, model in models.items():  # BF16 base first: quantization changes the weights
+                if bases[n] is None:
+                    with _stage(stages, _named("base", n, names), output=tmp / "base" / n):
+                        base = _save_bf16(model, tmp / "base" / n)
+                else:
+                    base = bases[n]
+                paths[n] = {"base": base, "state": tmp / f"{n}.pt", "export": tmp / "export" / n, "fp8": tmp / "fp8" / n}
+            with _stage(stages, "calibrate", hint=_CALIBRATE_HINT, prompts=len(prompts), **settings):
+                calls, timesteps = calibrate_together(pipe, family, names, prompts, settings, seed=seed,
+                                                      quantize_mha=quantize_mha, progress=progress)
+            calibration: dict[str, Any] = dict(
+                prompts=list(prompts), seed=seed, **settings, quantize_mha=quantize_mha,
+                dtype=str(first.dtype).replace("torch.", ""), device=str(first.device), tiny=tiny,
+                forward_calls=calls, timesteps=timesteps)
+            problems = [no_amax_message(family, n, bad, calibration)
+                        for n in names if (bad := missing_amaxes(getattr(pipe, n)))]
+            if problems:
+                raise Fp8CookbookError(" | ".join(problems))
+            stats = _write_checkpoints(pipe, family, names, paths, progress, stages)
+            paths = _final_paths(paths, stats, tmp, output_dir, stages)
+            result = QuantizeResult(family.name, output_dir, paths, stats, calibration, 0.0, 0.0)
+            if repo_base is not None:
+                _write_repo(repo_base, pipe, family, names, tmp, link, tiny)
+                result.repo = output_dir / "repo"
+            result.seconds = time.perf_counter() - t0
+            result.peak_memory_mb = peak_rss_mb()
+            if first.device.type == "cuda":
+                result.peak_cuda_memory_mb = torch.cuda.max_memory_allocated(first.device) / 2**20
+            summary = _summary(result)
+            if stages is not None:
+                summary["stages"] = stages.as_dicts()
+            write_json_atomic(tmp / "quantize.json", summary)
+            _move_into_place(tmp, output_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for parent in created:  # deepest first
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+            raise
+        return result
 
 
 def _repo_base(pipe, link: str) -> Path:
@@ -265,6 +269,31 @@ def _write_repo(base: Path, pipe, family: Family, names: list[str], tmp: Path, l
     write_full_repo(base, {n: tmp / "fp8" / n for n in names}, tmp / "repo", link=link,
                     base_model=hub_id or (None if tiny else family.hub_id), family_title=family.title,
                     video=family.is_video, extra_flags=family.sglang_extra_flags)
+
+
+@contextlib.contextmanager
+def _working_copies(pipe, names: list[str]) -> Iterator[None]:
+    """Deep copies of `pipe`'s transformers swapped in for the block, the caller's own put back afterwards.
+
+    ModelOpt turns nn.Linear layers into QuantLinear in place and its export writes FP8 weights in place, and it
+    has no call that undoes either: so they happen to copies. Originals on a GPU wait on the CPU meanwhile (one set
+    of weights on the GPU, as before) and return to their device, success or failure.
+    """
+    own = {n: getattr(pipe, n) for n in names}
+    devices = {n: next(m.parameters()).device for n, m in own.items()}
+    try:
+        for n, model in own.items():
+            if devices[n].type != "cpu":
+                model.to("cpu")
+            setattr(pipe, n, copy.deepcopy(model).to(devices[n]))
+        yield
+    finally:
+        for n, model in own.items():
+            setattr(pipe, n, model)  # the copies are dropped here, before the originals return to the GPU
+        if any(d.type == "cuda" for d in devices.values()):
+            torch.cuda.empty_cache()
+        for n, model in own.items():
+            model.to(devices[n])
 
 
 def _checked_models(family: Family, pipe) -> dict[str, nn.Module]:
