@@ -173,6 +173,9 @@ def test_sglang_command_per_family():
     assert "--text-encoder-cpu-offload true" in sglang_command("flux2", "m", {"transformer": "t"}, prompt="x")
     with pytest.raises(Fp8CookbookError, match="transformer, transformer_2"):
         sglang_command("wan22", "m", {"transformer_3": "t"}, prompt="x")
+    repo = sglang_command("wan22", "w/repo", None, prompt="a fox", num_frames=81)  # a full repo: no path flags
+    assert repo.startswith("sglang generate --model-path w/repo") and "--transformer" not in repo
+    assert "--num-gpus 4" in repo and "--dit-cpu-offload false" in repo and "--num-frames 81" in repo
 
 
 def test_as_prompts(tmp_path):
@@ -272,8 +275,16 @@ def test_run_flux1_with_overrides(tmp_path, capsys):
     assert report["bench"]["fp8_layers_ran"] == report["bench"]["fp8_layers"] > 0
     assert f"--transformer-path '{checkpoint}'" in report["serve"]  # quoted: the folder name has a space
     assert "--dit-cpu-offload false --dit-layerwise-offload false" in report["serve"] and "--seed 3" in report["serve"]
+    repo = out_dir / "checkpoint" / "repo"  # both serve forms: base + --transformer-path, and the full repo alone
+    assert report["serve_repo"].startswith(f"sglang generate --model-path '{repo}'")
+    assert "--transformer-path" not in report["serve_repo"] and "--seed 3" in report["serve_repo"]
+    from fp8cookbook.repo import detect_layout
+
+    assert detect_layout(repo).fp8_components() == ["transformer"]
+    assert (repo / "vae").is_dir() and all(p.is_symlink() for p in (repo / "vae").iterdir())
     for line in (f"executed             {out_dir / 'flux1.ipynb'}", f"report               {out_dir / 'report.json'}",
-                 f"checkpoint           transformer: {checkpoint}", "serve with SGLang:", "  sglang generate"):
+                 f"checkpoint           transformer: {checkpoint}", "serve with SGLang:", "  sglang generate",
+                 "or the full repo alone:"):
         assert line in printed, (line, printed)
     executed = nbformat.read(out_dir / "flux1.ipynb", as_version=4)
     assert not [o for c in executed.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
