@@ -475,6 +475,21 @@ def transformer_card(class_name: str | None, *, base_model: str | None, family_t
         video=video)
 
 
+def _saved_card(model: Any, config: dict[str, Any]) -> str:
+    """The card of a saved FP8 transformer: base_model and license from the card of the folder it was loaded
+    from (else the family's hub id and no license), the family's serve flags."""
+    from .families import family_for_class
+
+    meta = getattr(model, "fp8_card_metadata", None) or {}
+    cls = config.get("_class_name")
+    fam = family_for_class(cls) if isinstance(cls, str) else None
+    base_model = meta.get("base_model") if isinstance(meta.get("base_model"), str) else (fam.hub_id if fam else None)
+    return transformer_card(cls, base_model=base_model, family_title=fam.title if fam else None,
+                            license={k: meta[k] for k in ("license", "license_name", "license_link") if meta.get(k)},
+                            video=bool(fam and fam.is_video), extra_flags=fam.sglang_extra_flags if fam else (),
+                            details=["saved by fp8cookbook from a loaded FP8 transformer (save_pretrained)"])
+
+
 def save_fp8_transformer(model: Any, save_directory: str | Path, *, overwrite: bool = False,
                          max_shard_size: int | str = "10GB", push_to_hub: bool = False, **_: Any) -> Path:
     """Write a transformer loaded by `load_fp8_transformer` as a complete FP8 checkpoint in SGLang's format.
@@ -520,8 +535,7 @@ def save_fp8_transformer(model: Any, save_directory: str | Path, *, overwrite: b
         side = getattr(model, "fp8_attention_scales_text", None)
         if side:
             (tmp / ATTENTION_SCALES_NAME).write_text(side)
-        (tmp / CARD_NAME).write_text(transformer_card(config.get("_class_name"), base_model=None, family_title=None,
-                                                      license={}))
+        (tmp / CARD_NAME).write_text(_saved_card(model, config))
         problems = inspect_checkpoint(tmp).problems
         if problems:
             raise Fp8CookbookError(f"{out}: the saved checkpoint is inconsistent: {problems[0]}")

@@ -422,6 +422,17 @@ def test_save_pretrained_writes_a_complete_fp8_checkpoint(flux1_folders, tmp_pat
         assert json.loads(f.metadata()["_quantization_metadata"]) == qc
     again, report2 = load_fp8_transformer(saved)
     assert report2.fp8_layers == report.fp8_layers == 13
+    card, source_card = read_card_metadata(saved), read_card_metadata(flux1_folders["ours"])
+    assert card["base_model"] == source_card["base_model"] == "black-forest-labs/FLUX.1-dev"  # the front matter
+    assert {"fp8", "modelopt", "sglang"} <= set(card["tags"]) and card["library_name"] == "diffusers"
+    assert "--model-path black-forest-labs/FLUX.1-dev --transformer-path" in (saved / "README.md").read_text()
+    licensed = tmp_path / "licensed"  # a source card's license (and base_model) carries over
+    shutil.copytree(flux1_folders["ours"], licensed)
+    (licensed / "README.md").write_text("---\nbase_model: me/flux-finetune\nlicense: other\nlicense_name: "
+                                        "flux-1-dev-non-commercial-license\n---\n")
+    load_fp8_transformer(licensed)[0].save_pretrained(tmp_path / "licensed_saved")
+    card = read_card_metadata(tmp_path / "licensed_saved")
+    assert card["base_model"] == "me/flux-finetune" and card["license_name"] == "flux-1-dev-non-commercial-license"
     inputs = _flux1_inputs(model)
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], again(**inputs)[0]), "reloaded forward differs"
