@@ -10,6 +10,7 @@ by name, every file with the id of the run that wrote it).
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -257,8 +258,16 @@ def test_run_flux1_with_overrides(tmp_path, capsys):
     """README's main command with papermill overrides: seed and keep_bf16 reach every step; output_dir holds all."""
     out_dir = tmp_path / "flux1 run"
     keep = r'["^single_transformer_blocks\\."]'
-    assert main(["run", "flux1", "-p", "output_dir", str(out_dir), "-p", "seed", "3", "-p", "keep_bf16", keep,
-                 "--quiet"]) == 0
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["run", "flux1", "-p", "output_dir", str(out_dir), "-p", "seed", "3", "-p", "keep_bf16", keep,
+                     "--quiet"]) == 0
+    finally:
+        os.umask(old_umask)
+    # every folder and file of the run is what a plain write gives under umask 022: readable by another user
+    modes = {str(p.relative_to(out_dir)): p.stat().st_mode & 0o777 for p in [out_dir, *out_dir.rglob("*")]
+             if not p.is_symlink()}
+    assert {k: oct(v) for k, v in modes.items() if v != (0o755 if (out_dir / k).is_dir() else 0o644)} == {}
     printed = capsys.readouterr().out
     report = json.loads((out_dir / "report.json").read_text())
     assert report["schema"] == REPORT_SCHEMA and report["passed"] is True, report["failures"]
