@@ -332,6 +332,48 @@ def check_target(target: str | Path, overwrite: bool = False) -> None:
     _check_target(Path(target), overwrite)
 
 
+def current_umask() -> int:
+    """The process's umask, read from /proc (setting it to read it back would race with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # no /proc (old kernels, other systems): the only other way
+    os.umask(old)
+    return old
+
+
+def plain_modes(folder: str | Path) -> None:
+    """Give what a third-party writer put under `folder` (freshly written by us) a plain write's modes.
+
+    safetensors >= 0.8 (through diffusers' save_pretrained and ModelOpt's export) creates its files 0600, so a
+    shared cache or an SGLang container running as another user could not read them. Folders get 0777 & ~umask,
+    files 0666 & ~umask (their execute bits kept). Symbolic links and files with other hard links (an input
+    linked in) are left alone: changing those would change the input.
+    """
+    mask = current_umask()
+    root = Path(folder)
+    for p in [root, *root.rglob("*")]:
+        st = os.lstat(p)
+        if stat.S_ISDIR(st.st_mode):
+            os.chmod(p, 0o777 & ~mask)
+        elif stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            os.chmod(p, (0o666 | (st.st_mode & 0o111)) & ~mask)
+
+
+def temp_dir(parent: str | Path) -> Path:
+    """An empty folder under a temporary name in `parent`, for callers that rename it in themselves.
+
+    Made with the modes a plain mkdir gets (the umask decides), unlike `tempfile.mkdtemp`'s 0700, which would be
+    the final folder's mode once renamed in; its name records its owner, so `clean_stale` removes it after a kill.
+    """
+    tmp = Path(parent) / temp_name()
+    os.mkdir(tmp, 0o777)
+    return tmp
+
+
 @contextlib.contextmanager
 def staged_dir(target: str | Path, *, overwrite: bool = False, need_bytes: int = 0) -> Iterator[Path]:
     """A staging folder beside `target`; on success it is published (`publish`), on any failure removed.

@@ -23,7 +23,7 @@ from .errors import Fp8CookbookError
 from .fp8.attention_diffusers import install_fp8_attention
 from .fp8.attention_mode import DEFAULT_KERNEL, MIN_KV_TOKENS, AttentionMode
 from .fp8.linear import FP8Linear, fp8_modules, swap_linears
-from .repo import save_fp8_transformer
+from .repo import read_card_metadata, save_fp8_transformer
 from .sglang_names import bf16_decider
 
 MAX_CONFIG_INT = 1 << 20  # above every dimension and token count of the supported families
@@ -258,5 +258,6 @@ def load_fp8_transformer(
         info.ignore, __version__)  # the nested (hf_quant_config) form is saved flat
     side = path / ATTENTION_SCALES_NAME
     model.fp8_attention_scales_text = side.read_text() if side.is_file() else None
+    model.fp8_card_metadata = read_card_metadata(path)  # base_model and license go into the saved card
     model.save_pretrained = functools.partial(save_fp8_transformer, model)
     return model, report

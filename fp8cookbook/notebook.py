@@ -112,6 +112,8 @@ class RunResult:
         out += [f"MISSED               {f}" for f in r.get("failures", [])]
         if r.get("serve"):
             out += ["serve with SGLang:", "  " + r["serve"].replace("\n", "\n  ")]
+        if r.get("serve_repo"):
+            out += ["or the full repo alone:", "  " + r["serve_repo"].replace("\n", "\n  ")]
         for note in r.get("notes", []):
             out.append(f"note                 {note}")
         return out

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .errors import Fp8CookbookError
+from .files import clean_stale, plain_modes, temp_dir
 from .families import Family, get_family
 
 TINY_VERSION = "v1"  # bump when the tiny build changes, so stale caches are not reused
@@ -78,9 +79,11 @@ def tiny_pipeline_dir(family_name: str, cache_dir: str | Path | None = None) -> 
     if _is_current(final, family):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    clean_stale(final.parent)
+    tmp = temp_dir(final.parent)  # the umask's modes: the cache may be shared
     try:
         build_tiny_pipeline(family.name).save_pretrained(tmp)
+        plain_modes(tmp)  # safetensors writes 0600 files
         if final.exists() and not _is_current(final, family):  # stale (tiny_config changed): move it aside
             trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
             try:

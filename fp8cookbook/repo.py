@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -31,6 +30,7 @@ from typing import Any, Iterable
 from .checkpoint import (FP8_DTYPE, INPUT_SCALE, STATS_NAME, WEIGHT_SCALE, inspect_checkpoint, read_config,
                          read_quant_info, scan_tensors)
 from .errors import Fp8CookbookError
+from .files import current_umask, plain_modes, staged_dir
 
 MODEL_INDEX = "model_index.json"
 CARD_NAME = "README.md"
@@ -361,17 +361,25 @@ def _hub_unreachable(error: BaseException) -> bool:
 
 
 def _place(src: Path, dst: Path, link: str) -> None:
-    """One file: hard link (falls back to a copy across file systems), symbolic link (absolute), or copy."""
+    """One file: hard link (falls back to a copy across file systems), symbolic link (absolute), or copy.
+
+    A hard link shares its input's modes; an input that others may not read although the umask would let them
+    (safetensors >= 0.8 writes 0600, so a ModelOpt export's files are) is copied instead, so the repo is readable
+    by an SGLang container running as another user. Copies get a plain write's modes (`files.plain_modes`).
+    """
     if link == "symlink":
         os.symlink(src.resolve(), dst)
         return
     if link == "hardlink":
-        try:
-            os.link(src.resolve(), dst)
-            return
-        except OSError:
-            pass  # another file system, or links not allowed: copy
-    shutil.copy2(src, dst)
+        readable = 0o444 & ~current_umask()
+        if os.stat(src).st_mode & readable == readable:
+            try:
+                os.link(src.resolve(), dst)
+                return
+            except OSError:
+                pass  # another file system, or links not allowed: copy
+    shutil.copyfile(src, dst)
+    plain_modes(dst)
 
 
 def _place_tree(src: Path, dst: Path, link: str, skip: Iterable[str] = ()) -> None:
@@ -426,9 +434,8 @@ def write_full_repo(base: str | Path, fp8: dict[str, str | Path], output_dir: st
     if output_dir.exists() and not overwrite:
         raise Fp8CookbookError(f"{output_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    # staged beside output_dir (the umask's modes, not mkdtemp's 0700), renamed in only when complete
+    with staged_dir(output_dir, overwrite=overwrite) as tmp:
         for entry in sorted(base_dir.iterdir()):
             if entry.name in fp8 or entry.name in (CARD_NAME,) or entry.name.startswith("."):
                 continue
@@ -451,14 +458,6 @@ def write_full_repo(base: str | Path, fp8: dict[str, str | Path], output_dir: st
         missing = [n for n in fp8 if n not in layout.fp8_components()]
         if missing:
             raise Fp8CookbookError(f"{output_dir}: written repo does not read back FP8 for {', '.join(missing)}")
-        if output_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            os.replace(output_dir, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return detect_layout(output_dir)
 
 
@@ -474,6 +473,21 @@ def transformer_card(class_name: str | None, *, base_model: str | None, family_t
         serve=serve_commands(base=base, transformer="<this folder>", extra_flags=extra_flags),
         load_python=f'pipe = fp8cookbook.load_pipeline("{base}", fp8="<this folder>")', details=details,
         video=video)
+
+
+def _saved_card(model: Any, config: dict[str, Any]) -> str:
+    """The card of a saved FP8 transformer: base_model and license from the card of the folder it was loaded
+    from (else the family's hub id and no license), the family's serve flags."""
+    from .families import family_for_class
+
+    meta = getattr(model, "fp8_card_metadata", None) or {}
+    cls = config.get("_class_name")
+    fam = family_for_class(cls) if isinstance(cls, str) else None
+    base_model = meta.get("base_model") if isinstance(meta.get("base_model"), str) else (fam.hub_id if fam else None)
+    return transformer_card(cls, base_model=base_model, family_title=fam.title if fam else None,
+                            license={k: meta[k] for k in ("license", "license_name", "license_link") if meta.get(k)},
+                            video=bool(fam and fam.is_video), extra_flags=fam.sglang_extra_flags if fam else (),
+                            details=["saved by fp8cookbook from a loaded FP8 transformer (save_pretrained)"])
 
 
 def save_fp8_transformer(model: Any, save_directory: str | Path, *, overwrite: bool = False,
@@ -502,9 +516,9 @@ def save_fp8_transformer(model: Any, save_directory: str | Path, *, overwrite: b
         raise Fp8CookbookError(f"{out}: already exists and is not empty (pass overwrite=True to replace it)")
     state = {k: v for k, v in model.state_dict().items()}
     layout = [(name, t.dtype, tuple(t.shape)) for name, t in sorted(state.items())]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # staged beside `out` (the umask's modes, not mkdtemp's 0700); an existing empty folder is replaced, as
+    # diffusers' save_pretrained writes into one
+    with staged_dir(out, overwrite=out.exists()) as tmp:
         model.save_config(tmp)  # diffusers' own config.json (class, version, hyper-parameters)
         config = json.loads((tmp / "config.json").read_text())
         config["quantization_config"] = qc
@@ -521,19 +535,10 @@ def save_fp8_transformer(model: Any, save_directory: str | Path, *, overwrite: b
         side = getattr(model, "fp8_attention_scales_text", None)
         if side:
             (tmp / ATTENTION_SCALES_NAME).write_text(side)
-        (tmp / CARD_NAME).write_text(transformer_card(config.get("_class_name"), base_model=None, family_title=None,
-                                                      license={}))
+        (tmp / CARD_NAME).write_text(_saved_card(model, config))
         problems = inspect_checkpoint(tmp).problems
         if problems:
             raise Fp8CookbookError(f"{out}: the saved checkpoint is inconsistent: {problems[0]}")
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -72,7 +72,7 @@ class NotebookReport:
     """The results of one notebook run, recorded by name and written to `output_dir/report.json`.
 
     Keys: schema, run_id, notebook, family, title, settings, quantize, convert, inspect, load, compare, bench,
-    checkpoint, serve, summary (rows of the results table), failures, passed, seconds, files (every file in
+    checkpoint, serve, serve_repo (the full repo served alone), summary (rows of the results table), failures, passed, seconds, files (every file in
     output_dir, relative, -> the run_id that wrote it: this run's, since earlier outputs were cleared first). `passed` is False when a threshold was
     missed, a checkpoint is inconsistent, or an FP8 layer did not run.
     """
@@ -89,7 +89,7 @@ class NotebookReport:
         self.data: dict[str, Any] = {
             "schema": REPORT_SCHEMA, "run_id": self.run_id, "notebook": notebook, "family": fam.name, "title": fam.title,
             "settings": _plain(settings), "quantize": None, "convert": {}, "inspect": {}, "load": {},
-            "compare": {"thresholds": None, "prompts": []}, "bench": None, "checkpoint": {}, "serve": None,
+            "compare": {"thresholds": None, "prompts": []}, "bench": None, "checkpoint": {}, "serve": None, "serve_repo": None,
             "summary": [], "failures": [], "notes": [], "passed": None, "seconds": None, "files": {},
         }
 
@@ -140,8 +140,10 @@ class NotebookReport:
             "steps": report["settings"]["steps"], "compile": report["settings"]["compile"],
         })
 
-    def serve(self, command: str) -> None:
+    def serve(self, command: str, repo_command: str | None = None) -> None:
+        """Both serve forms: the base plus `--transformer-path` flags, and the full repo alone."""
         self.data["serve"] = command
+        self.data["serve_repo"] = repo_command
 
     def note(self, text: str) -> None:
         self.data["notes"].append(text)

@@ -14,7 +14,8 @@ from .errors import Fp8CookbookError
 from .families import Family, get_family
 
 
-def sglang_command(family: str | Family, model_path: str | os.PathLike, checkpoints: dict[str, str | os.PathLike], *,
+def sglang_command(family: str | Family, model_path: str | os.PathLike,
+                   checkpoints: dict[str, str | os.PathLike] | None, *,
                    prompt: str, height: int | None = None, width: int | None = None, num_frames: int | None = None,
                    steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
                    output_path: str | os.PathLike | None = None) -> str:
@@ -23,16 +24,21 @@ def sglang_command(family: str | Family, model_path: str | os.PathLike, checkpoi
 
     FP8 transformers need `--dit-cpu-offload false --dit-layerwise-offload false` (offload loses the column-major FP8
     weight view); Wan2.2 A14B gets its second expert through `--transformer-2-path` and runs on 4 GPUs with
-    Ulysses sequence parallelism.
+    Ulysses sequence parallelism. `checkpoints` None: `model_path` is a full repo that holds the FP8 transformers
+    in its component folders (`quantize --full-repo`, NVIDIA's whole-pipeline repos), served with no path flags.
     """
     fam = get_family(family) if isinstance(family, str) else family
-    unknown = sorted(set(checkpoints) - set(fam.experts))
-    if unknown or "transformer" not in checkpoints:
-        raise Fp8CookbookError(f"{fam.title} checkpoints are {', '.join(fam.experts)}; got {', '.join(checkpoints)}")
+    if checkpoints is not None:
+        unknown = sorted(set(checkpoints) - set(fam.experts))
+        if unknown or "transformer" not in checkpoints:
+            raise Fp8CookbookError(f"{fam.title} checkpoints are {', '.join(fam.experts)}; got "
+                                   f"{', '.join(checkpoints)}")
     q = shlex.quote
-    parts = [f"sglang generate --model-path {q(str(model_path))}", f"--transformer-path {q(str(checkpoints['transformer']))}"]
-    if "transformer_2" in checkpoints:
-        parts.append(f"--transformer-2-path {q(str(checkpoints['transformer_2']))}")
+    parts = [f"sglang generate --model-path {q(str(model_path))}"]
+    if checkpoints is not None:
+        parts.append(f"--transformer-path {q(str(checkpoints['transformer']))}")
+        if "transformer_2" in checkpoints:
+            parts.append(f"--transformer-2-path {q(str(checkpoints['transformer_2']))}")
     if fam.sglang_extra_flags:
         parts.append(" ".join(fam.sglang_extra_flags))
     parts.append(" ".join(("--dit-cpu-offload false", "--dit-layerwise-offload false") + fam.sglang_memory_flags))

@@ -177,6 +177,7 @@ class NotebookRun:
     offload_idle: bool = False
     comparisons: list[tuple[Any, Any]] = field(default_factory=list)  # (CompareReport, Trajectories) per prompt
     serve: str | None = None
+    serve_repo: str | None = None  # the full repo (checkpoint/repo) served alone
 
     @property
     def model_path(self) -> str | None:
@@ -260,13 +261,15 @@ def quantize(run: NotebookRun) -> None:
         run.family.name, run.pipe, run.output_dir / "checkpoint", prompts=run.calibration_prompts,
         num_prompts=p["num_calibration_prompts"], num_inference_steps=p["calibration_steps"], seed=p["seed"],
         height=p["height"], width=p["width"], num_frames=p["num_frames"], guidance_scale=p["guidance_scale"],
-        overwrite=True, quantize_mha=AttentionMode.parse(p["fp8_attention"]).quantize_mha, progress=run.model_path is not None)
+        overwrite=True, quantize_mha=AttentionMode.parse(p["fp8_attention"]).quantize_mha, progress=run.model_path is not None,
+        full_repo=True, link="symlink")  # also checkpoint/repo, served alone; symbolic links: no disk, never a copy
     run.report.quantize(run.result)
     print("\n".join(run.result.lines()))
     if len(run.family.experts) > 1:
         print("calibration timesteps:", run.result.calibration["timesteps"])
     model = f" --model-path {run.model_path}" if run.model_path else ""
-    print(f"CLI twin: fp8cookbook quantize --family {run.family.name}{model} --output-dir {run.output_dir / 'checkpoint'}")
+    print(f"CLI twin: fp8cookbook quantize --family {run.family.name}{model} --output-dir {run.output_dir / 'checkpoint'} "
+          "--full-repo --link symlink")
 
 
 def convert(run: NotebookRun) -> None:
@@ -388,11 +391,13 @@ def results(run: NotebookRun):
     from .serve import sglang_command
 
     g, fam = run.gen, run.family
-    run.serve = sglang_command(fam, run.base, run.report.data["checkpoint"], prompt=run.prompts[0],
-                               height=g["height"], width=g["width"], num_frames=g["num_frames"], steps=g["steps"],
-                               guidance_scale=g["guidance_scale"], seed=run.params["seed"],
-                               output_path=run.output_dir / "sglang")
-    run.report.serve(run.serve)
+    settings = dict(prompt=run.prompts[0], height=g["height"], width=g["width"], num_frames=g["num_frames"],
+                    steps=g["steps"], guidance_scale=g["guidance_scale"], seed=run.params["seed"],
+                    output_path=run.output_dir / "sglang")
+    run.serve = sglang_command(fam, run.base, run.report.data["checkpoint"], **settings)
+    # the same FP8 transformers as one full repo (its other components linked from the base): --model-path alone
+    run.serve_repo = sglang_command(fam, run.result.repo, None, **settings) if run.result.repo else None
+    run.report.serve(run.serve, run.serve_repo)
     if run.model_path is None:
         family = f" -p family {fam.name}" if "family" in run.params else ""
         run.report.note(f"the tiny pipeline has random weights: it shows the workflow, not {fam.title} quality or "

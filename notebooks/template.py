@@ -269,7 +269,13 @@ workflow.results(run)
 # parallelism (`--num-gpus 4 --ulysses-degree 4`), its text encoder parked on the CPU. DiT offload stays off for FP8.
 # Run it where SGLang is installed (`pip install 'fp8cookbook[sglang]'`, CUDA GPUs with FP8: Ada, Hopper or newer):
 #@ end
+#
+# Quantize also wrote `checkpoint/repo`: a complete diffusers repo in the form NVIDIA publishes its FP8 models (the
+# FP8 transformers in their component folders, the other components symbolic links to the base), which
+# `sglang generate --model-path` serves alone and `fp8cookbook.load_pipeline(...)` loads as one FP8 pipeline.
 
 # %%
 serve = run.serve
 print(serve)
+print("\n# or the full repo alone, no --transformer-path:")
+print(run.serve_repo)

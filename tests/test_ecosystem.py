@@ -292,7 +292,7 @@ def test_write_full_repo(wan_repo, wan_fp8, tmp_path):
     card = (out / "README.md").read_text()
     assert "sglang generate --model-path" in card and "--transformer-path" not in card
     assert "fp8cookbook.load_pipeline(" in card
-    assert not list(tmp_path.glob(".repo.tmp-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "repo"]  # no staging folder left
 
     copied = write_full_repo(base, {"transformer": wan_fp8["transformer"]}, tmp_path / "copy", link="copy")
     vae = next((tmp_path / "copy" / "vae").glob("*.safetensors"))
@@ -335,6 +335,71 @@ def test_license_from_base_card(tmp_path):
     assert license_fields(tmp_path) == {}
 
 
+def _modes(root: Path) -> dict[str, int]:
+    """Permission bits of a folder and of every folder and file under it (symbolic links skipped)."""
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in [root, *sorted(root.rglob("*"))]
+            if not p.is_symlink()}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_folders_follow_the_umask(umask, wan_repo, wan_fp8, flux1_folders, tmp_path):
+    """Every folder we write gets a plain mkdir's modes and every file we write a plain open's (0755/0644 under
+    umask 022), so an SGLang container running as another user can read it; files linked or copied from an input
+    keep that input's modes, which are readable by all here."""
+    from fp8cookbook.loader import load_fp8_transformer
+    from fp8cookbook.plots import save_figure
+    from fp8cookbook.repo import convert_repo
+
+    import matplotlib.pyplot as plt
+
+    model, _ = load_fp8_transformer(flux1_folders["ours"])
+    old = os.umask(umask)
+    try:
+        model.save_pretrained(tmp_path / "saved")
+        write_full_repo(wan_repo["base"], wan_fp8, tmp_path / "repo")
+        convert_repo(wan_repo["modelopt"], tmp_path / "converted", base=wan_repo["base"], full_repo=True,
+                     progress=False)
+        fig = plt.figure()
+        save_figure(fig, tmp_path / "fig.png")
+        plt.close(fig)
+    finally:
+        os.umask(old)
+    dir_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
+    saved = _modes(tmp_path / "saved")
+    assert saved["."] == dir_mode and set(saved.values()) == {dir_mode, file_mode}, saved  # all written here
+    for repo in ("repo", "converted"):
+        modes = _modes(tmp_path / repo)
+        folders = {k: v for k, v in modes.items() if (tmp_path / repo / k).is_dir()}
+        assert set(folders.values()) == {dir_mode}, (repo, folders)
+        assert modes["README.md"] == file_mode
+        if repo == "converted":  # written by the conversion; "repo" links the FP8 folders made at umask 022
+            assert modes["transformer/config.json"] == modes["transformer_2/config.json"] == file_mode
+        assert {k: oct(v) for k, v in modes.items() if v & 0o044 != 0o044} == {}, repo  # readable by all
+    assert _modes(tmp_path / "fig.png") == {".": file_mode}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_temporary_folders_and_third_party_files_get_plain_modes(umask, tmp_path):
+    """files.temp_dir (not mkdtemp's 0700) and files.plain_modes (safetensors >= 0.8 writes 0600 files)."""
+    from fp8cookbook import files
+
+    old = os.umask(umask)
+    try:
+        temp = files.temp_dir(tmp_path)
+        save_file({"w": torch.zeros(2)}, temp / "a.safetensors")
+        (temp / "sub").mkdir(mode=0o700)
+        os.link(temp / "a.safetensors", tmp_path / "input-link")  # a file with another link: not ours to change
+        save_file({"w": torch.zeros(2)}, temp / "sub" / "b.safetensors")
+        assert files.current_umask() == umask
+        files.plain_modes(temp)
+    finally:
+        os.umask(old)
+    dir_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
+    assert _modes(temp)["."] == dir_mode and _modes(temp)["sub"] == dir_mode
+    assert _modes(temp)["sub/b.safetensors"] == file_mode
+    assert _modes(temp)["a.safetensors"] == os.stat(tmp_path / "input-link").st_mode & 0o777
+
+
 # -------------------------------------------------------------------------------------- save_pretrained
 def _flux1_inputs(model, seed: int = 0):
     from fp8cookbook.families import get_family
@@ -357,6 +422,17 @@ def test_save_pretrained_writes_a_complete_fp8_checkpoint(flux1_folders, tmp_pat
         assert json.loads(f.metadata()["_quantization_metadata"]) == qc
     again, report2 = load_fp8_transformer(saved)
     assert report2.fp8_layers == report.fp8_layers == 13
+    card, source_card = read_card_metadata(saved), read_card_metadata(flux1_folders["ours"])
+    assert card["base_model"] == source_card["base_model"] == "black-forest-labs/FLUX.1-dev"  # the front matter
+    assert {"fp8", "modelopt", "sglang"} <= set(card["tags"]) and card["library_name"] == "diffusers"
+    assert "--model-path black-forest-labs/FLUX.1-dev --transformer-path" in (saved / "README.md").read_text()
+    licensed = tmp_path / "licensed"  # a source card's license (and base_model) carries over
+    shutil.copytree(flux1_folders["ours"], licensed)
+    (licensed / "README.md").write_text("---\nbase_model: me/flux-finetune\nlicense: other\nlicense_name: "
+                                        "flux-1-dev-non-commercial-license\n---\n")
+    load_fp8_transformer(licensed)[0].save_pretrained(tmp_path / "licensed_saved")
+    card = read_card_metadata(tmp_path / "licensed_saved")
+    assert card["base_model"] == "me/flux-finetune" and card["license_name"] == "flux-1-dev-non-commercial-license"
     inputs = _flux1_inputs(model)
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], again(**inputs)[0]), "reloaded forward differs"
@@ -601,10 +677,19 @@ def test_quantize_full_repo_serves_both_experts(tmp_path, capsys, monkeypatch):
     from fp8cookbook.pipelines import tiny_pipeline_dir
 
     monkeypatch.setenv("FP8COOKBOOK_CACHE", str(tmp_path / "cache"))
-    base = tiny_pipeline_dir("wan22")
     out = tmp_path / "q"
-    assert main(["quantize", "--family", "wan22", "--num-prompts", "1", "--no-quantize-mha", "--output-dir",
-                 str(out), "--full-repo", "--quiet"]) == 0
+    old = os.umask(0o022)
+    try:
+        base = tiny_pipeline_dir("wan22")
+        assert main(["quantize", "--family", "wan22", "--num-prompts", "1", "--no-quantize-mha", "--output-dir",
+                     str(out), "--full-repo", "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    # what a user with umask 022 gets from any write: another user (an SGLang container) can read all of it
+    for root in (out, base):
+        modes = _modes(root)
+        assert {v for k, v in modes.items() if (root / k).is_dir()} == {0o755}, modes
+        assert {v for k, v in modes.items() if (root / k).is_file()} == {0o644}, modes
     printed = capsys.readouterr().out
     assert f"serve            sglang generate --model-path {out / 'repo'} --num-gpus 4" in printed
     assert f"--transformer-path {out / 'fp8' / 'transformer'}" in printed

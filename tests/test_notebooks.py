@@ -10,6 +10,7 @@ by name, every file with the id of the run that wrote it).
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -173,6 +174,9 @@ def test_sglang_command_per_family():
     assert "--text-encoder-cpu-offload true" in sglang_command("flux2", "m", {"transformer": "t"}, prompt="x")
     with pytest.raises(Fp8CookbookError, match="transformer, transformer_2"):
         sglang_command("wan22", "m", {"transformer_3": "t"}, prompt="x")
+    repo = sglang_command("wan22", "w/repo", None, prompt="a fox", num_frames=81)  # a full repo: no path flags
+    assert repo.startswith("sglang generate --model-path w/repo") and "--transformer" not in repo
+    assert "--num-gpus 4" in repo and "--dit-cpu-offload false" in repo and "--num-frames 81" in repo
 
 
 def test_as_prompts(tmp_path):
@@ -254,8 +258,16 @@ def test_run_flux1_with_overrides(tmp_path, capsys):
     """README's main command with papermill overrides: seed and keep_bf16 reach every step; output_dir holds all."""
     out_dir = tmp_path / "flux1 run"
     keep = r'["^single_transformer_blocks\\."]'
-    assert main(["run", "flux1", "-p", "output_dir", str(out_dir), "-p", "seed", "3", "-p", "keep_bf16", keep,
-                 "--quiet"]) == 0
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["run", "flux1", "-p", "output_dir", str(out_dir), "-p", "seed", "3", "-p", "keep_bf16", keep,
+                     "--quiet"]) == 0
+    finally:
+        os.umask(old_umask)
+    # every folder and file of the run is what a plain write gives under umask 022: readable by another user
+    modes = {str(p.relative_to(out_dir)): p.stat().st_mode & 0o777 for p in [out_dir, *out_dir.rglob("*")]
+             if not p.is_symlink()}
+    assert {k: oct(v) for k, v in modes.items() if v != (0o755 if (out_dir / k).is_dir() else 0o644)} == {}
     printed = capsys.readouterr().out
     report = json.loads((out_dir / "report.json").read_text())
     assert report["schema"] == REPORT_SCHEMA and report["passed"] is True, report["failures"]
@@ -272,8 +284,16 @@ def test_run_flux1_with_overrides(tmp_path, capsys):
     assert report["bench"]["fp8_layers_ran"] == report["bench"]["fp8_layers"] > 0
     assert f"--transformer-path '{checkpoint}'" in report["serve"]  # quoted: the folder name has a space
     assert "--dit-cpu-offload false --dit-layerwise-offload false" in report["serve"] and "--seed 3" in report["serve"]
+    repo = out_dir / "checkpoint" / "repo"  # both serve forms: base + --transformer-path, and the full repo alone
+    assert report["serve_repo"].startswith(f"sglang generate --model-path '{repo}'")
+    assert "--transformer-path" not in report["serve_repo"] and "--seed 3" in report["serve_repo"]
+    from fp8cookbook.repo import detect_layout
+
+    assert detect_layout(repo).fp8_components() == ["transformer"]
+    assert (repo / "vae").is_dir() and all(p.is_symlink() for p in (repo / "vae").iterdir())
     for line in (f"executed             {out_dir / 'flux1.ipynb'}", f"report               {out_dir / 'report.json'}",
-                 f"checkpoint           transformer: {checkpoint}", "serve with SGLang:", "  sglang generate"):
+                 f"checkpoint           transformer: {checkpoint}", "serve with SGLang:", "  sglang generate",
+                 "or the full repo alone:"):
         assert line in printed, (line, printed)
     executed = nbformat.read(out_dir / "flux1.ipynb", as_version=4)
     assert not [o for c in executed.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..checkpoint import scan_tensors, shard_files
 from ..errors import Fp8CookbookError
+from ..files import plain_modes
 from ..families import Family, build_transformer, get_family
 from .recipe import (TINY_CALIB, ForwardLoop, check_amaxes, quantize_transformer, quiet_modelopt, require_modelopt,
                      tensor_quantizers)
@@ -85,6 +86,7 @@ def export_transformer(model: nn.Module, export_dir: str | Path, dtype: torch.dt
         export_hf_checkpoint(model, dtype=dtype, export_dir=export_dir)
     if not (export_dir / "config.json").is_file():
         raise Fp8CookbookError(f"ModelOpt wrote no config.json to {export_dir}: was a diffusers transformer passed?")
+    plain_modes(export_dir)  # its safetensors files are 0600
     return export_dir
 
 
@@ -167,6 +169,7 @@ def _bf16_flavour(export_dir: Path, base_dir: Path) -> None:
             weight_map[name] = shard.name
             total += t.numel() * t.element_size()
         save_file(tensors, shard, metadata=metadata)
+    plain_modes(export_dir)
     for index in export_dir.glob("*.safetensors.index.json"):
         data = json.loads(index.read_text())
         data["weight_map"] = weight_map
@@ -192,6 +195,7 @@ def make_tiny_export(family_name: str, out_dir: str | Path, *, seed: int = 0, qu
     with quiet_modelopt():
         model = build_transformer(family, "tiny", seed=seed + family.experts.index(expert))
     model.save_pretrained(paths["base"])
+    plain_modes(paths["base"])
     batches = tiny_calibration_inputs(family, seed=seed, expert=expert)
 
     def forward_loop(m: nn.Module) -> None:

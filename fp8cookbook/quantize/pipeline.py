@@ -7,9 +7,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +18,7 @@ from torch import nn
 from ..checkpoint import STATS_NAME, scan_tensors, write_json_atomic
 from ..convert import ConvertStats, convert_checkpoint, peak_rss_mb
 from ..errors import Fp8CookbookError
+from ..files import plain_modes, staged_dir
 from ..fp8.linear import FP8Linear
 from ..families import Family, get_family
 from ..pipelines import default_tiny_settings, require_components, transformer_names
@@ -109,6 +107,7 @@ def _save_bf16(model: nn.Module, folder: Path) -> Path:
             state = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).detach().cpu().contiguous()
                      for k, v in model.state_dict().items()}
             save_file(state, folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    plain_modes(folder)  # safetensors writes 0600 files
     return folder
 
 
@@ -119,22 +118,6 @@ def _reset_peak_memory(device: torch.device) -> None:
         pass
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def _move_into_place(tmp: Path, output_dir: Path) -> None:
-    if not output_dir.exists():
-        os.replace(tmp, output_dir)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-    try:
-        os.replace(output_dir, trash / "old")
-        try:
-            os.replace(tmp, output_dir)
-        except OSError:
-            os.replace(trash / "old", output_dir)  # put the previous output back
-            raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, prompts: list[str] | None = None,
@@ -201,10 +184,9 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
         models = {n: getattr(pipe, n) for n in names}
         first = next(models[names[0]].parameters())
         _reset_peak_memory(first.device)
-        created = [p for p in output_dir.absolute().parents if not p.exists()]  # removed again on failure
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-        try:
+        # staged beside output_dir with the umask's modes (not mkdtemp's 0700), renamed in on success (an old
+        # output swapped out in one step), removed with the parents it created on failure
+        with staged_dir(output_dir, overwrite=overwrite) as tmp:
             paths: dict[str, dict[str, Path]] = {}
             for n, model in models.items():  # BF16 base first: quantization changes the weights
                 if bases[n] is None:
@@ -238,13 +220,6 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
             if stages is not None:
                 summary["stages"] = stages.as_dicts()
             write_json_atomic(tmp / "quantize.json", summary)
-            _move_into_place(tmp, output_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            for parent in created:  # deepest first
-                with contextlib.suppress(OSError):
-                    parent.rmdir()
-            raise
         return result
 
 
