@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .errors import Fp8CookbookError  # noqa: E402
-from .families import FAMILIES, Family, get_family  # noqa: E402
+from .errors import Fp8CookbookError
+from .families import FAMILIES, Family, get_family
+from .version import __version__
 
 
 def __getattr__(name: str):

@@ -400,7 +400,7 @@ def _final_paths(paths: dict[str, dict[str, Path]], stats: dict[str, ConvertStat
 def _summary(result: QuantizeResult) -> dict[str, Any]:
     import modelopt
 
-    from .. import __version__
+    from ..version import __version__
 
     def rel(p: Path) -> str:
         return str(p.relative_to(result.output_dir)) if p.is_relative_to(result.output_dir) else str(p)
