@@ -6,7 +6,7 @@ transformers classes, with random weights at tiny size, built from a fixed seed,
 and then loaded through exactly the `from_pretrained` path that a real checkpoint takes.
 
 Each family's file builds its tiny pipeline (`Family.build_tiny_pipeline`); the shared tokenizers are in
-`families/_tiny.py`. This module caches and loads pipelines and builds generation kwargs.
+`families/tiny.py`. This module caches and loads pipelines and builds generation kwargs.
 
 One substitution (FLUX.2): the real `tokenizer` component of FLUX.2-dev is a `PixtralProcessor`. That class needs
 torchvision (transformers replaces it with a placeholder otherwise), which the CPU environment does not have. The

@@ -159,7 +159,7 @@ class Recipe:
 
 
 def _tokenizers(kind: str) -> dict[str, Callable[[], Any]]:
-    from .families._tiny import clip_tokenizer, mistral_tokenizer, t5_tokenizer
+    from .families.tiny import clip_tokenizer, mistral_tokenizer, t5_tokenizer
 
     return {"FluxPipeline": {"tokenizer": clip_tokenizer, "tokenizer_2": lambda: t5_tokenizer(model_max_length=512)},
             "Flux2Pipeline": {"tokenizer": lambda: mistral_tokenizer(model_max_length=512)},

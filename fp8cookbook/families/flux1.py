@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..fp8.fusion_rule import FusionRule
 from ..sglang_names import GENERIC_RULES, RuntimeRule, runtime_names
-from . import Family, LayerRule, TinySettings, register
-from ._tiny import SEED, clip_tokenizer, flux_vae, t5_tokenizer, tiny_transformer
+from .registry import Family, LayerRule, TinySettings, register
+from .tiny import SEED, clip_tokenizer, flux_vae, t5_tokenizer, tiny_transformer
 
 if TYPE_CHECKING:  # torch loads when inputs or models are made, not with the registry
     import torch

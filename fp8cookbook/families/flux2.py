@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..fp8.fusion_rule import FusionRule
-from . import Family, LayerRule, TinySettings, register
-from ._tiny import SEED, flux_vae, mistral_tokenizer, tiny_transformer
+from .registry import Family, LayerRule, TinySettings, register
+from .tiny import SEED, flux_vae, mistral_tokenizer, tiny_transformer
 from .flux1 import flux_attention_groups, flux_ids, flux_sensitive
 
 if TYPE_CHECKING:  # torch loads when inputs or models are made, not with the registry

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..fp8.fusion_rule import FusionRule
 from ..sglang_names import GENERIC_RULES, RuntimeRule, runtime_names
-from . import Family, InputMaker, LayerRule, TinySettings, register
-from ._tiny import SEED, t5_tokenizer, tiny_transformer
+from .registry import Family, InputMaker, LayerRule, TinySettings, register
+from .tiny import SEED, t5_tokenizer, tiny_transformer
 
 if TYPE_CHECKING:  # torch loads when inputs or models are made, not with the registry
     import torch

@@ -16,7 +16,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "quantize_fp8", "fp8_gemm_supported", "cuda_fp8_ok", "triton",
-           "tl_quantize_fp8", "triton_available", "triton_quantize_fp8"]
+           "tl_quantize_fp8", "triton_available", "triton_error", "triton_quantize_fp8"]
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -80,6 +80,11 @@ else:
 def triton_available() -> bool:
     """Triton importable, so the one-pass kernel exists."""
     return triton is not None
+
+
+def triton_error() -> str | None:
+    """Why Triton is unavailable (for the notes reports print), None when it is there."""
+    return _TRITON.get("error")
 
 
 _BLOCK = 4096
