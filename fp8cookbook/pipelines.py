@@ -20,11 +20,11 @@ hidden-state layers (10, 20, 30) exist.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import torch
 
 from .errors import Fp8CookbookError
 from .families import Family, get_family
+from .files import staged_dir, temp_name
 
 TINY_VERSION = "v1"  # bump when the tiny build changes, so stale caches are not reused
 
@@ -77,24 +78,17 @@ def tiny_pipeline_dir(family_name: str, cache_dir: str | Path | None = None) -> 
     final = _cache_root(cache_dir) / "tiny" / f"{family.name}-{TINY_VERSION}"
     if _is_current(final, family):
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    if final.exists() and not _is_current(final, family):  # stale (tiny_config changed): moved aside under a temporary name, then removed
+        aside = final.parent / temp_name()
+        with contextlib.suppress(FileNotFoundError):  # another caller moved it first
+            final.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
     try:
-        build_tiny_pipeline(family.name).save_pretrained(tmp)
-        if final.exists() and not _is_current(final, family):  # stale (tiny_config changed): move it aside
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
-            try:
-                final.rename(trash / "old")
-            except FileNotFoundError:  # another caller moved it first
-                pass
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not _is_current(final, family):  # not just "another caller got there first"
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with staged_dir(final) as tmp:  # of racing builders exactly one publishes; the others find it current
+            build_tiny_pipeline(family.name).save_pretrained(tmp)
+    except Fp8CookbookError:
+        if not _is_current(final, family):  # not just "another caller got there first"
+            raise
     return final
 
 

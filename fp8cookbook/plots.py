@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -19,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from .errors import Fp8CookbookError
+from .files import atomic_file
 
 if TYPE_CHECKING:
     import torch
@@ -148,14 +147,8 @@ def plot_images(report: "CompareReport") -> "Figure":
 def save_figure(fig: "Figure", path: str | Path, dpi: int = 110) -> Path:
     """PNG written beside its final name and renamed in, so a reader never sees half a file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
     return path
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -31,6 +30,7 @@ from typing import Any, Iterable
 from .checkpoint import (FP8_DTYPE, INPUT_SCALE, STATS_NAME, WEIGHT_SCALE, inspect_checkpoint, read_config,
                          read_quant_info, scan_tensors)
 from .errors import Fp8CookbookError
+from .files import staged_dir
 
 MODEL_INDEX = "model_index.json"
 CARD_NAME = "README.md"
@@ -426,9 +426,7 @@ def write_full_repo(base: str | Path, fp8: dict[str, str | Path], output_dir: st
     if output_dir.exists() and not overwrite:
         raise Fp8CookbookError(f"{output_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with staged_dir(output_dir, overwrite=overwrite) as tmp:  # renamed in (or swapped for the old) at the end
         for entry in sorted(base_dir.iterdir()):
             if entry.name in fp8 or entry.name in (CARD_NAME,) or entry.name.startswith("."):
                 continue
@@ -451,14 +449,6 @@ def write_full_repo(base: str | Path, fp8: dict[str, str | Path], output_dir: st
         missing = [n for n in fp8 if n not in layout.fp8_components()]
         if missing:
             raise Fp8CookbookError(f"{output_dir}: written repo does not read back FP8 for {', '.join(missing)}")
-        if output_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            os.replace(output_dir, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return detect_layout(output_dir)
 
 
@@ -502,9 +492,8 @@ def save_fp8_transformer(model: Any, save_directory: str | Path, *, overwrite: b
         raise Fp8CookbookError(f"{out}: already exists and is not empty (pass overwrite=True to replace it)")
     state = {k: v for k, v in model.state_dict().items()}
     layout = [(name, t.dtype, tuple(t.shape)) for name, t in sorted(state.items())]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    empty = out.is_dir() and not any(out.iterdir())  # an empty folder is taken over, as before
+    with staged_dir(out, overwrite=overwrite or empty) as tmp:
         model.save_config(tmp)  # diffusers' own config.json (class, version, hyper-parameters)
         config = json.loads((tmp / "config.json").read_text())
         config["quantization_config"] = qc
@@ -526,14 +515,6 @@ def save_fp8_transformer(model: Any, save_directory: str | Path, *, overwrite: b
         problems = inspect_checkpoint(tmp).problems
         if problems:
             raise Fp8CookbookError(f"{out}: the saved checkpoint is inconsistent: {problems[0]}")
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -643,7 +624,6 @@ def convert_repo(export: str | Path, output_dir: str | Path, *, base: str | Path
     from .checkpoint import write_json_atomic
     from .convert import convert_checkpoint, protect_inputs
     from .families import family_for_class
-    from .files import staged_dir
 
     layout = detect_layout(export)
     base_dir = local_pipeline_dir(base) if base is not None else None

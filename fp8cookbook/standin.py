@@ -27,14 +27,12 @@ code path (every component, sharding, index files, loading).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +46,7 @@ from torch import nn
 from .checkpoint import StreamingShardWriter
 from .errors import Fp8CookbookError
 from .families import Family, get_family
+from .files import OWNER_NAME, staged_dir
 
 SIZES = ("full", "reduced")
 SLICE_BYTES = 64 * 2**20  # fixed: the values depend on it (one generator per slice)
@@ -505,23 +504,6 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-def _move_into_place(tmp: Path, output_dir: Path) -> None:
-    """Rename the staged folder in; an existing one (overwrite) is moved aside first and put back on failure."""
-    if not output_dir.exists():
-        os.replace(tmp, output_dir)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-    try:
-        os.replace(output_dir, trash / "old")
-        try:
-            os.replace(tmp, output_dir)
-        except OSError:
-            os.replace(trash / "old", output_dir)
-            raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 @dataclass
 class StandinResult:
     family: str
@@ -540,7 +522,7 @@ class StandinResult:
 
 
 def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != OWNER_NAME)
 
 
 def write_standin(family_name: str, output_dir: str | Path, *, size: str = "full", layers: int | None = None,
@@ -584,13 +566,7 @@ def write_standin(family_name: str, output_dir: str | Path, *, size: str = "full
 
     workers = workers or min(16, os.cpu_count() or 1)
     bar_on = sys.stderr.isatty() if progress is None else progress
-    created = [p for p in output_dir.absolute().parents if not p.exists()]
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.standin-", dir=output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the folder should read like any download
+    with staged_dir(output_dir, overwrite=overwrite, wrap_os_errors=False) as tmp:  # renamed in at once
         with tqdm(total=total, unit="B", unit_scale=True, desc="stand-in", disable=not bar_on) as bar:
             for c in plan.components:
                 if c.name not in wanted:
@@ -612,13 +588,6 @@ def write_standin(family_name: str, output_dir: str | Path, *, size: str = "full
         info = dict(result.as_dict(), layers=layers, all_components=[c.name for c in plan.components],
                     note="random weights in the real configs: for time, memory and disk, not for images")
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")  # the whole folder is renamed in at once
-        _move_into_place(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for parent in created:  # deepest first
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-        raise
     log(f"wrote {output_dir} ({_gb(result.written_bytes)} in {result.seconds:.1f} s)")
     return result
 

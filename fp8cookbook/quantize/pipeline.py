@@ -7,9 +7,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +20,7 @@ from ..convert import ConvertStats, convert_checkpoint, peak_rss_mb
 from ..errors import Fp8CookbookError
 from ..fp8.linear import FP8Linear
 from ..families import Family, get_family
+from ..files import staged_dir
 from ..pipelines import default_tiny_settings, require_components, transformer_names
 from ..stages import StageLog
 from .calibration import (DEFAULT_NUM_PROMPTS, as_json, calibrate_together, calibration_settings, is_tiny,
@@ -121,22 +119,6 @@ def _reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _move_into_place(tmp: Path, output_dir: Path) -> None:
-    if not output_dir.exists():
-        os.replace(tmp, output_dir)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-    try:
-        os.replace(output_dir, trash / "old")
-        try:
-            os.replace(tmp, output_dir)
-        except OSError:
-            os.replace(trash / "old", output_dir)  # put the previous output back
-            raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, prompts: list[str] | None = None,
                       num_prompts: int | None = None, num_inference_steps: int | None = None, seed: int = 0,
                       height: int | None = None, width: int | None = None, num_frames: int | None = None,
@@ -201,10 +183,7 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
         models = {n: getattr(pipe, n) for n in names}
         first = next(models[names[0]].parameters())
         _reset_peak_memory(first.device)
-        created = [p for p in output_dir.absolute().parents if not p.exists()]  # removed again on failure
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-        try:
+        with staged_dir(output_dir, overwrite=overwrite) as tmp:  # renamed in (or swapped for the old) at the end
             paths: dict[str, dict[str, Path]] = {}
             for n, model in models.items():  # BF16 base first: quantization changes the weights
                 if bases[n] is None:
@@ -238,13 +217,6 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
             if stages is not None:
                 summary["stages"] = stages.as_dicts()
             write_json_atomic(tmp / "quantize.json", summary)
-            _move_into_place(tmp, output_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            for parent in created:  # deepest first
-                with contextlib.suppress(OSError):
-                    parent.rmdir()
-            raise
         return result
 
 
