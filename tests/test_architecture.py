@@ -138,3 +138,19 @@ def test_temp_folder_then_rename_lives_in_files_py():
             if isinstance(node, ast.Attribute) and node.attr in ("mkdtemp", "mkstemp", "NamedTemporaryFile"):
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno} tempfile.{node.attr}")
     assert bad == []
+
+
+def test_quantise_by_scale_lives_in_numerics():
+    """"Quantise x by its scale" once (fp8/numerics.py: IEEE quotient, saturate at 448, round to e4m3): no other
+    module writes the e4m3 limit as a number or its own division rounding; they call `quantize_fp8` /
+    `tl_quantize_fp8` and use `FP8_MAX`."""
+    bad = []
+    for m, (path, _) in MODULES.items():
+        if m == "fp8cookbook.fp8.numerics":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and type(node.value) in (int, float) and abs(node.value) == 448:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} the literal {node.value}")
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and "div.rn" in node.value:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} its own division rounding")
+    assert bad == []

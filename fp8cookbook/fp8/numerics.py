@@ -56,7 +56,8 @@ if triton is not None:
 
     @triton.jit
     def tl_quantize_fp8(x, scale):
-        """Q(x / scale) inside a Triton kernel: x float32 (any shape), scale a float32 scalar; returns e4m3."""
+        """Q(x / scale) inside a Triton kernel: x float32 (any shape), scale a float32 scalar or a block that
+        broadcasts to x (per-row, per-channel scales); returns e4m3."""
         s = tl.broadcast_to(scale, x.shape)
         # IEEE round-to-nearest division, as torch's `x.float() / scale` (Triton's `/` is an approximation).
         y = tl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=r,r,r", [x, s], dtype=tl.float32,
