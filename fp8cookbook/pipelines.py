@@ -32,7 +32,7 @@ import torch
 
 from .errors import Fp8CookbookError
 from .families import Family, get_family
-from .files import staged_dir, temp_name
+from .files import staged_dir, temp_name, to_jsonable
 
 TINY_VERSION = "v1"  # bump when the tiny build changes, so stale caches are not reused
 
@@ -63,7 +63,7 @@ def _is_current(folder: Path, family: Family) -> bool:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         return False
-    wanted = json.loads(json.dumps(family.tiny_config))  # tuples -> lists, as config.json stores them
+    wanted = to_jsonable(family.tiny_config)  # tuples -> lists, as config.json stores them
     return (all(config.get(k) == v for k, v in wanted.items())
             and index.get("boundary_ratio", family.boundary_ratio) == family.boundary_ratio)
 

@@ -28,6 +28,7 @@ code path (every component, sharding, index files, loading).
 from __future__ import annotations
 
 import hashlib
+import copy
 import json
 import math
 import os
@@ -218,7 +219,7 @@ def recipe(family_name: str, size: str = "full", *, layers: int | None = None) -
 
     if family.pipeline_class == "Flux2Pipeline":
         mtok = tok["tokenizer"]
-        mistral = json.loads(json.dumps(_MISTRAL_SMALL))
+        mistral = copy.deepcopy(_MISTRAL_SMALL)
         if not full:  # 30 layers: Flux2Pipeline reads hidden states 10, 20 and 30
             hidden = tf["joint_attention_dim"] // 3
             mistral["text_config"].update(vocab_size=_REDUCED_VOCAB, hidden_size=hidden, intermediate_size=32,

@@ -154,3 +154,23 @@ def test_quantise_by_scale_lives_in_numerics():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and "div.rn" in node.value:
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno} its own division rounding")
     assert bad == []
+
+
+def test_one_json_cleaner():
+    """JSON cleaning (dataclasses, paths, tensors -> JSON; non-finite floats -> null) is `files.to_jsonable`:
+    no other module has its own recursive cleaner or a json.loads(json.dumps(...)) round trip."""
+    bad = []
+    for m, (path, _) in MODULES.items():
+        if m == "fp8cookbook.files":
+            continue
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            calls = {ast.unparse(c.func) for c in ast.walk(fn) if isinstance(c, ast.Call)}
+            if fn.name in calls and "math.isfinite" in calls:
+                bad.append(f"{path.relative_to(ROOT)}:{fn.lineno} {fn.name} cleans values for JSON")
+        for c in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(c, ast.Call) and ast.unparse(c.func) == "json.loads" and c.args
+                    and isinstance(c.args[0], ast.Call) and ast.unparse(c.args[0].func) == "json.dumps"):
+                bad.append(f"{path.relative_to(ROOT)}:{c.lineno} json.loads(json.dumps(...))")
+    assert bad == []

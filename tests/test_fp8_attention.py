@@ -205,6 +205,18 @@ def test_kernel_runs_under_torch_compile_and_strided_inputs(kernel, monkeypatch)
     assert _rel(out, ref) < 0.04
 
 
+def _tiny_wan_cuda():
+    """A tiny Wan2.2 transformer on the GPU in BF16, and its inputs."""
+    fam = get_family("wan22-a14b")
+    torch.manual_seed(0)  # the tiny config with head_dim 64: head_dim 16 has no FP8 kernel (the reference runs)
+    model = fam.transformer_class()(**{**fam.tiny_config, "attention_head_dim": 64}).to("cuda", torch.bfloat16).eval()
+    inputs = fam.make_inputs(dict(model.config), height=64, width=64, num_frames=5, text_len=8,
+                             generator=torch.Generator().manual_seed(0))
+    inputs = {k: v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else
+              (v.cuda() if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    return model, inputs
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("kernel", KERNELS + ["sage"])  # "sage": attention_kernel.py, the default since issue 13
@@ -213,13 +225,7 @@ def test_fp8_attention_model_in_cuda_graph_and_compiled(kernel, monkeypatch):
     from fp8cookbook.fp8 import fastpath
 
     _kernel(monkeypatch, kernel)
-    fam = get_family("wan22-a14b")
-    torch.manual_seed(0)  # the tiny config with head_dim 64: head_dim 16 has no FP8 kernel (the reference runs)
-    model = fam.transformer_class()(**{**fam.tiny_config, "attention_head_dim": 64}).to("cuda", torch.bfloat16).eval()
-    inputs = fam.make_inputs(dict(model.config), height=64, width=64, num_frames=5, text_len=8,
-                             generator=torch.Generator().manual_seed(0))
-    inputs = {k: v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else
-              (v.cuda() if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    model, inputs = _tiny_wan_cuda()
     with torch.no_grad():
         ref = model(**inputs)[0]
         with fd.record_attention_amax(model) as amax:
@@ -316,13 +322,7 @@ def test_compiled_only_model_reports_its_kernel(kernel, monkeypatch):
     attention ran: `sage` on the BF16 inputs, the others on Inductor's e4m3 ones (cuDNN may refuse: Triton)."""
     _kernel(monkeypatch, kernel)
     torch._dynamo.reset()
-    fam = get_family("wan22-a14b")
-    torch.manual_seed(0)
-    model = fam.transformer_class()(**{**fam.tiny_config, "attention_head_dim": 64}).to("cuda", torch.bfloat16).eval()
-    inputs = fam.make_inputs(dict(model.config), height=64, width=64, num_frames=5, text_len=8,
-                             generator=torch.Generator().manual_seed(0))
-    inputs = {k: v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else
-              (v.cuda() if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    model, inputs = _tiny_wan_cuda()
     with torch.no_grad():
         with fd.record_attention_amax(model) as amax:
             model(**inputs)

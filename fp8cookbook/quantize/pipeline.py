@@ -23,7 +23,7 @@ from ..families import Family, get_family
 from ..files import staged_dir
 from ..pipelines import default_tiny_settings, require_components, transformer_names
 from ..stages import StageLog
-from .calibration import (DEFAULT_NUM_PROMPTS, as_json, calibrate_together, calibration_settings, is_tiny,
+from .calibration import (DEFAULT_NUM_PROMPTS, calibrate_together, calibration_settings, is_tiny,
                           no_amax_message, calibration_prompts)
 from .export import export_has_fp8_weights, export_transformer, save_modelopt_state
 from .recipe import missing_amaxes, quiet_modelopt, fp8_diffusion_quant_cfg, require_modelopt, tensor_quantizers
