@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import Fp8CookbookError
+from ..files import check_scale
 from .numerics import FP8_MAX, quantize_fp8
 
 __all__ = ["fp8_attention_v2", "attention_v2_reference", "attention_v2_available", "QK_MODES", "PV_MODES",
@@ -143,9 +144,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, scale
         if len(scales) != 3:
             raise Fp8CookbookError("fp8_attention_v2: scales must be (q_scale, k_scale, v_scale)")
         for name, s in zip("qkv", scales):
-            t = torch.as_tensor(s)
-            if t.numel() != 1 or not (0 < float(t.float().reshape(())) < float("inf")):
-                raise Fp8CookbookError(f"fp8_attention_v2: scales[{name}] = {s}: want one positive finite number")
+            check_scale(f"scales[{name}]", s, "fp8_attention_v2")  # the one scale rule: one value, finite, > 0
     if need_cuda and q.shape[3] not in HEAD_DIMS:
         raise Fp8CookbookError(f"fp8_attention_v2: head_dim {q.shape[3]} has no kernel (have {HEAD_DIMS})")
 
