@@ -84,6 +84,9 @@ class Family:
     serve_notes: tuple[str, ...] = ()  # printed with the serve command
     # The fast path: which FP8 layers read one input and may become one GEMM.
     fusion_rules: tuple[FusionRule, ...] = ()
+    # Full-size stand-ins (standin.py): (family, full, transformer config) -> `standin.StandinParts`, the pipeline's
+    # other components from the real repo's configs (cited), its scheduler and tokenizers. None: no stand-in.
+    standin: Callable[["Family", bool, dict[str, Any]], Any] | None = None
 
     @property
     def is_video(self) -> bool:
