@@ -124,7 +124,26 @@ def test_no_private_name_taken_from_another_module():
             private = [p for p in target.split(".") if p.startswith("_") and not p.startswith("__")]
             if private and not m.startswith(target.rsplit(".", 1)[0] + ".") and target != m and pkg != target:
                 bad.append(f"{m}:{line} imports the private module {target}")
+        bad += _private_attributes(m)
     assert bad == []
+
+
+def _private_attributes(name: str) -> list[str]:
+    """`mod._y` where `mod` is a project module bound by an import (as cli once used `bench._log_stderr`)."""
+    path, is_pkg = MODULES[name]
+    tree = ast.parse(path.read_text())
+    base = name.split(".") if is_pkg else name.split(".")[:-1]
+    bound: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            target = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else []))
+            bound.update({a.asname or a.name: f"{target}.{a.name}" for a in node.names
+                          if f"{target}.{a.name}" in MODULES})
+        elif isinstance(node, ast.Import):
+            bound.update({a.asname: a.name for a in node.names if a.asname and a.name in MODULES})
+    return [f"{name}:{node.lineno} uses {bound[node.value.id]}.{node.attr}" for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
+            and bound[node.value.id] != name and node.attr.startswith("_") and not node.attr.startswith("__")]
 
 
 def test_temp_folder_then_rename_lives_in_files_py():
