@@ -45,7 +45,7 @@ from torch import nn
 
 from .checkpoint import StreamingShardWriter
 from .errors import Fp8CookbookError
-from .families import Family, get_family
+from .families import Family, StandinComponent, get_family
 from .files import OWNER_NAME, staged_dir
 
 SIZES = ("full", "reduced")
@@ -53,45 +53,21 @@ SLICE_BYTES = 64 * 2**20  # fixed: the values depend on it (one generator per sl
 SHARD_BYTES = 5 * 10**9  # what `save_pretrained(max_shard_size="5GB")` writes
 MARKER = "fp8cookbook_standin.json"
 DTYPE = torch.bfloat16
-REDUCED_VOCAB = 1024  # text encoders of the reduced stand-ins: > every offline tokenizer's size
 
 # --------------------------------------------------------------------------------------------------- recipes
-@dataclass(frozen=True)
-class Component:
-    """One weight-bearing pipeline component: its class and constructor config."""
-
-    name: str  # folder in the pipeline: transformer, text_encoder, vae, ...
-    library: str  # "diffusers" or "transformers"
-    class_name: str
-    config: dict[str, Any]
-    config_class: str | None = None  # transformers: the config class the model takes
-    source: str = ""  # where the real config comes from
-    dtype: torch.dtype = DTYPE  # as the real repo stores it (the Wan VAEs are float32 there)
-
-
 @dataclass(frozen=True)
 class Recipe:
     """Everything `write_standin` writes for one family at one size."""
 
     family: Family
     size: str
-    components: tuple[Component, ...]
+    components: tuple[StandinComponent, ...]
     scheduler: tuple[str, dict[str, Any]]
     tokenizers: dict[str, Callable[[], Any]]
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)  # boundary_ratio, expand_timesteps
 
-    def component(self, name: str) -> Component:
+    def component(self, name: str) -> StandinComponent:
         return next(c for c in self.components if c.name == name)
-
-
-@dataclass(frozen=True)
-class StandinParts:
-    """What a family's `Family.standin` gives besides the transformers, from the real repo's configs."""
-
-    components: tuple[Component, ...]
-    scheduler: tuple[str, dict[str, Any]]  # class name, config
-    tokenizers: dict[str, Callable[[], Any]]  # component name -> an offline tokenizer factory
-    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)  # boundary_ratio, expand_timesteps
 
 
 def _with_layers(family: Family, config: dict[str, Any], layers: int | None) -> dict[str, Any]:
@@ -114,7 +90,7 @@ def recipe(family_name: str, size: str = "full", *, layers: int | None = None) -
     full = size == "full"
     tf = _with_layers(family, family.full_config if full else family.tiny_config, layers)
     repo = family.hub_id
-    transformers = tuple(Component(name, "diffusers", family.class_name, tf, source=f"{repo} {name}/config.json")
+    transformers = tuple(StandinComponent(name, "diffusers", family.class_name, tf, source=f"{repo} {name}/config.json")
                          for name in family.experts)
     if family.standin is None:
         raise Fp8CookbookError(f"no stand-in recipe for {family.title} ({family.pipeline_class})")
@@ -124,7 +100,7 @@ def recipe(family_name: str, size: str = "full", *, layers: int | None = None) -
 
 
 # ------------------------------------------------------------------------------------------- meta models
-def _meta_model(component: Component) -> nn.Module:
+def _meta_model(component: StandinComponent) -> nn.Module:
     """The component's model with parameters on the meta device and buffers as the class initialises them."""
     from accelerate import init_empty_weights
 
@@ -179,12 +155,12 @@ def tensor_specs(model: nn.Module, dtype: torch.dtype = DTYPE, *, keep_fp32: boo
     return specs
 
 
-def _specs(component: Component, model: nn.Module) -> list[TensorSpec]:
-    return tensor_specs(model, component.dtype, keep_fp32=component.library == "diffusers")
+def _specs(component: StandinComponent, model: nn.Module) -> list[TensorSpec]:
+    return tensor_specs(model, getattr(torch, component.dtype), keep_fp32=component.library == "diffusers")
 
 
 @dataclass
-class ComponentSize:
+class StandinComponentSize:
     name: str
     class_name: str
     parameters: int
@@ -198,14 +174,14 @@ class ComponentSize:
 
 
 def size_table(plan: Recipe, components: list[str] | None = None,
-               models: dict[str, nn.Module] | None = None) -> list[ComponentSize]:
+               models: dict[str, nn.Module] | None = None) -> list[StandinComponentSize]:
     """Per weight component: parameter count and bytes as stored, from the configs on the meta device."""
     out = []
     for c in plan.components:
         if components is not None and c.name not in components:
             continue
         specs = _specs(c, models[c.name] if models else _meta_model(c))
-        out.append(ComponentSize(c.name, c.class_name, sum(math.prod(s.shape) for s in specs),
+        out.append(StandinComponentSize(c.name, c.class_name, sum(math.prod(s.shape) for s in specs),
                                  sum(s.nbytes for s in specs), len(specs), c.source))
     return out
 
@@ -214,7 +190,7 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.2f} MB"
 
 
-def size_lines(plan: Recipe, sizes: list[ComponentSize]) -> list[str]:
+def size_lines(plan: Recipe, sizes: list[StandinComponentSize]) -> list[str]:
     """The size table: one line per component and the total."""
     lines = [f"{plan.family.title} stand-in ({plan.size} size): weights",
              f"  {'component':16s} {'class':34s} {'parameters':>14s} {'size':>10s}"]
@@ -303,7 +279,7 @@ def _shard(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
     return shards
 
 
-def _write_component(component: Component, model: nn.Module, folder: Path, seed: int, workers: int,
+def _write_component(component: StandinComponent, model: nn.Module, folder: Path, seed: int, workers: int,
                      shard_bytes: int, advance: Callable[[int], None]) -> None:
     folder.mkdir(parents=True)
     if component.library == "diffusers":
@@ -372,7 +348,7 @@ class StandinResult:
     family: str
     size: str
     output_dir: Path | None
-    sizes: list[ComponentSize]
+    sizes: list[StandinComponentSize]
     seed: int
     seconds: float = 0.0
     written_bytes: int = 0  # every file under the folder
@@ -463,7 +439,7 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def build_component(component: Component, *, seed: int = 0, device: str | torch.device = "cpu",
+def build_component(component: StandinComponent, *, seed: int = 0, device: str | torch.device = "cpu",
                     workers: int | None = None) -> nn.Module:
     """One component in memory with the same values `write_standin` writes, as `load_pipeline` holds it (BF16, a
     diffusers model's `_keep_in_fp32_modules` float32), drawn slice by slice straight into tensors on `device`."""

@@ -10,11 +10,12 @@ carries the reason it is there.
 
 from __future__ import annotations
 
-from .registry import (ALIASES, FAMILIES, Family, InputMaker, LayerRule, TinySettings, all_fusion_rules, build_transformer,
-                       family_for_class, get_family, register)
+from .registry import (ALIASES, FAMILIES, REDUCED_VOCAB, Family, InputMaker, LayerRule, StandinComponent, StandinParts,
+                       TinySettings, all_fusion_rules, build_transformer, family_for_class, get_family, register)
 
 __all__ = ["LayerRule", "InputMaker", "TinySettings", "Family", "FAMILIES", "ALIASES", "register", "get_family",
-           "family_for_class", "all_fusion_rules", "build_transformer"]
+           "family_for_class", "all_fusion_rules", "build_transformer", "StandinComponent", "StandinParts",
+           "REDUCED_VOCAB"]
 
 # The family files register themselves; the order is the order users see.
 from . import flux1, flux2, wan22  # noqa: E402,F401

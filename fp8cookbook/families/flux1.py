@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..fp8.fusion_rule import FusionRule
 from ..sglang_names import GENERIC_RULES, RuntimeRule, runtime_names
-from .registry import Family, LayerRule, TinySettings, register
+from .registry import REDUCED_VOCAB, Family, LayerRule, StandinComponent, StandinParts, TinySettings, register
 from .encoders import T5_XXL
 from .tiny import SEED, clip_tokenizer, flux_vae, t5_tokenizer, tiny_transformer
 
@@ -210,8 +210,6 @@ FLUX1_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting
 
 def _standin(family: Family, full: bool, tf: dict[str, Any]):
     """A stand-in's components besides the transformer: CLIP-L and T5-XXL text encoders, the VAE, the scheduler."""
-    from ..standin import REDUCED_VOCAB, Component, StandinParts
-
     tokenizers = {"tokenizer": clip_tokenizer, "tokenizer_2": lambda: t5_tokenizer(model_max_length=512)}
     tok = {name: make() for name, make in tokenizers.items()}  # their special-token ids go into the encoders
     repo = family.hub_id
@@ -229,11 +227,11 @@ def _standin(family: Family, full: bool, tf: dict[str, Any]):
     vae = dict(_FLUX1_VAE) if full else dict(_FLUX1_VAE, block_out_channels=[16] * 4, layers_per_block=1,
                                                     norm_num_groups=8, latent_channels=tf["in_channels"] // 4,
                                                     sample_size=64)
-    others = (Component("text_encoder", "transformers", "CLIPTextModel", clip, "CLIPTextConfig",
-                        f"{repo} text_encoder/config.json"),
-              Component("text_encoder_2", "transformers", "T5EncoderModel", t5, "T5Config",
-                        f"{repo} text_encoder_2/config.json"),
-              Component("vae", "diffusers", "AutoencoderKL", vae, source=f"{repo} vae/config.json"))
+    others = (StandinComponent("text_encoder", "transformers", "CLIPTextModel", clip, "CLIPTextConfig",
+                               f"{repo} text_encoder/config.json"),
+              StandinComponent("text_encoder_2", "transformers", "T5EncoderModel", t5, "T5Config",
+                               f"{repo} text_encoder_2/config.json"),
+              StandinComponent("vae", "diffusers", "AutoencoderKL", vae, source=f"{repo} vae/config.json"))
     return StandinParts(others, ("FlowMatchEulerDiscreteScheduler", FLUX1_SCHEDULER), tokenizers)
 
 

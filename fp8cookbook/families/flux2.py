@@ -6,7 +6,7 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 from ..fp8.fusion_rule import FusionRule
-from .registry import Family, LayerRule, TinySettings, register
+from .registry import REDUCED_VOCAB, Family, LayerRule, StandinComponent, StandinParts, TinySettings, register
 from .tiny import SEED, flux_vae, mistral_tokenizer, tiny_transformer
 from .flux1 import FLUX1_SCHEDULER, flux_attention_groups, flux_ids, flux_sensitive
 
@@ -102,8 +102,6 @@ _FLUX2_SCHEDULER = dict(FLUX1_SCHEDULER, time_shift_type="exponential")
 
 def _standin(family: Family, full: bool, tf: dict[str, Any]):
     """A stand-in's components besides the transformer: the Mistral-Small text encoder, the VAE, the scheduler."""
-    from ..standin import REDUCED_VOCAB, Component, StandinParts
-
     tokenizers = {"tokenizer": lambda: mistral_tokenizer(model_max_length=512)}
     tok = {name: make() for name, make in tokenizers.items()}  # their special-token ids go into the encoder
     repo = family.hub_id
@@ -122,9 +120,9 @@ def _standin(family: Family, full: bool, tf: dict[str, Any]):
     vae = dict(_FLUX2_VAE) if full else dict(_FLUX2_VAE, block_out_channels=[16] * 4, layers_per_block=1,
                                                     norm_num_groups=8, latent_channels=tf["in_channels"] // 4,
                                                     sample_size=64)
-    others = (Component("text_encoder", "transformers", "Mistral3ForConditionalGeneration", mistral,
-                        "Mistral3Config", f"{repo} text_encoder/config.json"),
-              Component("vae", "diffusers", "AutoencoderKLFlux2", vae, source=f"{repo} vae/config.json"))
+    others = (StandinComponent("text_encoder", "transformers", "Mistral3ForConditionalGeneration", mistral,
+                               "Mistral3Config", f"{repo} text_encoder/config.json"),
+              StandinComponent("vae", "diffusers", "AutoencoderKLFlux2", vae, source=f"{repo} vae/config.json"))
     return StandinParts(others, ("FlowMatchEulerDiscreteScheduler", _FLUX2_SCHEDULER), tokenizers)
 
 

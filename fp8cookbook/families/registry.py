@@ -86,7 +86,7 @@ class Family:
     fusion_rules: tuple[FusionRule, ...] = ()
     # Full-size stand-ins (standin.py): (family, full, transformer config) -> `standin.StandinParts`, the pipeline's
     # other components from the real repo's configs (cited), its scheduler and tokenizers. None: no stand-in.
-    standin: Callable[["Family", bool, dict[str, Any]], Any] | None = None
+    standin: Callable[["Family", bool, dict[str, Any]], "StandinParts"] | None = None
 
     @property
     def is_video(self) -> bool:
@@ -103,6 +103,33 @@ class Family:
     def skip_in_calibration(self, module_name: str, config: dict[str, Any]) -> bool:
         """Layers calibration leaves in BF16: the sensitive filter plus the fallback profile (quantizing them is waste)."""
         return self.is_fallback(module_name) or any(rule.matches(module_name) for rule in self.sensitive(config))
+
+
+# ------------------------------------------------------------------------------------------- stand-in data
+REDUCED_VOCAB = 1024  # text encoders of the reduced stand-ins: > every offline tokenizer's size
+
+
+@dataclass(frozen=True)
+class StandinComponent:
+    """One weight-bearing pipeline component of a stand-in (standin.py): its class and constructor config."""
+
+    name: str  # folder in the pipeline: transformer, text_encoder, vae, ...
+    library: str  # "diffusers" or "transformers"
+    class_name: str
+    config: dict[str, Any]
+    config_class: str | None = None  # transformers: the config class the model takes
+    source: str = ""  # where the real config comes from
+    dtype: str = "bfloat16"  # torch dtype name, as the real repo stores it (the Wan VAEs are float32 there)
+
+
+@dataclass(frozen=True)
+class StandinParts:
+    """What a family's `Family.standin` gives besides the transformers, from the real repo's configs."""
+
+    components: tuple[StandinComponent, ...]
+    scheduler: tuple[str, dict[str, Any]]  # class name, config
+    tokenizers: dict[str, Callable[[], Any]]  # component name -> an offline tokenizer factory
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)  # boundary_ratio, expand_timesteps
 
 
 # ------------------------------------------------------------------------------------------------- registry

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..fp8.fusion_rule import FusionRule
 from ..sglang_names import GENERIC_RULES, RuntimeRule, runtime_names
-from .registry import Family, InputMaker, LayerRule, TinySettings, register
+from .registry import (REDUCED_VOCAB, Family, InputMaker, LayerRule, StandinComponent, StandinParts, TinySettings,
+                       register)
 from .encoders import T5_XXL
 from .tiny import SEED, t5_tokenizer, tiny_transformer
 
@@ -163,10 +164,6 @@ _WAN_SCHEDULER = dict(num_train_timesteps=1000, prediction_type="flow_prediction
 def _standin(family: Family, full: bool, tf: dict[str, Any]):
     """A stand-in's components besides the transformers: T2V-A14B (two experts, the Wan2.1 VAE) or TI2V-5B (one
     transformer, the Wan2.2 VAE); the umt5 text encoder and the UniPC scheduler."""
-    import torch
-
-    from ..standin import REDUCED_VOCAB, Component, StandinParts
-
     tokenizers = {"tokenizer": lambda: t5_tokenizer(model_max_length=512)}
     tok = {name: make() for name, make in tokenizers.items()}  # their special-token ids go into the encoder
     repo = family.hub_id
@@ -182,10 +179,10 @@ def _standin(family: Family, full: bool, tf: dict[str, Any]):
                    latents_std=[1.0] * z)
         if not two:
             vae["decoder_base_dim"] = 8
-    others = (Component("text_encoder", "transformers", "UMT5EncoderModel", umt5, "UMT5Config",
-                        f"{repo} text_encoder/config.json"),
-              Component("vae", "diffusers", "AutoencoderKLWan", vae, source=f"{repo} vae/config.json",
-                        dtype=torch.float32))
+    others = (StandinComponent("text_encoder", "transformers", "UMT5EncoderModel", umt5, "UMT5Config",
+                               f"{repo} text_encoder/config.json"),
+              StandinComponent("vae", "diffusers", "AutoencoderKLWan", vae, source=f"{repo} vae/config.json",
+                               dtype="float32"))
     scheduler = dict(_WAN_SCHEDULER, flow_shift=3.0 if two else 5.0)
     extra = dict(boundary_ratio=family.boundary_ratio) if two else dict(expand_timesteps=True)
     return StandinParts(others, ("UniPCMultistepScheduler", scheduler), tokenizers, extra)
