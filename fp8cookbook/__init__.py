@@ -2,51 +2,31 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .errors import Fp8CookbookError
+from .families import FAMILIES, Family, get_family
+from .version import __version__
 
-from .errors import Fp8CookbookError  # noqa: E402
-from .families import FAMILIES, Family, get_family  # noqa: E402
+
+# Heavy modules load on first use, so `import fp8cookbook` and the CLI's --help stay fast: name -> its module.
+_LAZY = {
+    "load_fp8_transformer": "loader", "LoadReport": "loader",
+    "convert_checkpoint": "convert", "ConvertStats": "convert",
+    "inspect_checkpoint": "checkpoint",
+    "FP8Linear": "fp8.linear",
+    "quantize_": "fp8.quantize", "StaticFP8Config": "fp8.quantize",
+    "AttentionMode": "fp8.attention_mode",
+    "quantize_pipeline": "quantize",
+    "compare_trajectories": "compare",
+    "load_pipeline": "pipelines",
+}
 
 
 def __getattr__(name: str):
-    # Heavy modules load on first use, so `import fp8cookbook` and the CLI's --help stay fast.
-    if name in ("load_fp8_transformer", "LoadReport"):
-        from . import loader
+    if name not in _LAZY:
+        raise AttributeError(name)
+    import importlib
 
-        return getattr(loader, name)
-    if name in ("convert_checkpoint", "ConvertStats"):
-        from . import convert
-
-        return getattr(convert, name)
-    if name in ("inspect_checkpoint",):
-        from . import checkpoint
-
-        return checkpoint.inspect_checkpoint
-    if name in ("FP8Linear",):
-        from .fp8 import linear
-
-        return linear.FP8Linear
-    if name in ("quantize_", "StaticFP8Config"):
-        from .fp8 import quantize
-
-        return getattr(quantize, name)
-    if name in ("AttentionMode",):
-        from .fp8 import attention_mode
-
-        return attention_mode.AttentionMode
-    if name in ("quantize_pipeline",):
-        from . import quantize
-
-        return quantize.quantize_pipeline
-    if name in ("compare_trajectories",):
-        from . import compare
-
-        return compare.compare_trajectories
-    if name in ("load_pipeline",):
-        from . import pipelines
-
-        return pipelines.load_pipeline
-    raise AttributeError(name)
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
 
 
 __all__ = ["Fp8CookbookError", "FAMILIES", "Family", "get_family", "load_fp8_transformer", "LoadReport",

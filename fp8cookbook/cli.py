@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
+from .version import __version__
 from .errors import Fp8CookbookError
 from .fp8.attention_mode import MIN_KV_TOKENS, MODES
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .errors import Fp8CookbookError
 from .files import to_jsonable
 from .families import Family, get_family

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from .version import __version__
 from .checkpoint import (FP8_DTYPE, FP8_MAX, INDEX_NAME, INPUT_SCALE, STATS_NAME, WEIGHT_SCALE, IgnoreRules,
                          StreamingShardWriter, TensorReader, inspect_checkpoint, module_of, quant_config, read_config,
                          read_quant_info, shard_metadata, write_attention_scales)

@@ -375,11 +375,13 @@ def temp_dir(parent: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def staged_dir(target: str | Path, *, overwrite: bool = False, need_bytes: int = 0) -> Iterator[Path]:
+def staged_dir(target: str | Path, *, overwrite: bool = False, need_bytes: int = 0,
+               wrap_os_errors: bool = True) -> Iterator[Path]:
     """A staging folder beside `target`; on success it is published (`publish`), on any failure removed.
 
     The caller writes into the yielded folder. `need_bytes` > 0 checks the free space first. Earlier runs' stale
-    temporaries in the same parent are removed first (`clean_stale`).
+    temporaries in the same parent are removed first (`clean_stale`). An OSError becomes one `disk_error` line
+    naming `target`; with `wrap_os_errors=False` one raised by the caller's own writes propagates unchanged.
     """
     target = Path(target)
     _check_target(target, overwrite)
@@ -408,6 +410,8 @@ def staged_dir(target: str | Path, *, overwrite: bool = False, need_bytes: int =
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_created(created)
+        if not wrap_os_errors:
+            raise
         raise disk_error(e, target, need_bytes or None) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

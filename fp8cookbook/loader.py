@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, QuantInfo, TensorReader,
                          inspect_checkpoint, quant_config, read_attention_scales, read_config, read_quant_info)
 from .errors import Fp8CookbookError

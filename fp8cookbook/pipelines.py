@@ -6,7 +6,7 @@ transformers classes, with random weights at tiny size, built from a fixed seed,
 and then loaded through exactly the `from_pretrained` path that a real checkpoint takes.
 
 Each family's file builds its tiny pipeline (`Family.build_tiny_pipeline`); the shared tokenizers are in
-`families/_tiny.py`. This module caches and loads pipelines and builds generation kwargs.
+`families/tiny.py`. This module caches and loads pipelines and builds generation kwargs.
 
 One substitution (FLUX.2): the real `tokenizer` component of FLUX.2-dev is a `PixtralProcessor`. That class needs
 torchvision (transformers replaces it with a placeholder otherwise), which the CPU environment does not have. The
@@ -20,19 +20,19 @@ hidden-state layers (10, 20, 30) exist.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import Fp8CookbookError
-from .files import clean_stale, plain_modes, temp_dir
 from .families import Family, get_family
+from .files import plain_modes, staged_dir, temp_name, to_jsonable
 
 TINY_VERSION = "v1"  # bump when the tiny build changes, so stale caches are not reused
 
@@ -63,7 +63,7 @@ def _is_current(folder: Path, family: Family) -> bool:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         return False
-    wanted = json.loads(json.dumps(family.tiny_config))  # tuples -> lists, as config.json stores them
+    wanted = to_jsonable(family.tiny_config)  # tuples -> lists, as config.json stores them
     return (all(config.get(k) == v for k, v in wanted.items())
             and index.get("boundary_ratio", family.boundary_ratio) == family.boundary_ratio)
 
@@ -78,26 +78,18 @@ def tiny_pipeline_dir(family_name: str, cache_dir: str | Path | None = None) -> 
     final = _cache_root(cache_dir) / "tiny" / f"{family.name}-{TINY_VERSION}"
     if _is_current(final, family):
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(final.parent)
-    tmp = temp_dir(final.parent)  # the umask's modes: the cache may be shared
+    if final.exists() and not _is_current(final, family):  # stale (tiny_config changed): moved aside under a temporary name, then removed
+        aside = final.parent / temp_name()
+        with contextlib.suppress(FileNotFoundError):  # another caller moved it first
+            final.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
     try:
-        build_tiny_pipeline(family.name).save_pretrained(tmp)
-        plain_modes(tmp)  # safetensors writes 0600 files
-        if final.exists() and not _is_current(final, family):  # stale (tiny_config changed): move it aside
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
-            try:
-                final.rename(trash / "old")
-            except FileNotFoundError:  # another caller moved it first
-                pass
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not _is_current(final, family):  # not just "another caller got there first"
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with staged_dir(final) as tmp:  # of racing builders exactly one publishes; the others find it current
+            build_tiny_pipeline(family.name).save_pretrained(tmp)
+            plain_modes(tmp)  # safetensors writes 0600 files; the cache may be shared
+    except Fp8CookbookError:
+        if not _is_current(final, family):  # not just "another caller got there first"
+            raise
     return final
 
 

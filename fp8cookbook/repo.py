@@ -648,7 +648,6 @@ def convert_repo(export: str | Path, output_dir: str | Path, *, base: str | Path
     from .checkpoint import write_json_atomic
     from .convert import convert_checkpoint, protect_inputs
     from .families import family_for_class
-    from .files import staged_dir
 
     layout = detect_layout(export)
     base_dir = local_pipeline_dir(base) if base is not None else None

@@ -8,13 +8,13 @@ before any work starts, and the report lists every file in the folder with the i
 from __future__ import annotations
 
 import datetime
-import math
 import secrets
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .files import to_jsonable
 
 if TYPE_CHECKING:
     from .families import Family
@@ -51,23 +51,6 @@ def clear_outputs(output_dir: str | Path, names: tuple[str, ...] = OUTPUT_NAMES)
     return removed
 
 
-def _plain(obj: Any) -> Any:
-    """JSON-safe: paths as strings, dataclasses as dicts, non-finite floats as None."""
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "__dataclass_fields__"):
-        return _plain(asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
-        return _plain(obj.item())
-    return obj
-
-
 class NotebookReport:
     """The results of one notebook run, recorded by name and written to `output_dir/report.json`.
 
@@ -88,14 +71,14 @@ class NotebookReport:
         self._t0 = time.perf_counter()
         self.data: dict[str, Any] = {
             "schema": REPORT_SCHEMA, "run_id": self.run_id, "notebook": notebook, "family": fam.name, "title": fam.title,
-            "settings": _plain(settings), "quantize": None, "convert": {}, "inspect": {}, "load": {},
+            "settings": to_jsonable(settings), "quantize": None, "convert": {}, "inspect": {}, "load": {},
             "compare": {"thresholds": None, "prompts": []}, "bench": None, "checkpoint": {}, "serve": None, "serve_repo": None,
             "summary": [], "failures": [], "notes": [], "passed": None, "seconds": None, "files": {},
         }
 
     def quantize(self, result) -> None:
         cal = result.calibration
-        self.data["quantize"] = _plain({
+        self.data["quantize"] = to_jsonable({
             "output_dir": result.output_dir, "seconds": round(result.seconds, 2),
             "peak_memory_mb": round(result.peak_memory_mb, 1), "peak_cuda_memory_mb": result.peak_cuda_memory_mb,
             "calibration": {k: cal[k] for k in ("prompts", "num_inference_steps", "seed", "height", "width",
@@ -107,13 +90,13 @@ class NotebookReport:
         self.convert(result.convert_stats)
 
     def convert(self, stats: dict[str, Any]) -> None:
-        self.data["convert"] = {name: _plain(s) for name, s in stats.items()}
+        self.data["convert"] = {name: to_jsonable(s) for name, s in stats.items()}
 
     def inspect(self, name: str, report) -> None:
-        self.data["inspect"][name] = _plain(report)
+        self.data["inspect"][name] = to_jsonable(report)
 
     def load(self, reports: dict[str, Any], warnings_shown: list[str]) -> None:
-        self.data["load"] = {"components": {n: _plain(r) for n, r in reports.items()}, "warnings": list(warnings_shown)}
+        self.data["load"] = {"components": {n: to_jsonable(r) for n, r in reports.items()}, "warnings": list(warnings_shown)}
 
     def compare(self, report, thresholds, paths: list[Path]) -> None:
         d = report.to_dict(thresholds)
@@ -132,7 +115,7 @@ class NotebookReport:
     def bench(self, report: dict[str, Any], path: str | Path | None) -> None:
         fp8 = next(s for s in report["sides"] if s["name"] == report["fp8"])
         bf16 = next(s for s in report["sides"] if s["name"] == report["bf16"])
-        self.data["bench"] = _plain({
+        self.data["bench"] = to_jsonable({
             "path": path, "mode": report["mode"], "device": report["environment"].get("gpu") or "cpu",
             "bf16_loop_s": bf16["loop_s"]["median"], "fp8_loop_s": fp8["loop_s"]["median"],
             "speedup": report["speedup"], "peak_memory_ratio": report.get("peak_memory_ratio"),
@@ -204,5 +187,5 @@ class NotebookReport:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         files = sorted(str(p.relative_to(self.output_dir)) for p in self.output_dir.rglob("*") if p.is_file())
         self.data["files"] = {f: self.run_id for f in files + [REPORT_NAME] if not f.startswith(".")}
-        write_json_atomic(self.path, _plain(self.data))
+        write_json_atomic(self.path, to_jsonable(self.data))
         return self.path

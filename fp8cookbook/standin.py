@@ -27,14 +27,12 @@ code path (every component, sharding, index files, loading).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -47,123 +45,29 @@ from torch import nn
 
 from .checkpoint import StreamingShardWriter
 from .errors import Fp8CookbookError
-from .families import Family, get_family
+from .families import Family, StandinComponent, get_family
+from .files import OWNER_NAME, staged_dir
 
 SIZES = ("full", "reduced")
 SLICE_BYTES = 64 * 2**20  # fixed: the values depend on it (one generator per slice)
 SHARD_BYTES = 5 * 10**9  # what `save_pretrained(max_shard_size="5GB")` writes
 MARKER = "fp8cookbook_standin.json"
 DTYPE = torch.bfloat16
-_REDUCED_VOCAB = 1024  # > every offline tokenizer's size
-
-# ---------------------------------------------------------------------------------------------- real configs
-# FLUX.1-dev. text_encoder: black-forest-labs/FLUX.1-dev text_encoder/config.json (CLIP ViT-L/14 text tower).
-_CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
-               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-               attention_dropout=0.0, initializer_factor=1.0)
-# text_encoder_2: black-forest-labs/FLUX.1-dev text_encoder_2/config.json (google/t5-v1_1-xxl encoder).
-_T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-               relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
-               layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True,
-               tie_word_embeddings=False, is_encoder_decoder=False, use_cache=False)
-# vae: black-forest-labs/FLUX.1-dev vae/config.json.
-_FLUX1_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                  up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
-                  act_fn="silu", latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611,
-                  shift_factor=0.1159, force_upcast=True, use_quant_conv=False, use_post_quant_conv=False,
-                  mid_block_add_attention=True)
-# scheduler: black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json.
-_FLUX1_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                        base_image_seq_len=256, max_image_seq_len=4096)
-
-# FLUX.2-dev. text_encoder: black-forest-labs/FLUX.2-dev text_encoder/config.json (Mistral-Small-3.1-24B-Instruct-2503,
-# with its language-model head: 24.0 B parameters).
-_MISTRAL_SMALL = dict(
-    text_config=dict(model_type="mistral", vocab_size=131072, hidden_size=5120, intermediate_size=32768,
-                     num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                     hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=1e9,
-                     sliding_window=None, attention_dropout=0.0, tie_word_embeddings=False),
-    vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                       num_attention_heads=16, head_dim=64, num_channels=3, patch_size=14, image_size=1540,
-                       hidden_act="silu", rope_theta=10000.0, attention_dropout=0.0),
-    projector_hidden_act="gelu", multimodal_projector_bias=False, spatial_merge_size=2, vision_feature_layer=-1,
-    tie_word_embeddings=False)
-# vae: black-forest-labs/FLUX.2-dev vae/config.json (AutoencoderKLFlux2; diffusers' defaults are this config).
-_FLUX2_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                  up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
-                  act_fn="silu", latent_channels=32, norm_num_groups=32, sample_size=1024, use_quant_conv=True,
-                  use_post_quant_conv=True, mid_block_add_attention=True, batch_norm_eps=1e-4,
-                  batch_norm_momentum=0.1, patch_size=[2, 2])
-# scheduler: black-forest-labs/FLUX.2-dev scheduler/scheduler_config.json.
-_FLUX2_SCHEDULER = dict(_FLUX1_SCHEDULER, time_shift_type="exponential")
-
-# Wan2.2. text_encoder: Wan-AI/Wan2.2-T2V-A14B-Diffusers (and -TI2V-5B-Diffusers) text_encoder/config.json (umt5-xxl).
-_UMT5_XXL = dict(_T5_XXL, vocab_size=256384)
-# vae: Wan-AI/Wan2.2-T2V-A14B-Diffusers vae/config.json (the Wan2.1 VAE; diffusers' AutoencoderKLWan defaults).
-_WAN21_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                  temperal_downsample=[False, True, True], dropout=0.0,
-                  latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
-                                0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
-                  latents_std=[2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
-                               1.5579, 1.6382, 1.1253, 2.8251, 1.916])
-# vae: Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json (the Wan2.2 VAE: 16x spatial, 2x2 patchify, residual).
-_WAN22_VAE = dict(
-    base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-    temperal_downsample=[False, True, True], dropout=0.0, is_residual=True, in_channels=12, out_channels=12,
-    patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
-    latents_mean=[-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
-                  0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
-                  -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
-                  -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667],
-    latents_std=[0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
-                 0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
-                 0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
-                 0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744])
-# scheduler: Wan-AI/Wan2.2-T2V-A14B-Diffusers scheduler/scheduler_config.json (TI2V-5B: flow_shift 5.0).
-_WAN_SCHEDULER = dict(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
-                      solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
-                      final_sigmas_type="zero", timestep_spacing="linspace", beta_start=0.0001, beta_end=0.02,
-                      beta_schedule="linear")
-# The transformers' real configs are the registry's `full_config` (families.py cites nothing; they are
-# <repo> transformer/config.json of FLUX.1-dev, FLUX.2-dev, Wan2.2-T2V-A14B-Diffusers (also transformer_2/) and
-# Wan2.2-TI2V-5B-Diffusers).
-
 
 # --------------------------------------------------------------------------------------------------- recipes
-@dataclass(frozen=True)
-class Component:
-    """One weight-bearing pipeline component: its class and constructor config."""
-
-    name: str  # folder in the pipeline: transformer, text_encoder, vae, ...
-    library: str  # "diffusers" or "transformers"
-    class_name: str
-    config: dict[str, Any]
-    config_class: str | None = None  # transformers: the config class the model takes
-    source: str = ""  # where the real config comes from
-    dtype: torch.dtype = DTYPE  # as the real repo stores it (the Wan VAEs are float32 there)
-
-
 @dataclass(frozen=True)
 class Recipe:
     """Everything `write_standin` writes for one family at one size."""
 
     family: Family
     size: str
-    components: tuple[Component, ...]
+    components: tuple[StandinComponent, ...]
     scheduler: tuple[str, dict[str, Any]]
     tokenizers: dict[str, Callable[[], Any]]
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)  # boundary_ratio, expand_timesteps
 
-    def component(self, name: str) -> Component:
+    def component(self, name: str) -> StandinComponent:
         return next(c for c in self.components if c.name == name)
-
-
-def _tokenizers(kind: str) -> dict[str, Callable[[], Any]]:
-    from .families._tiny import clip_tokenizer, mistral_tokenizer, t5_tokenizer
-
-    return {"FluxPipeline": {"tokenizer": clip_tokenizer, "tokenizer_2": lambda: t5_tokenizer(model_max_length=512)},
-            "Flux2Pipeline": {"tokenizer": lambda: mistral_tokenizer(model_max_length=512)},
-            "WanPipeline": {"tokenizer": lambda: t5_tokenizer(model_max_length=512)}}[kind]
 
 
 def _with_layers(family: Family, config: dict[str, Any], layers: int | None) -> dict[str, Any]:
@@ -186,83 +90,17 @@ def recipe(family_name: str, size: str = "full", *, layers: int | None = None) -
     full = size == "full"
     tf = _with_layers(family, family.full_config if full else family.tiny_config, layers)
     repo = family.hub_id
-    transformers = tuple(Component(name, "diffusers", family.class_name, tf, source=f"{repo} {name}/config.json")
+    transformers = tuple(StandinComponent(name, "diffusers", family.class_name, tf, source=f"{repo} {name}/config.json")
                          for name in family.experts)
-    if family.pipeline_class not in ("FluxPipeline", "Flux2Pipeline", "WanPipeline"):
+    if family.standin is None:
         raise Fp8CookbookError(f"no stand-in recipe for {family.title} ({family.pipeline_class})")
-    # Keyed by pipeline class (library modules outside families/ name no family): Wan2.2 covers A14B and TI2V-5B.
-    tokenizers = _tokenizers(family.pipeline_class)
-    tok = {name: make() for name, make in tokenizers.items()}  # their special-token ids go into the encoders
-
-    if family.pipeline_class == "FluxPipeline":
-        clip_tok, t5_tok = tok["tokenizer"], tok["tokenizer_2"]
-        clip = dict(_CLIP_L) if full else dict(_CLIP_L, vocab_size=_REDUCED_VOCAB, hidden_size=tf["pooled_projection_dim"],
-                                                intermediate_size=64, projection_dim=tf["pooled_projection_dim"],
-                                                num_hidden_layers=2, num_attention_heads=2)
-        # Token ids of the offline tokenizer (the real config's eos id 2 would select CLIP's legacy pooling rule).
-        clip.update(bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
-                    pad_token_id=clip_tok.pad_token_id)
-        t5 = dict(_T5_XXL) if full else dict(_T5_XXL, vocab_size=_REDUCED_VOCAB, d_model=tf["joint_attention_dim"],
-                                              d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-                                              relative_attention_num_buckets=8)
-        t5.update(pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id)
-        vae = dict(_FLUX1_VAE) if full else dict(_FLUX1_VAE, block_out_channels=[16] * 4, layers_per_block=1,
-                                                  norm_num_groups=8, latent_channels=tf["in_channels"] // 4,
-                                                  sample_size=64)
-        others = (Component("text_encoder", "transformers", "CLIPTextModel", clip, "CLIPTextConfig",
-                            f"{repo} text_encoder/config.json"),
-                  Component("text_encoder_2", "transformers", "T5EncoderModel", t5, "T5Config",
-                            f"{repo} text_encoder_2/config.json"),
-                  Component("vae", "diffusers", "AutoencoderKL", vae, source=f"{repo} vae/config.json"))
-        return Recipe(family, size, transformers + others, ("FlowMatchEulerDiscreteScheduler", _FLUX1_SCHEDULER),
-                      tokenizers)
-
-    if family.pipeline_class == "Flux2Pipeline":
-        mtok = tok["tokenizer"]
-        mistral = json.loads(json.dumps(_MISTRAL_SMALL))
-        if not full:  # 30 layers: Flux2Pipeline reads hidden states 10, 20 and 30
-            hidden = tf["joint_attention_dim"] // 3
-            mistral["text_config"].update(vocab_size=_REDUCED_VOCAB, hidden_size=hidden, intermediate_size=32,
-                                          num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1,
-                                          head_dim=hidden // 2, max_position_embeddings=1024)
-            mistral["vision_config"].update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                            num_attention_heads=2, head_dim=8, patch_size=4, image_size=32)
-        mistral["text_config"].update(bos_token_id=mtok.bos_token_id, eos_token_id=mtok.eos_token_id,
-                                      pad_token_id=mtok.pad_token_id)
-        mistral["image_token_index"] = mtok.convert_tokens_to_ids("[IMG]")
-        vae = dict(_FLUX2_VAE) if full else dict(_FLUX2_VAE, block_out_channels=[16] * 4, layers_per_block=1,
-                                                  norm_num_groups=8, latent_channels=tf["in_channels"] // 4,
-                                                  sample_size=64)
-        others = (Component("text_encoder", "transformers", "Mistral3ForConditionalGeneration", mistral,
-                            "Mistral3Config", f"{repo} text_encoder/config.json"),
-                  Component("vae", "diffusers", "AutoencoderKLFlux2", vae, source=f"{repo} vae/config.json"))
-        return Recipe(family, size, transformers + others, ("FlowMatchEulerDiscreteScheduler", _FLUX2_SCHEDULER),
-                      tokenizers)
-
-    # Wan2.2: T2V-A14B (two experts, Wan2.1 VAE) or TI2V-5B (one transformer, Wan2.2 VAE)
-    ttok = tok["tokenizer"]
-    umt5 = dict(_UMT5_XXL) if full else dict(_UMT5_XXL, vocab_size=_REDUCED_VOCAB, d_model=tf["text_dim"], d_kv=16,
-                                              d_ff=64, num_layers=2, num_heads=2, relative_attention_num_buckets=8)
-    umt5.update(pad_token_id=ttok.pad_token_id, eos_token_id=ttok.eos_token_id)
-    two = "transformer_2" in family.experts
-    vae = dict(_WAN21_VAE if two else _WAN22_VAE)
-    if not full:
-        z = tf["in_channels"]
-        vae.update(base_dim=8, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * z,
-                   latents_std=[1.0] * z)
-        if not two:
-            vae["decoder_base_dim"] = 8
-    others = (Component("text_encoder", "transformers", "UMT5EncoderModel", umt5, "UMT5Config",
-                        f"{repo} text_encoder/config.json"),
-              Component("vae", "diffusers", "AutoencoderKLWan", vae, source=f"{repo} vae/config.json",
-                        dtype=torch.float32))
-    scheduler = dict(_WAN_SCHEDULER, flow_shift=3.0 if two else 5.0)
-    extra = dict(boundary_ratio=family.boundary_ratio) if two else dict(expand_timesteps=True)
-    return Recipe(family, size, transformers + others, ("UniPCMultistepScheduler", scheduler), tokenizers, extra)
+    parts = family.standin(family, full, tf)  # the family's file: the real configs of its other components
+    return Recipe(family, size, transformers + parts.components, parts.scheduler, parts.tokenizers,
+                  parts.pipeline_kwargs)
 
 
 # ------------------------------------------------------------------------------------------- meta models
-def _meta_model(component: Component) -> nn.Module:
+def _meta_model(component: StandinComponent) -> nn.Module:
     """The component's model with parameters on the meta device and buffers as the class initialises them."""
     from accelerate import init_empty_weights
 
@@ -317,12 +155,12 @@ def tensor_specs(model: nn.Module, dtype: torch.dtype = DTYPE, *, keep_fp32: boo
     return specs
 
 
-def _specs(component: Component, model: nn.Module) -> list[TensorSpec]:
-    return tensor_specs(model, component.dtype, keep_fp32=component.library == "diffusers")
+def _specs(component: StandinComponent, model: nn.Module) -> list[TensorSpec]:
+    return tensor_specs(model, getattr(torch, component.dtype), keep_fp32=component.library == "diffusers")
 
 
 @dataclass
-class ComponentSize:
+class StandinComponentSize:
     name: str
     class_name: str
     parameters: int
@@ -336,14 +174,14 @@ class ComponentSize:
 
 
 def size_table(plan: Recipe, components: list[str] | None = None,
-               models: dict[str, nn.Module] | None = None) -> list[ComponentSize]:
+               models: dict[str, nn.Module] | None = None) -> list[StandinComponentSize]:
     """Per weight component: parameter count and bytes as stored, from the configs on the meta device."""
     out = []
     for c in plan.components:
         if components is not None and c.name not in components:
             continue
         specs = _specs(c, models[c.name] if models else _meta_model(c))
-        out.append(ComponentSize(c.name, c.class_name, sum(math.prod(s.shape) for s in specs),
+        out.append(StandinComponentSize(c.name, c.class_name, sum(math.prod(s.shape) for s in specs),
                                  sum(s.nbytes for s in specs), len(specs), c.source))
     return out
 
@@ -352,7 +190,7 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.2f} MB"
 
 
-def size_lines(plan: Recipe, sizes: list[ComponentSize]) -> list[str]:
+def size_lines(plan: Recipe, sizes: list[StandinComponentSize]) -> list[str]:
     """The size table: one line per component and the total."""
     lines = [f"{plan.family.title} stand-in ({plan.size} size): weights",
              f"  {'component':16s} {'class':34s} {'parameters':>14s} {'size':>10s}"]
@@ -441,7 +279,7 @@ def _shard(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
     return shards
 
 
-def _write_component(component: Component, model: nn.Module, folder: Path, seed: int, workers: int,
+def _write_component(component: StandinComponent, model: nn.Module, folder: Path, seed: int, workers: int,
                      shard_bytes: int, advance: Callable[[int], None]) -> None:
     folder.mkdir(parents=True)
     if component.library == "diffusers":
@@ -505,29 +343,12 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-def _move_into_place(tmp: Path, output_dir: Path) -> None:
-    """Rename the staged folder in; an existing one (overwrite) is moved aside first and put back on failure."""
-    if not output_dir.exists():
-        os.replace(tmp, output_dir)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-    try:
-        os.replace(output_dir, trash / "old")
-        try:
-            os.replace(tmp, output_dir)
-        except OSError:
-            os.replace(trash / "old", output_dir)
-            raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 @dataclass
 class StandinResult:
     family: str
     size: str
     output_dir: Path | None
-    sizes: list[ComponentSize]
+    sizes: list[StandinComponentSize]
     seed: int
     seconds: float = 0.0
     written_bytes: int = 0  # every file under the folder
@@ -540,7 +361,7 @@ class StandinResult:
 
 
 def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != OWNER_NAME)
 
 
 def write_standin(family_name: str, output_dir: str | Path, *, size: str = "full", layers: int | None = None,
@@ -584,13 +405,7 @@ def write_standin(family_name: str, output_dir: str | Path, *, size: str = "full
 
     workers = workers or min(16, os.cpu_count() or 1)
     bar_on = sys.stderr.isatty() if progress is None else progress
-    created = [p for p in output_dir.absolute().parents if not p.exists()]
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.standin-", dir=output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the folder should read like any download
+    with staged_dir(output_dir, overwrite=overwrite, wrap_os_errors=False) as tmp:  # renamed in at once
         with tqdm(total=total, unit="B", unit_scale=True, desc="stand-in", disable=not bar_on) as bar:
             for c in plan.components:
                 if c.name not in wanted:
@@ -612,13 +427,6 @@ def write_standin(family_name: str, output_dir: str | Path, *, size: str = "full
         info = dict(result.as_dict(), layers=layers, all_components=[c.name for c in plan.components],
                     note="random weights in the real configs: for time, memory and disk, not for images")
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")  # the whole folder is renamed in at once
-        _move_into_place(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for parent in created:  # deepest first
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-        raise
     log(f"wrote {output_dir} ({_gb(result.written_bytes)} in {result.seconds:.1f} s)")
     return result
 
@@ -631,7 +439,7 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def build_component(component: Component, *, seed: int = 0, device: str | torch.device = "cpu",
+def build_component(component: StandinComponent, *, seed: int = 0, device: str | torch.device = "cpu",
                     workers: int | None = None) -> nn.Module:
     """One component in memory with the same values `write_standin` writes, as `load_pipeline` holds it (BF16, a
     diffusers model's `_keep_in_fp32_modules` float32), drawn slice by slice straight into tensors on `device`."""

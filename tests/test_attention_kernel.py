@@ -130,6 +130,7 @@ def test_cpu_entry_point_runs_the_reference_and_keeps_inputs():
     ({"pv": "bf16"}, "pv='bf16'"),
     ({"scales": (1.0, 1.0)}, "scales must be"),
     ({"scales": (1.0, 0.0, 1.0)}, r"scales\[k\]"),
+    ({"scales": (1.0, 1.0, torch.ones(1, 1))}, r"scales\[v\] has shape \[1, 1\]"),  # files.check_scale's rule
 ])
 def test_bad_arguments_name_the_argument(kwargs, message):
     q, k, v = _random(1, 8, 8, 2, 32)

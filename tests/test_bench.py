@@ -206,6 +206,8 @@ def test_fp8_without_model_path_benches_the_tiny_pipeline(tmp_path, capsys, monk
     capsys.readouterr()
     fp8 = tmp_path / "q" / "fp8"
     out = tmp_path / "bench.json"
+    import fp8cookbook.bench.pipeline as bench_pipeline  # the kernels FP8 attention ran reach the FP8 side's report
+    monkeypatch.setattr(bench_pipeline, "kernel_choices", lambda m: {"q[1, 8, 2, 64] k[1, 8, 2, 64] bfloat16": "sage"})
     assert main(["bench", "--family", "flux1", "--fp8", str(fp8), "--device", "cpu", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -214,6 +216,9 @@ def test_fp8_without_model_path_benches_the_tiny_pipeline(tmp_path, capsys, monk
     assert (s["height"], s["width"], s["steps"]) == (tiny.height, tiny.width, tiny.num_inference_steps), s
     assert report["fp8_source"].endswith(str(fp8)) and report["fp8_layers_ran"] == report["fp8_layers"] > 0, report
     assert f"{report['fp8_layers']}/{report['fp8_layers']}" in printed and "64x64" in printed, printed
+    by_name = {side["name"]: side for side in report["sides"]}
+    assert by_name["fp8"]["fp8_attention_kernel_choices"] == {"q[1, 8, 2, 64] k[1, 8, 2, 64] bfloat16": "sage"}
+    assert "fp8_attention_kernel_choices" not in by_name["bf16"]
 
 
 # ------------------------------------------------------------------------------- fast path = same function

@@ -205,6 +205,18 @@ def test_kernel_runs_under_torch_compile_and_strided_inputs(kernel, monkeypatch)
     assert _rel(out, ref) < 0.04
 
 
+def _tiny_wan_cuda():
+    """A tiny Wan2.2 transformer on the GPU in BF16, and its inputs."""
+    fam = get_family("wan22-a14b")
+    torch.manual_seed(0)  # the tiny config with head_dim 64: head_dim 16 has no FP8 kernel (the reference runs)
+    model = fam.transformer_class()(**{**fam.tiny_config, "attention_head_dim": 64}).to("cuda", torch.bfloat16).eval()
+    inputs = fam.make_inputs(dict(model.config), height=64, width=64, num_frames=5, text_len=8,
+                             generator=torch.Generator().manual_seed(0))
+    inputs = {k: v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else
+              (v.cuda() if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    return model, inputs
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("kernel", KERNELS + ["sage"])  # "sage": attention_kernel.py, the default since issue 13
@@ -213,13 +225,7 @@ def test_fp8_attention_model_in_cuda_graph_and_compiled(kernel, monkeypatch):
     from fp8cookbook.fp8 import fastpath
 
     _kernel(monkeypatch, kernel)
-    fam = get_family("wan22-a14b")
-    torch.manual_seed(0)  # the tiny config with head_dim 64: head_dim 16 has no FP8 kernel (the reference runs)
-    model = fam.transformer_class()(**{**fam.tiny_config, "attention_head_dim": 64}).to("cuda", torch.bfloat16).eval()
-    inputs = fam.make_inputs(dict(model.config), height=64, width=64, num_frames=5, text_len=8,
-                             generator=torch.Generator().manual_seed(0))
-    inputs = {k: v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else
-              (v.cuda() if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    model, inputs = _tiny_wan_cuda()
     with torch.no_grad():
         ref = model(**inputs)[0]
         with fd.record_attention_amax(model) as amax:
@@ -273,3 +279,61 @@ def test_long_sequence_accumulates_exactly_enough():
           f"reference vs exact {_rel(ref, exact):.2e}, kernel vs exact {_rel(out, exact):.2e}")
     assert abs(float(out.norm() / ref.norm()) - 1) < 0.01
     assert _rel(out, ref) < 0.01
+
+
+def test_compiled_calls_are_recorded_for_kernel_choices(monkeypatch):
+    """Under torch.compile the dispatch cannot fill `AttentionScales.ran` (a dict store guards on the dict, one
+    recompile per call); it records each layer's call in one attribute that compiled code replays, and
+    `kernel_choices` resolves it with the op's own rule (`op_kernel`). CPU: dynamo only (backend "eager"), the
+    kernel rule stood in for, since off an FP8 GPU the reference runs and no CUDA kernel is chosen."""
+    torch._dynamo.reset()
+    model, inputs = _tiny("flux1")
+    with torch.no_grad():
+        with fd.record_attention_amax(model) as amax:
+            model(**inputs)
+        fd.install_fp8_attention(model, ck.scales_from_amax(amax), kernel="triton")
+        assert fd.kernel_choices(model) == {}  # nothing ran yet
+        picked = []
+
+        def rule(q, k, sm_scale, backend):
+            picked.append((q.dtype, q.shape[1] == k.shape[1], backend))
+            return f"stand-in {backend}"
+
+        monkeypatch.setattr(fd, "op_kernel", rule)
+        assert fd.kernel_choices(model) == {}  # eager calls on the CPU ran the reference: nothing recorded
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        compiled(**inputs)
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        compiled(**inputs)  # a second call replays the record and does not recompile
+    choices = fd.kernel_choices(model)
+    assert choices and set(choices.values()) == {"stand-in triton"}, choices
+    assert all(key.endswith("float8_e4m3fn") for key in choices), choices  # Inductor-quantised inputs
+    assert {d for d, _, _ in picked} == {torch.float8_e4m3fn}
+    seq = inputs["hidden_states"].shape[1] + inputs["encoder_hidden_states"].shape[1]  # joint attention tokens
+    assert any(f"k[1, {seq}," in key for key in choices), (seq, choices)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kernel", KERNELS + ["sage"])
+def test_compiled_only_model_reports_its_kernel(kernel, monkeypatch):
+    """A model that only ever ran compiled (no eager call filled `ran`) still reports which kernel its FP8
+    attention ran: `sage` on the BF16 inputs, the others on Inductor's e4m3 ones (cuDNN may refuse: Triton)."""
+    _kernel(monkeypatch, kernel)
+    torch._dynamo.reset()
+    model, inputs = _tiny_wan_cuda()
+    with torch.no_grad():
+        with fd.record_attention_amax(model) as amax:
+            model(**inputs)
+        fd.install_fp8_attention(model, ck.scales_from_amax(amax), kernel=kernel)
+        model.compile_repeated_blocks(fullgraph=True)
+        model(**inputs)
+    choices = fd.kernel_choices(model)
+    torch._dynamo.reset()
+    assert choices, "compiled FP8 attention left no kernel choice"
+    if kernel == "sage":
+        assert set(choices.values()) == {"sage"} and all(k.endswith("bfloat16") for k in choices), choices
+    else:
+        assert all(k.endswith("float8_e4m3fn") for k in choices), choices
+        assert set(choices.values()) <= ({"cudnn", "triton"} if kernel == "cudnn" else {"triton"}), choices

@@ -78,3 +78,11 @@ def test_python_m_fp8cookbook_reports_errors_like_the_cli():
                          text=True, env=env, timeout=120, cwd=ROOT)
     assert out.returncode == 2
     assert out.stderr.startswith("fp8cookbook inspect: error:") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_every_exported_name_resolves_in_a_fresh_process():
+    """`fp8cookbook.__all__` names load lazily (one table in __init__), each from the module that owns it."""
+    out = _python("import fp8cookbook as f; missing = [n for n in f.__all__ if getattr(f, n, None) is None]; "
+                  "print('MISSING', missing, f.load_fp8_transformer.__module__, f.quantize_.__module__)")
+    assert out.returncode == 0, out.stderr
+    assert "MISSING [] fp8cookbook.loader fp8cookbook.fp8.quantize" in out.stdout, out.stdout

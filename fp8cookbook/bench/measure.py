@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..errors import Fp8CookbookError
 from ..families import Family
 

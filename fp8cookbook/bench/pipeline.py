@@ -11,6 +11,7 @@ import torch
 
 from ..errors import Fp8CookbookError
 from ..families import Family
+from ..fp8.attention_diffusers import kernel_choices
 from ..fp8.fastpath import set_model_fast_path
 from ..fp8.fusion import fuse_fp8_projections
 from ..fp8.linear import FastPathConfig, count_fp8_calls, fp8_modules
@@ -110,6 +111,10 @@ class _PipelineRun:
         out["step_s_median"] = [statistics.median(r[i] for r in per_run) for i in range(len(per_run[0]))]
         out["step_s_all"] = per_run
         out["peak_memory_gb"] = gb(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+        # the CUDA kernel each FP8 attention call ran, eager and compiled calls alike (none off the GPU)
+        choices = {k: v for m in self.components() for k, v in kernel_choices(m).items()}
+        if precision == "fp8" and choices:
+            out["fp8_attention_kernel_choices"] = choices
         return out
 
     def load_fp8(self, report: dict[str, Any]) -> None:

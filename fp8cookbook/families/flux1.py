@@ -5,14 +5,14 @@ Also home of what FLUX.2 shares with it: the position ids, ModelOpt's FLUX filte
 
 from __future__ import annotations
 
-import re
 import types
 from typing import TYPE_CHECKING, Any
 
 from ..fp8.fusion_rule import FusionRule
 from ..sglang_names import GENERIC_RULES, RuntimeRule, runtime_names
-from . import Family, LayerRule, TinySettings, register
-from ._tiny import SEED, clip_tokenizer, flux_vae, t5_tokenizer, tiny_transformer
+from .registry import REDUCED_VOCAB, Family, LayerRule, StandinComponent, StandinParts, TinySettings, register
+from .encoders import T5_XXL
+from .tiny import SEED, clip_tokenizer, flux_vae, t5_tokenizer, tiny_transformer
 
 if TYPE_CHECKING:  # torch loads when inputs or models are made, not with the registry
     import torch
@@ -191,6 +191,49 @@ def _fuse_flux1_single_block(block: nn.Module) -> list[str]:
     return ["to_qkv_mlp"]
 
 
+# ------------------------------------------------------------------ full-size stand-in (standin.py, `Family.standin`)
+# FLUX.1-dev. text_encoder: black-forest-labs/FLUX.1-dev text_encoder/config.json (CLIP ViT-L/14 text tower).
+_CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+               attention_dropout=0.0, initializer_factor=1.0)
+# vae: black-forest-labs/FLUX.1-dev vae/config.json.
+_FLUX1_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                  up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                  act_fn="silu", latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611,
+                  shift_factor=0.1159, force_upcast=True, use_quant_conv=False, use_post_quant_conv=False,
+                  mid_block_add_attention=True)
+# scheduler: black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json.
+FLUX1_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                       max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def _standin(family: Family, full: bool, tf: dict[str, Any]):
+    """A stand-in's components besides the transformer: CLIP-L and T5-XXL text encoders, the VAE, the scheduler."""
+    tokenizers = {"tokenizer": clip_tokenizer, "tokenizer_2": lambda: t5_tokenizer(model_max_length=512)}
+    tok = {name: make() for name, make in tokenizers.items()}  # their special-token ids go into the encoders
+    repo = family.hub_id
+    clip_tok, t5_tok = tok["tokenizer"], tok["tokenizer_2"]
+    clip = dict(_CLIP_L) if full else dict(_CLIP_L, vocab_size=REDUCED_VOCAB, hidden_size=tf["pooled_projection_dim"],
+                                           intermediate_size=64, projection_dim=tf["pooled_projection_dim"],
+                                           num_hidden_layers=2, num_attention_heads=2)
+    # Token ids of the offline tokenizer (the real config's eos id 2 would select CLIP's legacy pooling rule).
+    clip.update(bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+                pad_token_id=clip_tok.pad_token_id)
+    t5 = dict(T5_XXL) if full else dict(T5_XXL, vocab_size=REDUCED_VOCAB, d_model=tf["joint_attention_dim"],
+                                        d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                                        relative_attention_num_buckets=8)
+    t5.update(pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id)
+    vae = dict(_FLUX1_VAE) if full else dict(_FLUX1_VAE, block_out_channels=[16] * 4, layers_per_block=1,
+                                                    norm_num_groups=8, latent_channels=tf["in_channels"] // 4,
+                                                    sample_size=64)
+    others = (StandinComponent("text_encoder", "transformers", "CLIPTextModel", clip, "CLIPTextConfig",
+                               f"{repo} text_encoder/config.json"),
+              StandinComponent("text_encoder_2", "transformers", "T5EncoderModel", t5, "T5Config",
+                               f"{repo} text_encoder_2/config.json"),
+              StandinComponent("vae", "diffusers", "AutoencoderKL", vae, source=f"{repo} vae/config.json"))
+    return StandinParts(others, ("FlowMatchEulerDiscreteScheduler", FLUX1_SCHEDULER), tokenizers)
+
+
 register(Family(
     name="flux1",
     title="FLUX.1-dev",
@@ -207,6 +250,7 @@ register(Family(
     sensitive=flux_sensitive,
     make_inputs=_inputs,
     build_tiny_pipeline=_build_tiny,
+    standin=_standin,
     tiny_settings=TinySettings(height=64, width=64, num_frames=None, num_inference_steps=3, guidance_scale=3.5),
     num_steps=28,
     guidance_scale=3.5,

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 from ..fp8.fusion_rule import FusionRule
-from . import Family, LayerRule, TinySettings, register
-from ._tiny import SEED, flux_vae, mistral_tokenizer, tiny_transformer
-from .flux1 import flux_attention_groups, flux_ids, flux_sensitive
+from .registry import REDUCED_VOCAB, Family, LayerRule, StandinComponent, StandinParts, TinySettings, register
+from .tiny import SEED, flux_vae, mistral_tokenizer, tiny_transformer
+from .flux1 import FLUX1_SCHEDULER, flux_attention_groups, flux_ids, flux_sensitive
 
 if TYPE_CHECKING:  # torch loads when inputs or models are made, not with the registry
     import torch
-    from torch import nn
 
 
 # --------------------------------------------------------------------------------------------- dummy inputs
@@ -76,6 +76,55 @@ def _build_tiny(family: Family):
                          transformer=tiny_transformer(family, SEED))
 
 
+# ------------------------------------------------------------------ full-size stand-in (standin.py, `Family.standin`)
+# text_encoder: black-forest-labs/FLUX.2-dev text_encoder/config.json (Mistral-Small-3.1-24B-Instruct-2503,
+# with its language-model head: 24.0 B parameters).
+_MISTRAL_SMALL = dict(
+    text_config=dict(model_type="mistral", vocab_size=131072, hidden_size=5120, intermediate_size=32768,
+                     num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=1e9,
+                     sliding_window=None, attention_dropout=0.0, tie_word_embeddings=False),
+    vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                       num_attention_heads=16, head_dim=64, num_channels=3, patch_size=14, image_size=1540,
+                       hidden_act="silu", rope_theta=10000.0, attention_dropout=0.0),
+    projector_hidden_act="gelu", multimodal_projector_bias=False, spatial_merge_size=2, vision_feature_layer=-1,
+    tie_word_embeddings=False)
+# vae: black-forest-labs/FLUX.2-dev vae/config.json (AutoencoderKLFlux2; diffusers' defaults are this config).
+_FLUX2_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                  up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                  act_fn="silu", latent_channels=32, norm_num_groups=32, sample_size=1024, use_quant_conv=True,
+                  use_post_quant_conv=True, mid_block_add_attention=True, batch_norm_eps=1e-4,
+                  batch_norm_momentum=0.1, patch_size=[2, 2])
+# scheduler: black-forest-labs/FLUX.2-dev scheduler/scheduler_config.json.
+_FLUX2_SCHEDULER = dict(FLUX1_SCHEDULER, time_shift_type="exponential")
+
+
+def _standin(family: Family, full: bool, tf: dict[str, Any]):
+    """A stand-in's components besides the transformer: the Mistral-Small text encoder, the VAE, the scheduler."""
+    tokenizers = {"tokenizer": lambda: mistral_tokenizer(model_max_length=512)}
+    tok = {name: make() for name, make in tokenizers.items()}  # their special-token ids go into the encoder
+    repo = family.hub_id
+    mtok = tok["tokenizer"]
+    mistral = copy.deepcopy(_MISTRAL_SMALL)
+    if not full:  # 30 layers: Flux2Pipeline reads hidden states 10, 20 and 30
+        hidden = tf["joint_attention_dim"] // 3
+        mistral["text_config"].update(vocab_size=REDUCED_VOCAB, hidden_size=hidden, intermediate_size=32,
+                                      num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1,
+                                      head_dim=hidden // 2, max_position_embeddings=1024)
+        mistral["vision_config"].update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, head_dim=8, patch_size=4, image_size=32)
+    mistral["text_config"].update(bos_token_id=mtok.bos_token_id, eos_token_id=mtok.eos_token_id,
+                                  pad_token_id=mtok.pad_token_id)
+    mistral["image_token_index"] = mtok.convert_tokens_to_ids("[IMG]")
+    vae = dict(_FLUX2_VAE) if full else dict(_FLUX2_VAE, block_out_channels=[16] * 4, layers_per_block=1,
+                                                    norm_num_groups=8, latent_channels=tf["in_channels"] // 4,
+                                                    sample_size=64)
+    others = (StandinComponent("text_encoder", "transformers", "Mistral3ForConditionalGeneration", mistral,
+                               "Mistral3Config", f"{repo} text_encoder/config.json"),
+              StandinComponent("vae", "diffusers", "AutoencoderKLFlux2", vae, source=f"{repo} vae/config.json"))
+    return StandinParts(others, ("FlowMatchEulerDiscreteScheduler", _FLUX2_SCHEDULER), tokenizers)
+
+
 register(Family(
     name="flux2",
     title="FLUX.2-dev",
@@ -94,6 +143,7 @@ register(Family(
     sensitive=flux_sensitive,
     make_inputs=_inputs,
     build_tiny_pipeline=_build_tiny,
+    standin=_standin,
     tiny_settings=TinySettings(height=64, width=64, num_frames=None, num_inference_steps=3, guidance_scale=4.0),
     num_steps=50,
     guidance_scale=4.0,

@@ -6,8 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..fp8.fusion_rule import FusionRule
 from ..sglang_names import GENERIC_RULES, RuntimeRule, runtime_names
-from . import Family, InputMaker, LayerRule, TinySettings, register
-from ._tiny import SEED, t5_tokenizer, tiny_transformer
+from .registry import (REDUCED_VOCAB, Family, InputMaker, LayerRule, StandinComponent, StandinParts, TinySettings,
+                       register)
+from .encoders import T5_XXL
+from .tiny import SEED, t5_tokenizer, tiny_transformer
 
 if TYPE_CHECKING:  # torch loads when inputs or models are made, not with the registry
     import torch
@@ -129,6 +131,63 @@ def sglang_aliases(module_name: str) -> list[str]:
     return runtime_names(module_name, SGLANG_NAMES)
 
 
+# ------------------------------------------------------------------ full-size stand-in (standin.py, `Family.standin`)
+# text_encoder: Wan-AI/Wan2.2-T2V-A14B-Diffusers (and -TI2V-5B-Diffusers) text_encoder/config.json (umt5-xxl).
+_UMT5_XXL = dict(T5_XXL, vocab_size=256384)
+# vae: Wan-AI/Wan2.2-T2V-A14B-Diffusers vae/config.json (the Wan2.1 VAE; diffusers' AutoencoderKLWan defaults).
+_WAN21_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                  temperal_downsample=[False, True, True], dropout=0.0,
+                  latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
+                                0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+                  latents_std=[2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
+                               1.5579, 1.6382, 1.1253, 2.8251, 1.916])
+# vae: Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json (the Wan2.2 VAE: 16x spatial, 2x2 patchify, residual).
+_WAN22_VAE = dict(
+    base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+    temperal_downsample=[False, True, True], dropout=0.0, is_residual=True, in_channels=12, out_channels=12,
+    patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
+    latents_mean=[-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+                  0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+                  -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+                  -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667],
+    latents_std=[0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+                 0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+                 0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+                 0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744])
+# scheduler: Wan-AI/Wan2.2-T2V-A14B-Diffusers scheduler/scheduler_config.json (TI2V-5B: flow_shift 5.0).
+_WAN_SCHEDULER = dict(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                      solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
+                      final_sigmas_type="zero", timestep_spacing="linspace", beta_start=0.0001, beta_end=0.02,
+                      beta_schedule="linear")
+
+
+def _standin(family: Family, full: bool, tf: dict[str, Any]):
+    """A stand-in's components besides the transformers: T2V-A14B (two experts, the Wan2.1 VAE) or TI2V-5B (one
+    transformer, the Wan2.2 VAE); the umt5 text encoder and the UniPC scheduler."""
+    tokenizers = {"tokenizer": lambda: t5_tokenizer(model_max_length=512)}
+    tok = {name: make() for name, make in tokenizers.items()}  # their special-token ids go into the encoder
+    repo = family.hub_id
+    ttok = tok["tokenizer"]
+    umt5 = dict(_UMT5_XXL) if full else dict(_UMT5_XXL, vocab_size=REDUCED_VOCAB, d_model=tf["text_dim"], d_kv=16,
+                                              d_ff=64, num_layers=2, num_heads=2, relative_attention_num_buckets=8)
+    umt5.update(pad_token_id=ttok.pad_token_id, eos_token_id=ttok.eos_token_id)
+    two = "transformer_2" in family.experts
+    vae = dict(_WAN21_VAE if two else _WAN22_VAE)
+    if not full:
+        z = tf["in_channels"]
+        vae.update(base_dim=8, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * z,
+                   latents_std=[1.0] * z)
+        if not two:
+            vae["decoder_base_dim"] = 8
+    others = (StandinComponent("text_encoder", "transformers", "UMT5EncoderModel", umt5, "UMT5Config",
+                               f"{repo} text_encoder/config.json"),
+              StandinComponent("vae", "diffusers", "AutoencoderKLWan", vae, source=f"{repo} vae/config.json",
+                               dtype="float32"))
+    scheduler = dict(_WAN_SCHEDULER, flow_shift=3.0 if two else 5.0)
+    extra = dict(boundary_ratio=family.boundary_ratio) if two else dict(expand_timesteps=True)
+    return StandinParts(others, ("UniPCMultistepScheduler", scheduler), tokenizers, extra)
+
+
 register(Family(
     name="wan22-a14b",
     title="Wan2.2 T2V-A14B",
@@ -141,6 +200,7 @@ register(Family(
     sensitive=_sensitive,
     make_inputs=_inputs(spatial=8),
     build_tiny_pipeline=_build_tiny,
+    standin=_standin,
     # 4 tiny steps whose timesteps fall on both sides of the boundary (UniPC, shift 3: timesteps 999, 900 >= 875
     # go to `transformer`; 750, 500 to `transformer_2`).
     tiny_settings=TinySettings(height=64, width=64, num_frames=5, num_inference_steps=4, guidance_scale=4.0),
@@ -167,6 +227,7 @@ register(Family(
     sensitive=_sensitive,
     make_inputs=_inputs(spatial=16),
     build_tiny_pipeline=_build_tiny,
+    standin=_standin,
     tiny_settings=TinySettings(height=64, width=64, num_frames=5, num_inference_steps=3, guidance_scale=5.0),
     height=704, width=1280, num_frames=121, num_steps=50, guidance_scale=5.0,
     size_multiple=32,  # the Wan2.2 VAE's 16x spatial compression, then the 2x2 patch

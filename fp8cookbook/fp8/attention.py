@@ -50,8 +50,8 @@ from .attention_mode import DEFAULT_KERNEL, KERNELS  # noqa: F401 - re-exported:
 from .numerics import fp8_gemm_supported, quantize_fp8, tl_quantize_fp8, triton, triton_quantize_fp8
 
 __all__ = ["P_SCALE", "KERNELS", "AttentionScales", "fp8_attention_reference", "fp8_attention", "fp8_attention_fp8",
-           "pick_kernel", "triton_ok", "sage_ok", "cudnn_attention_available", "triton_attention_available",
-           "cudnn_errors"]
+           "pick_kernel", "op_kernel", "triton_ok", "sage_ok", "cudnn_attention_available",
+           "triton_attention_available", "cudnn_errors"]
 
 P_SCALE = 256.0
 
@@ -63,7 +63,10 @@ class AttentionScales:
     `q`, `k`, `v` are dequantisation scales (amax/448, float32, shape [1]); `fallback` is the backend the processor
     had before (None: diffusers' default), used for calls FP8 attention does not cover. With `record` set, calls
     run the fallback and only record input amaxes (calibration). `kernel` is the preferred CUDA kernel; `ran`
-    records which kernel ran per (query shape, key shape, input dtype), for reports.
+    records which kernel ran per (query shape, key shape, input dtype), for reports. Compiled code cannot fill a
+    dict without guarding on it (a recompile per call), so it sets `compiled_call` instead, one attribute store
+    that torch.compile replays after each graph: (query shape, key shape, the op's input dtype, device, sm_scale,
+    kernel asked for), resolved to the kernel by `attention_diffusers.kernel_choices`.
     """
 
     name: str
@@ -78,6 +81,7 @@ class AttentionScales:
     calls: int = 0
     bf16_calls: int = 0
     ran: dict[tuple, str] = field(default_factory=dict)
+    compiled_call: tuple | None = None
 
 
 # ------------------------------------------------------------------------------------------ the math
@@ -335,8 +339,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: to
     fallback lowering passes its own `kernel` argument and fails with "got multiple values for argument 'kernel'".)
     """
     args = (q, k, v, q_scale, k_scale, v_scale, sm_scale)
-    on_gpu = fp8_gemm_supported(q.device) and q.dtype in (torch.bfloat16, torch.float16)
-    chosen = pick_kernel(q, k, sm_scale, backend) if on_gpu else None
+    chosen = op_kernel(q, k, sm_scale, backend)
     if chosen is None:
         return fp8_attention_reference(*args)
     return _CUDA_KERNELS[chosen](*args)
@@ -354,7 +357,7 @@ def fp8_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_sc
     """`fp8_attention` on inputs already quantised (e4m3, the same scales): under torch.compile the quantisation is
     left to Inductor, which fuses it into the kernels that produce Q/K/V (RoPE, norms) instead of separate passes."""
     args = (q8, k8, v8, q_scale, k_scale, v_scale, sm_scale)
-    chosen = pick_kernel(q8, k8, sm_scale, backend) if fp8_gemm_supported(q8.device) else None
+    chosen = op_kernel(q8, k8, sm_scale, backend)
     if chosen is None:
         return _reference_fp8_inputs(*args, out_dtype)
     return _CUDA_KERNELS[chosen](*args, out_dtype=out_dtype)
@@ -398,6 +401,14 @@ def pick_kernel(q: torch.Tensor, k: torch.Tensor, sm_scale: float, kernel: str =
     if triton_ok(q):
         return "triton"
     return None
+
+
+def op_kernel(q: torch.Tensor, k: torch.Tensor, sm_scale: float, backend: str = DEFAULT_KERNEL) -> str | None:
+    """The CUDA kernel `fp8_attention` (BF16/FP16 `q`) or `fp8_attention_fp8` (e4m3 `q`) runs for this call; None
+    where the float32 reference runs (no FP8 GPU, float32 inputs, a shape no kernel takes). Reports ask it too."""
+    if not fp8_gemm_supported(q.device) or q.dtype not in (torch.bfloat16, torch.float16, torch.float8_e4m3fn):
+        return None
+    return pick_kernel(q, k, sm_scale, backend)
 
 
 def cudnn_errors() -> list[str]:

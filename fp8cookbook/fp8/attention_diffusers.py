@@ -18,9 +18,9 @@ from torch import nn
 
 from ..errors import Fp8CookbookError
 from ..files import check_scale
-from .attention import AttentionScales, cudnn_attention_available, pick_kernel, sage_ok, triton_ok
+from .attention import AttentionScales, cudnn_attention_available, op_kernel, pick_kernel, sage_ok, triton_ok
 from .attention_mode import DEFAULT_KERNEL
-from .numerics import cuda_fp8_ok, quantize_fp8
+from .numerics import FP8_DTYPE, cuda_fp8_ok, quantize_fp8
 
 __all__ = ["bind_diffusers_dispatch", "fp8_dispatch_attention_fn", "attention_modules", "install_fp8_attention",
            "fp8_attention_modules", "remove_fp8_attention", "record_attention_amax", "recorded_key_lengths",
@@ -55,9 +55,12 @@ def fp8_dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, 
                 st.q, st.k, st.v = (t.to(query.device) for t in (st.q, st.k, st.v))
             sm_scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
             if torch.compiler.is_compiling():
+                shapes = (tuple(query.shape), tuple(key.shape))
                 if st.kernel == "sage" and sage_ok(query):  # it smooths and scales BF16 Q/K/V itself: opaque op
+                    st.compiled_call = (*shapes, query.dtype, query.device, sm_scale, "sage")
                     return torch.ops.fp8cookbook.fp8_attention(query, key, value, st.q, st.k, st.v, sm_scale, "sage")
                 # torch ops: Inductor fuses the quantisation into Q/K/V's producers
+                st.compiled_call = (*shapes, FP8_DTYPE, query.device, sm_scale, st.kernel)
                 return torch.ops.fp8cookbook.fp8_attention_fp8(quantize_fp8(query, st.q), quantize_fp8(key, st.k),
                                                                quantize_fp8(value, st.v), st.q, st.k, st.v,
                                                                sm_scale, query.dtype, st.kernel)
@@ -203,11 +206,21 @@ def count_fp8_attention_calls(model: nn.Module) -> Iterator[dict[str, dict[str, 
 
 
 def kernel_choices(model: nn.Module) -> dict[str, str]:
-    """Which CUDA kernel ran per (query shape, key shape, input dtype) in `model`'s FP8 attention, for reports."""
+    """Which CUDA kernel ran per (query shape, key shape, input dtype) in `model`'s FP8 attention, for reports:
+    eager calls as they ran, compiled ones (the last per layer, `AttentionScales.compiled_call`) as the op picks
+    for that call (`op_kernel`; e4m3 inputs where Inductor quantised them)."""
     out: dict[str, str] = {}
     for m in attention_modules(model).values():
         st = m.processor._attention_backend
-        if isinstance(st, AttentionScales):
-            for key, kernel in st.ran.items():
-                out.setdefault(f"q{list(key[0])} k{list(key[1])} {str(key[2]).removeprefix('torch.')}", kernel)
+        if not isinstance(st, AttentionScales):
+            continue
+        ran = dict(st.ran)
+        if st.compiled_call is not None:
+            q_shape, k_shape, dtype, device, sm_scale, kernel = st.compiled_call
+            like = [torch.empty((1,) * len(s), dtype=dtype, device=device).expand(s) for s in (q_shape, k_shape)]
+            chosen = op_kernel(*like, sm_scale, kernel)
+            if chosen is not None:
+                ran.setdefault((q_shape, k_shape, dtype), chosen)
+        for key, kernel in ran.items():
+            out.setdefault(f"q{list(key[0])} k{list(key[1])} {str(key[2]).removeprefix('torch.')}", kernel)
     return out

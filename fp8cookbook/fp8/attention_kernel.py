@@ -23,7 +23,8 @@ kernel changes what is quantised and to what:
 Passes on CUDA: one statistics kernel over Q, K, V (per-block channel sum/max/min), one tiny kernel that reduces them
 to the per-(batch, head, channel) means, balances and V scales, one K/V quantisation kernel (V laid out K-major, as
 8-bit tensor cores need), and the attention kernel (K/V tiles by TMA). `attention_v2_reference` computes the same
-quantised formula in float32 on any device, for the tests and the CPU path. Imports only torch and Triton.
+quantised formula in float32 on any device, for the tests and the CPU path. Imports torch, Triton and the e4m3
+quantisation every kernel shares (`numerics.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import Fp8CookbookError
+from ..files import check_scale
+from .numerics import FP8_MAX, quantize_fp8
 
 __all__ = ["fp8_attention_v2", "attention_v2_reference", "attention_v2_available", "QK_MODES", "PV_MODES",
            "BLOCK_N", "P_SCALE"]
@@ -41,7 +44,7 @@ LAYOUTS = ("bshd", "bhsd")
 BLOCK_N = 128  # keys per tile, and the granularity of K's scales
 P_SCALE = 256.0  # P (<= 1) times 256 before its e4m3 cast: small probabilities stay out of the subnormals
 P_RES_SCALE = 16.0  # the second P term (fp8x2): the rounding residual, at most 1/16 of P, times 16
-_QMAX = {"int8": 127.0, "fp8": 448.0}
+_QMAX = {"int8": 127.0, "fp8": FP8_MAX}
 HEAD_DIMS = (32, 64, 128)
 _EPS = 1e-30
 
@@ -65,7 +68,7 @@ def _smoothing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_scale: torch
     if v_scale is None:
         v_mu = vf.mean(2)
         v_amax = (vf - v_mu[:, :, None]).abs().amax(2)
-        v_sc = torch.where(v_amax > 0, v_amax / 448.0, torch.ones_like(v_amax))
+        v_sc = torch.where(v_amax > 0, v_amax / FP8_MAX, torch.ones_like(v_amax))
     else:
         v_mu = torch.zeros_like(k_mu)
         v_sc = v_scale.float().reshape(()).expand_as(k_mu).clone()
@@ -73,11 +76,11 @@ def _smoothing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_scale: torch
 
 
 def _quant(x: torch.Tensor, scale: torch.Tensor, qk: str) -> torch.Tensor:
-    """x / scale rounded to the 8-bit grid of `qk` (int8: round half to even, as rint; fp8: e4m3 RNE), as float32."""
-    y = x / scale
+    """x / scale rounded to the 8-bit grid of `qk` (int8: round half to even, as rint; fp8: e4m3 RNE, the one
+    `numerics.quantize_fp8`), as float32."""
     if qk == "int8":
-        return y.round().clamp(-127, 127)
-    return y.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+        return (x / scale).round().clamp(-127, 127)
+    return quantize_fp8(x, scale).float()
 
 
 def attention_v2_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str = "bshd",
@@ -141,9 +144,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, scale
         if len(scales) != 3:
             raise Fp8CookbookError("fp8_attention_v2: scales must be (q_scale, k_scale, v_scale)")
         for name, s in zip("qkv", scales):
-            t = torch.as_tensor(s)
-            if t.numel() != 1 or not (0 < float(t.float().reshape(())) < float("inf")):
-                raise Fp8CookbookError(f"fp8_attention_v2: scales[{name}] = {s}: want one positive finite number")
+            check_scale(f"scales[{name}]", s, "fp8_attention_v2")  # the one scale rule: one value, finite, > 0
     if need_cuda and q.shape[3] not in HEAD_DIMS:
         raise Fp8CookbookError(f"fp8_attention_v2: head_dim {q.shape[3]} has no kernel (have {HEAD_DIMS})")
 
@@ -153,6 +154,8 @@ try:  # CUDA builds of torch ship Triton; the CPU wheels do not, and then the re
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
+
+    from .numerics import TL_FP8_MAX, tl_quantize_fp8  # e4m3 quantisation: the IEEE quotient, saturated, RNE
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
@@ -236,7 +239,7 @@ if triton is not None:
         if DO_V:
             v_mu = vsum / n_kv
             v_amax = tl.maximum(vmax - v_mu, v_mu - vmin)
-            v_sc = tl.where(v_amax > 0, v_amax / 448.0, 1.0)
+            v_sc = tl.where(v_amax > 0, v_amax / TL_FP8_MAX, 1.0)
         else:
             v_mu = tl.zeros([HEAD_DIM], tl.float32)
             v_sc = tl.zeros([HEAD_DIM], tl.float32) + tl.load(VS_STATIC)
@@ -269,14 +272,14 @@ if triton is not None:
             ks = tl.maximum(amax / 127.0, 1e-30)
             k8 = tl.clamp(libdevice.rint(k / ks), -127.0, 127.0).to(tl.int8)
         else:
-            ks = tl.maximum(amax / 448.0, 1e-30)
-            k8 = tl.clamp(k / ks, -448.0, 448.0).to(tl.float8e4nv)
+            ks = tl.maximum(amax / TL_FP8_MAX, 1e-30)
+            k8 = tl_quantize_fp8(k, ks)
         tl.store(KS + bh * nbk + pid, ks)
         krow = bh.to(tl.int64) * n_kv + rows
         tl.store(K8 + krow[:, None] * HEAD_DIM + d[None, :], k8, mask=m)
         v = tl.load(V + b * svb + h * svh + rows[:, None] * svn + d[None, :], mask=m, other=0.0).to(tl.float32)
-        v = tl.where(m, (v - v_mu[None, :]) / v_sc[None, :], 0.0)  # padded keys: exact zeros (read by the last tile)
-        v8 = tl.trans(tl.clamp(v, -448.0, 448.0).to(tl.float8e4nv))
+        v = tl.where(m, v - v_mu[None, :], 0.0)  # padded keys: exact zeros (read by the last tile)
+        v8 = tl.trans(tl_quantize_fp8(v, v_sc[None, :]))
         vrow = bh.to(tl.int64) * HEAD_DIM + d
         tl.store(VT8 + vrow[:, None] * n_pad + rows[None, :], v8, mask=rows[None, :] < n_pad)
 
@@ -336,8 +339,8 @@ if triton is not None:
             qs = tl.maximum(amax / 127.0, 1e-30)
             q8 = tl.clamp(libdevice.rint(q / qs[:, None]), -127.0, 127.0).to(tl.int8)
         else:
-            qs = tl.maximum(amax / 448.0, 1e-30)
-            q8 = tl.clamp(q / qs[:, None], -448.0, 448.0).to(tl.float8e4nv)
+            qs = tl.maximum(amax / TL_FP8_MAX, 1e-30)
+            q8 = tl_quantize_fp8(q, qs[:, None])
         row_scale = qs * (sm_scale * 1.4426950408889634)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)

@@ -32,7 +32,7 @@ from torch import nn
 
 from .fusion import FusionRule, fuse_fp8_projections
 from .linear import FastPathConfig, env_plain, fp8_modules
-from .numerics import _TRITON, triton_available, triton_quantize_fp8
+from .numerics import triton_available, triton_error, triton_quantize_fp8
 
 __all__ = ["FastPathConfig", "fast_path", "triton_available", "triton_quantize_fp8", "fuse_fp8_projections",
            "apply_fast_path", "set_model_fast_path", "FastPathReport", "CudaGraphForward", "env_plain"]
@@ -110,7 +110,7 @@ def apply_fast_path(model: nn.Module, *, fast: bool | None = None, fuse: bool = 
     report.triton_quant = cuda and cfg.triton_quant and triton_available()
     report.fast_accum = cuda and cfg.fast_accum
     if cuda and cfg.triton_quant and not report.triton_quant:
-        report.note = f"Triton unavailable ({_TRITON.get('error', '?')}): activations quantised by torch ops"
+        report.note = f"Triton unavailable ({triton_error() or '?'}): activations quantised by torch ops"
     return report
 
 

@@ -7,7 +7,7 @@ read one input is family knowledge: each family lists its `FusionRule`s (`Family
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

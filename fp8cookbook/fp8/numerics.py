@@ -16,7 +16,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "quantize_fp8", "fp8_gemm_supported", "cuda_fp8_ok", "triton",
-           "tl_quantize_fp8", "triton_available", "triton_quantize_fp8"]
+           "tl_quantize_fp8", "triton_available", "triton_error", "triton_quantize_fp8"]
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,8 @@ if triton is not None:
 
     @triton.jit
     def tl_quantize_fp8(x, scale):
-        """Q(x / scale) inside a Triton kernel: x float32 (any shape), scale a float32 scalar; returns e4m3."""
+        """Q(x / scale) inside a Triton kernel: x float32 (any shape), scale a float32 scalar or a block that
+        broadcasts to x (per-row, per-channel scales); returns e4m3."""
         s = tl.broadcast_to(scale, x.shape)
         # IEEE round-to-nearest division, as torch's `x.float() / scale` (Triton's `/` is an approximation).
         y = tl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=r,r,r", [x, s], dtype=tl.float32,
@@ -80,6 +81,11 @@ else:
 def triton_available() -> bool:
     """Triton importable, so the one-pass kernel exists."""
     return triton is not None
+
+
+def triton_error() -> str | None:
+    """Why Triton is unavailable (for the notes reports print), None when it is there."""
+    return _TRITON.get("error")
 
 
 _BLOCK = 4096

@@ -5,7 +5,6 @@ every enabled quantizer got an amax (an expert that never ran is named, with the
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,9 @@ from torch import nn
 
 from ..errors import Fp8CookbookError
 from ..families import Family
+from ..files import to_jsonable
 from ..pipelines import default_tiny_settings, generation_kwargs
-from .recipe import (INSTALL_HINT, fp8_diffusion_quant_cfg, missing_amaxes, quiet_modelopt, require_modelopt,
+from .recipe import (INSTALL_HINT, fp8_diffusion_quant_cfg, quiet_modelopt, require_modelopt,
                      skip_entries, tensor_quantizers)
 
 PROMPTS_FILE = Path(__file__).parent.parent / "data" / "calibration_prompts.txt"
@@ -63,7 +63,7 @@ def calibration_prompts(path: str | Path | None = None, limit: int | None = None
 def is_tiny(model: nn.Module, family: Family) -> bool:
     """The tiny test transformer, recognised by its config (so the tiny calibration defaults apply)."""
     config = dict(model.config)
-    return all(as_json(config.get(k)) == v for k, v in as_json(family.tiny_config).items())
+    return all(to_jsonable(config.get(k)) == v for k, v in to_jsonable(family.tiny_config).items())
 
 
 def calibration_settings(family: Family, tiny: bool, *, num_inference_steps: int | None, height: int | None,
@@ -172,6 +172,3 @@ def calibrate_together(pipe, family: Family, names: list[str], prompts: list[str
                                        f"not load (it needs `onnx`); install it: {INSTALL_HINT}")
     return calls, {n: sorted(ts, reverse=True) for n, ts in timesteps.items()}
 
-
-def as_json(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=list))

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,7 @@ from ..checkpoint import scan_tensors, shard_files
 from ..errors import Fp8CookbookError
 from ..files import plain_modes
 from ..families import Family, build_transformer, get_family
-from .recipe import (TINY_CALIB, ForwardLoop, check_amaxes, quantize_transformer, quiet_modelopt, require_modelopt,
-                     tensor_quantizers)
+from .recipe import TINY_CALIB, check_amaxes, quantize_transformer, quiet_modelopt, require_modelopt
 
 LEAN_STATE_KEY = "fp8cookbook_weights_omitted"  # in a state file written with weights=False
 

@@ -21,9 +21,9 @@ from ..errors import Fp8CookbookError
 from ..files import plain_modes, staged_dir
 from ..fp8.linear import FP8Linear
 from ..families import Family, get_family
-from ..pipelines import default_tiny_settings, require_components, transformer_names
+from ..pipelines import require_components, transformer_names
 from ..stages import StageLog
-from .calibration import (DEFAULT_NUM_PROMPTS, as_json, calibrate_together, calibration_settings, is_tiny,
+from .calibration import (DEFAULT_NUM_PROMPTS, calibrate_together, calibration_settings, is_tiny,
                           no_amax_message, calibration_prompts)
 from .export import export_has_fp8_weights, export_transformer, save_modelopt_state
 from .recipe import missing_amaxes, quiet_modelopt, fp8_diffusion_quant_cfg, require_modelopt, tensor_quantizers
@@ -375,7 +375,7 @@ def _final_paths(paths: dict[str, dict[str, Path]], stats: dict[str, ConvertStat
 def _summary(result: QuantizeResult) -> dict[str, Any]:
     import modelopt
 
-    from .. import __version__
+    from ..version import __version__
 
     def rel(p: Path) -> str:
         return str(p.relative_to(result.output_dir)) if p.is_relative_to(result.output_dir) else str(p)

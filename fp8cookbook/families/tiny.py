@@ -80,6 +80,6 @@ def tiny_transformer(family, seed: int):
     """The family's tiny transformer in float32 (the pipeline builders cast the whole pipeline afterwards)."""
     import torch
 
-    from . import build_transformer
+    from .registry import build_transformer
 
     return build_transformer(family, seed=seed, dtype=torch.float32)
