@@ -254,8 +254,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from fp8cookbook.console import command_output
+
     try:
-        sys.exit(main())
+        with command_output():  # the CLI's rule: no third-party noise the user cannot act on
+            code = main()
+        sys.exit(code)
     except Fp8CookbookError as e:
         print(f"full_size: error: {e}", file=sys.stderr)
         sys.exit(2)
