@@ -562,9 +562,10 @@ def inspect_checkpoint(folder: str | Path) -> InspectReport:
     report = InspectReport(str(folder), config.get("_class_name"), info.quant_algo if info else None)
     ignore = info.rules if info else IgnoreRules()
     report.ignore_patterns = len(ignore)
+    from .families import sglang_aliases_for
     from .sglang_names import bf16_decider  # SGLang's rule: a module's runtime names count too
 
-    keep_bf16 = bf16_decider(info, config.get("_class_name"))
+    keep_bf16 = bf16_decider(info, sglang_aliases_for(config.get("_class_name")))
     tensors = scan_tensors(folder)
     report.shards = len({t.file for t in tensors.values()})
     report.total_bytes = sum(t.nbytes for t in tensors.values())

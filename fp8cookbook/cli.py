@@ -34,8 +34,8 @@ def _command(name: str):
 # ----------------------------------------------------------------------------------------------- convert
 @_command("convert")
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import base_from_quantize_report, convert_checkpoint, protect_inputs
-    from .repo import MODEL_INDEX, convert_repo
+    from .convert import base_from_quantize_report, convert_checkpoint, convert_repo, protect_inputs
+    from .repo import MODEL_INDEX
     from .stages import StageLog
 
     # first, whatever the layout: an output that is, holds or lies in an input is refused before anything else

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,8 @@ from .files import (check_scale, check_target, open_regular, staged_dir, write_j
                     write_text_atomic)
 from .families import Family, family_for_class, get_family
 from .fp8.numerics import quantize_fp8
+from .repo import (LINK_MODES, classify_folder, detect_layout, license_fields, local_pipeline_dir, transformer_card,
+                   write_full_repo)
 
 
 @dataclass
@@ -435,8 +438,6 @@ def _write(folder: Path, shards: dict[str, list[_Out]], qconfig: dict, config: d
 def _model_card(config: dict, stats: ConvertStats, base_transformer: str | Path | None) -> str:
     """The folder's model card, with Hugging Face front matter; the license is the base model's, when its card (in
     the base transformer folder or the pipeline folder above it) has one."""
-    from .repo import license_fields, transformer_card
-
     fam = get_family(stats.family) if stats.family else None
     license = {}
     if base_transformer is not None:
@@ -447,3 +448,62 @@ def _model_card(config: dict, stats: ConvertStats, base_transformer: str | Path 
         details=[f"FP8 layers: {stats.quantized_weights}", f"BF16 fallback layers: {stats.bf16_fallback_weights}",
                  f"other BF16 weights: {stats.preserved_ignored_weights}", f"family profile: {stats.family}",
                  "converted by fp8cookbook from an NVIDIA ModelOpt export"])
+
+
+# --------------------------------------------------------------------------------------- converting a repo
+def convert_repo(export: str | Path, output_dir: str | Path, *, base: str | Path | None = None,
+                 component: str = "transformer", state_file: str | Path | None = None, full_repo: bool = False,
+                 link: str = "hardlink", family: str = "auto", keep_bf16: Iterable[str] = (),
+                 base_model: str | None = None, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Convert a whole-pipeline ModelOpt export (`export_hf_checkpoint(pipeline)`), or one transformer export.
+
+    A repo input has every FP8 component converted; a folder input is the `component` (with `state_file` for a
+    BF16 export). Writes `output_dir/<component>/` (one FP8 checkpoint each, for `--transformer-path`), or with
+    `full_repo` a complete diffusers repo (`write_full_repo`: the repo input's other components, or `base`'s for a
+    folder input, linked or copied). `base` is the original BF16 pipeline: its component folders give the
+    BF16-fallback weights (needed for FLUX.1 and FLUX.2) and its model card the license. Everything is written
+    beside `output_dir` and renamed in at the end. Returns {component: ConvertStats}.
+    """
+    layout = detect_layout(export)
+    base_dir = local_pipeline_dir(base) if base is not None else None
+    if layout.is_repo:
+        if state_file is not None:
+            raise Fp8CookbookError(f"{export}: --state-file goes with one transformer export, not a whole repo")
+        names = layout.fp8_components()
+        if not names:
+            raise Fp8CookbookError(f"{export}: no component holds an FP8 quantization_config ("
+                                   + "; ".join(f"{n}: {c.note}" for n, c in layout.components.items()) + ")")
+        sources = {n: layout.components[n].path for n in names}
+        rest = layout.path
+    else:
+        sources = {component: Path(export)}
+        rest = base_dir
+        if full_repo and base_dir is None:
+            raise Fp8CookbookError("a full repo from one transformer export needs --base, the BF16 pipeline whose "
+                                   "other components it takes")
+    output_dir = Path(output_dir).expanduser()
+    if link not in LINK_MODES:
+        raise Fp8CookbookError(f"link must be one of {', '.join(LINK_MODES)}, got {link!r}")
+    protect_inputs(output_dir, [Path(export), *sources.values(), base_dir, state_file])
+    with staged_dir(output_dir, overwrite=overwrite) as stage:
+        stats = {}
+        for name, src in sources.items():
+            base_transformer = base_dir / name if base_dir is not None and (base_dir / name).is_dir() else None
+            stats[name] = convert_checkpoint(src, stage / name, base_transformer=base_transformer, family=family,
+                                             keep_bf16=keep_bf16, state_file=state_file, progress=progress)
+            stats[name].output_dir = str(output_dir / name)  # the converter recorded the staging folder
+            write_json_atomic(stage / name / STATS_NAME, asdict(stats[name]))
+        if full_repo:
+            fam = family_for_class(classify_folder(stage / next(iter(sources))).class_name)
+            write_full_repo(rest, {n: stage / n for n in sources}, stage / "repo", link=link,
+                            base_model=base_model or (fam.hub_id if fam else None),
+                            family_title=fam.title if fam else None, video=bool(fam and fam.is_video),
+                            extra_flags=fam.sglang_extra_flags if fam else (),
+                            license=license_fields(base_dir if base_dir is not None else rest))
+            # the repo is what is published: its FP8 components move in, the per-component folders go
+            for name in sources:
+                shutil.rmtree(stage / name)
+            for entry in (stage / "repo").iterdir():
+                os.replace(entry, stage / entry.name)
+            (stage / "repo").rmdir()
+    return stats

@@ -12,6 +12,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,17 +21,17 @@ from .version import __version__
 from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, QuantInfo, TensorReader,
                          inspect_checkpoint, quant_config, read_attention_scales, read_config, read_quant_info)
 from .errors import Fp8CookbookError
+from .families import sglang_aliases_for
 from .fp8.attention_diffusers import install_fp8_attention
 from .fp8.attention_mode import DEFAULT_KERNEL, MIN_KV_TOKENS, AttentionMode
 from .fp8.linear import FP8Linear, fp8_modules, swap_linears
-from .repo import read_card_metadata, save_fp8_transformer
+from .offload import place_pipeline, refuse_dit_offload
+from .repo import (FP8, FP8_UNMARKED, MODEL_INDEX, OTHER_QUANT, UNREADABLE, Layout, classify_folder, detect_layout,
+                   local_pipeline_dir, pipeline_components, read_card_metadata, read_model_index, save_fp8_transformer)
 from .sglang_names import bf16_decider
 
 MAX_CONFIG_INT = 1 << 20  # above every dimension and token count of the supported families
 MAX_LAYERS = 1024  # config keys naming layers or blocks: FLUX.2 has 56, Wan2.2 A14B 40
-
-OFFLOAD_WARNING = ("{what} disabled for the FP8 transformer: offload rebuilds weights contiguously and loses the "
-                   "column-major FP8 weight view that torch._scaled_mm needs; text-encoder and VAE offload stay allowed")
 
 
 @dataclass
@@ -63,16 +64,6 @@ class LoadReport:
             f"other tensors    {self.other_bytes / 1e9:.3f} GB",
             f"attention        {attention}",
         ] + [f"offload off      {w}" for w in self.offload_disabled]
-
-
-def refuse_dit_offload(dit_cpu_offload: bool, dit_layerwise_offload: bool) -> list[str]:
-    """Turn the two DiT offload modes off with a warning that says why; returns what was turned off."""
-    off = []
-    for flag, what in ((dit_cpu_offload, "DiT CPU offload"), (dit_layerwise_offload, "DiT layer-wise offload")):
-        if flag:
-            warnings.warn(OFFLOAD_WARNING.format(what=what), UserWarning, stacklevel=3)
-            off.append(what)
-    return off
 
 
 def has_attention_scales(path: str | Path) -> bool:
@@ -131,8 +122,6 @@ def _checked_config(path: Path) -> tuple[dict, QuantInfo]:
     config = read_config(path)
     info = read_quant_info(config, str(path / "config.json"))
     if info is None:
-        from .repo import FP8_UNMARKED, classify_folder
-
         comp = classify_folder(path)
         if comp.kind == FP8_UNMARKED:  # never read FP8 codes as BF16 weights
             raise Fp8CookbookError(f"{path}: {comp.note}; restore the quantization_config (or re-save it with "
@@ -173,7 +162,7 @@ def _empty_model(path: Path, config: dict, info: QuantInfo, dtype: torch.dtype, 
         with torch.device("meta"):
             return FP8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype=dtype)
 
-    keep_bf16 = bf16_decider(info, class_name)  # SGLang's rule: its runtime names count too
+    keep_bf16 = bf16_decider(info, sglang_aliases_for(class_name))  # SGLang's rule: its runtime names count too
     swap_linears(model, lambda m, name: not keep_bf16(name), make)
     report.bf16_linear_layers += sum(isinstance(m, nn.Linear) for m in model.modules())  # the ignored ones
     return model
@@ -261,3 +250,84 @@ def load_fp8_transformer(
     model.fp8_card_metadata = read_card_metadata(path)  # base_model and license go into the saved card
     model.save_pretrained = functools.partial(save_fp8_transformer, model)
     return model, report
+
+
+# -------------------------------------------------------------------------------------- loading a pipeline
+def _fp8_overrides(base_layout: Layout, fp8: str | Path | dict[str, str | Path] | None) -> dict[str, Path]:
+    """Component name -> FP8 folder: the base's own FP8 components, then those of `fp8` (a folder, a repo or a
+    {name: folder} dict; a bare folder is the `transformer`)."""
+    out = {n: c.path for n, c in base_layout.components.items() if c.is_fp8}
+    if fp8 is None:
+        return out
+    if isinstance(fp8, dict):
+        given = {n: Path(p) for n, p in fp8.items()}
+    else:
+        layout = detect_layout(fp8)
+        if layout.is_repo:
+            given = {n: layout.components[n].path for n in layout.fp8_components()}
+            if not given:
+                raise Fp8CookbookError(f"{fp8}: a diffusers repo with no FP8 component")
+        else:
+            given = {"transformer": Path(fp8)}
+    for name, folder in given.items():
+        if name not in base_layout.components:
+            raise Fp8CookbookError(f"{base_layout.path / MODEL_INDEX}: has no component {name!r} for the FP8 folder "
+                                   f"{folder} (components: {', '.join(base_layout.components)})")
+        comp = classify_folder(folder, name)
+        if comp.kind != FP8:
+            raise Fp8CookbookError(f"{folder}: not an FP8 checkpoint ({comp.note})")
+        out[name] = Path(folder)
+    return out
+
+
+def load_fp8_pipeline(source: str | Path, fp8: str | Path | dict[str, str | Path] | None = None, *,
+                      dtype: Any = None, device: str = "cpu", dit_cpu_offload: bool = False,
+                      dit_layerwise_offload: bool = False, text_encoder_cpu_offload: bool = False,
+                      vae_cpu_offload: bool = False, fp8_attention: bool | str = "auto") -> Any:
+    """A diffusers pipeline with every FP8 transformer loaded by fp8cookbook's FP8 layers.
+
+    `source`: a pipeline folder or cached hub id: a base model, or a repo that already holds FP8 components (our
+    full repo, a ModelOpt whole-pipeline export such as nvidia/Wan2.2-T2V-A14B-Diffusers-FP8). `fp8`: FP8
+    components to put in, as a transformer folder, a repo, or {component: folder}. Components the base holds with
+    FP8 codes but no quantization_config, or that cannot be read, are refused rather than loaded as BF16. DiT
+    offload is refused for FP8 transformers (`offload.place_pipeline`); text-encoder and VAE offload are allowed.
+    The load reports are kept as `pipe.fp8_load_reports`.
+    """
+    import diffusers
+
+    dtype = torch.bfloat16 if dtype is None else dtype
+    base_dir = local_pipeline_dir(source)
+    layout = detect_layout(base_dir)
+    overrides = _fp8_overrides(layout, fp8)
+    bad = [f"{n}: {c.note}" for n, c in layout.components.items()
+           if n not in overrides and c.kind in (FP8_UNMARKED, UNREADABLE, OTHER_QUANT)]
+    if bad:
+        raise Fp8CookbookError(f"{base_dir}: cannot load {bad[0]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""))
+    if not overrides:
+        raise Fp8CookbookError(f"{source}: no FP8 component (pass fp8=<FP8 folder or repo>, or load a BF16 "
+                               "pipeline with diffusers directly)")
+    index = read_model_index(base_dir)
+    cls = getattr(diffusers, str(index.get("_class_name")), None)
+    if cls is None:
+        raise Fp8CookbookError(f"{base_dir / MODEL_INDEX}: unknown pipeline class {index.get('_class_name')!r}")
+    wanted = pipeline_components(index)
+    models, reports = {}, {}
+    for name, folder in overrides.items():
+        model, report = load_fp8_transformer(folder, dtype=dtype, fp8_attention="off")
+        if report.class_name != wanted[name][1]:
+            raise Fp8CookbookError(f"{Path(folder) / 'config.json'}: _class_name {report.class_name!r}, but "
+                                   f"{base_dir / MODEL_INDEX} names {wanted[name][1]!r} for {name}")
+        models[name], reports[name] = model, report
+    try:
+        pipe = cls.from_pretrained(str(base_dir), dtype=dtype, **models)
+    except Exception as e:  # noqa: BLE001 - say which folder failed, whatever diffusers raised
+        raise Fp8CookbookError(f"cannot load the {cls.__name__} pipeline from {base_dir}: {e}") from e
+    pipe.set_progress_bar_config(disable=True)
+    turned_off = place_pipeline(pipe, device, dit_cpu_offload=dit_cpu_offload,
+                                dit_layerwise_offload=dit_layerwise_offload,
+                                text_encoder_cpu_offload=text_encoder_cpu_offload, vae_cpu_offload=vae_cpu_offload)
+    for name, model in models.items():  # after placement: FP8 attention picks its kernel on the model's device
+        reports[name].offload_disabled = list(turned_off)
+        reports[name].fp8_attention_layers = apply_attention_mode(model, overrides[name], fp8_attention)
+    pipe.fp8_load_reports = reports
+    return pipe

@@ -13,9 +13,21 @@ import torch
 from torch import nn
 
 from .fp8.linear import FP8Linear
-from .loader import OFFLOAD_WARNING, refuse_dit_offload
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
+
+OFFLOAD_WARNING = ("{what} disabled for the FP8 transformer: offload rebuilds weights contiguously and loses the "
+                   "column-major FP8 weight view that torch._scaled_mm needs; text-encoder and VAE offload stay allowed")
+
+
+def refuse_dit_offload(dit_cpu_offload: bool, dit_layerwise_offload: bool) -> list[str]:
+    """Turn the two DiT offload modes off with a warning that says why; returns what was turned off."""
+    off = []
+    for flag, what in ((dit_cpu_offload, "DiT CPU offload"), (dit_layerwise_offload, "DiT layer-wise offload")):
+        if flag:
+            warnings.warn(OFFLOAD_WARNING.format(what=what), UserWarning, stacklevel=3)
+            off.append(what)
+    return off
 
 
 def is_fp8(module: object) -> bool:

@@ -59,6 +59,39 @@ def _bool(value: Any, *, optional: bool = False) -> bool | None:
     return value
 
 
+def read_prompts_file(path: str | Path, limit: int | None = None) -> list[str]:
+    """The prompts of a text file, one per line (blank lines and `#` comments skipped), the first `limit` of them.
+
+    Here, with the parameters, because a prompts parameter may name such a file and is checked before any work;
+    `quantize.calibration_prompts` reads the shipped file through it.
+    """
+    source = Path(path).expanduser()
+    if limit is not None and limit < 1:
+        raise Fp8CookbookError(f"the number of calibration prompts must be at least 1, got {limit}")
+    hint = "expected a UTF-8 text file with one prompt per line"
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise Fp8CookbookError(f"{source}: prompts file does not exist") from None
+    except IsADirectoryError:
+        raise Fp8CookbookError(f"{source}: is a folder; {hint}") from None
+    except UnicodeDecodeError as e:
+        raise Fp8CookbookError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start}); {hint}") from None
+    except OSError as e:
+        raise Fp8CookbookError(f"{source}: cannot read prompts file ({e.strerror or e})") from None
+    if "\x00" in text:
+        raise Fp8CookbookError(f"{source}: contains NUL bytes (a binary file?); {hint}")
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise Fp8CookbookError(f"{source}: no prompts in the file; {hint} ('#' lines are comments)")
+    if limit is not None:
+        if limit > len(prompts):
+            raise Fp8CookbookError(f"{source}: {limit} calibration prompts asked for, the file has {len(prompts)}")
+        prompts = prompts[:limit]
+    return prompts
+
+
 def as_prompts(value: Any, *, optional: bool = False, files: bool = False) -> list[str] | None:
     """A notebook's prompt parameter as a list: one string is one prompt (or, with `files`, the prompts file it
     names: one prompt per line, `#` comments), a list is a list of strings; None only where `optional`."""
@@ -66,9 +99,7 @@ def as_prompts(value: Any, *, optional: bool = False, files: bool = False) -> li
         return None
     if isinstance(value, str):
         if files and Path(value).expanduser().is_file():
-            from .quantize import calibration_prompts
-
-            return calibration_prompts(value)
+            return read_prompts_file(value)
         value = [value]
     if not isinstance(value, (list, tuple)):
         raise Fp8CookbookError(f"prompts must be a non-empty list of non-empty strings, got {value!r}")

@@ -118,14 +118,15 @@ def load_pipeline(family_or_source: str | Path | None = None, model_path: str | 
         load_pipeline("wan22-fp8-repo")                           a repo with FP8 components (ours, NVIDIA's)
 
     Any FP8 component (in the source, or given as `fp8`) is loaded by `load_fp8_transformer`
-    (`repo.load_fp8_pipeline`; `fp8_options` are its offload and `fp8_attention` options, DiT offload refused); a
+    (`loader.load_fp8_pipeline`; `fp8_options` are its offload and `fp8_attention` options, DiT offload refused); a
     component holding FP8 codes without a quantization_config is refused, never loaded as BF16. Tiny and real take
     the same `from_pretrained` path, so what the tests exercise is what users run. The per-step progress bar is off
     (re-enable with `pipe.set_progress_bar_config(disable=False)`).
     """
     import diffusers
 
-    from .repo import MODEL_INDEX, detect_layout, load_fp8_pipeline
+    from .loader import load_fp8_pipeline
+    from .repo import MODEL_INDEX, detect_layout
 
     family = _family_or_none(family_or_source)
     if family is None:

@@ -72,31 +72,18 @@ def keeps_bf16(rules: Matcher, module_name: str, aliases: Callable[[str], list[s
     return any(rules.matches(name) for name in names_checked(module_name, aliases))
 
 
-def rules_of(info: object) -> Matcher:
-    """The ignore matcher of a `checkpoint.QuantInfo`: its `IgnoreRules` (issue 15); until that lands, the
-    project's one pattern rule (`checkpoint.ignored`) over its `ignore` list."""
-    rules = getattr(info, "rules", None)
-    if rules is not None:
-        return rules
-    from .checkpoint import ignored
+class HasRules(Protocol):
+    """What `bf16_decider` reads from a `checkpoint.QuantInfo`: its `IgnoreRules`."""
 
-    patterns = list(getattr(info, "ignore", None) or [])
-
-    class _Listed:
-        def matches(self, name: str) -> bool:
-            return ignored(name, patterns)
-
-    return _Listed()
+    rules: Matcher
 
 
-def bf16_decider(info: object | None, class_name: str | None) -> Callable[[str], bool]:
-    """SGLang's BF16 decision for the linear layers of one checkpoint: `keeps_bf16` with the aliases of the family
-    its `_class_name` names (the converter's generic names when none). No quantization config: nothing is kept."""
+def bf16_decider(info: HasRules | None, aliases: Callable[[str], list[str]] | None) -> Callable[[str], bool]:
+    """SGLang's BF16 decision for the linear layers of one checkpoint: `keeps_bf16` with the `sglang_aliases` of the
+    family its `_class_name` names (`families.sglang_aliases_for`; None: the converter's generic names). The
+    caller passes the aliases in, so this module imports neither the checkpoint format nor the registry (both
+    import it). No quantization config: nothing is kept."""
     if info is None:
         return lambda name: False
-    from .families import family_for_class
-
-    family = family_for_class(class_name)
-    rules = rules_of(info)
-    aliases = family.sglang_aliases if family is not None else None
+    rules = info.rules
     return lambda name: keeps_bf16(rules, name, aliases)

@@ -348,7 +348,7 @@ def test_written_folders_follow_the_umask(umask, wan_repo, wan_fp8, flux1_folder
     keep that input's modes, which are readable by all here."""
     from fp8cookbook.loader import load_fp8_transformer
     from fp8cookbook.plots import save_figure
-    from fp8cookbook.repo import convert_repo
+    from fp8cookbook.convert import convert_repo
 
     import matplotlib.pyplot as plt
 
@@ -476,7 +476,7 @@ def _fp8_linear_count(module) -> int:
 
 
 def test_load_pipeline_of_a_whole_pipeline_repo(wan_repo, wan_fp8, tmp_path):
-    from fp8cookbook.repo import load_fp8_pipeline
+    from fp8cookbook.loader import load_fp8_pipeline
 
     repo = tmp_path / "repo"
     write_full_repo(wan_repo["base"], wan_fp8, repo)
@@ -495,7 +495,7 @@ def test_load_pipeline_of_a_whole_pipeline_repo(wan_repo, wan_fp8, tmp_path):
 
 
 def test_load_pipeline_refuses_offload_and_unreadable_components(wan_repo, wan_fp8, flux1_folders, tmp_path):
-    from fp8cookbook.repo import load_fp8_pipeline
+    from fp8cookbook.loader import load_fp8_pipeline
 
     with pytest.warns(UserWarning, match="DiT CPU offload disabled"):
         pipe = load_fp8_pipeline(wan_repo["modelopt"], dit_cpu_offload=True)
@@ -520,7 +520,7 @@ def test_load_pipeline_refuses_offload_and_unreadable_components(wan_repo, wan_f
 
 # -------------------------------------------------------------------------------------------- converting repos
 def test_convert_whole_repo(wan_repo, tmp_path):
-    from fp8cookbook.repo import convert_repo
+    from fp8cookbook.convert import convert_repo
 
     before = snapshot(wan_repo["modelopt"])
     stats = convert_repo(wan_repo["modelopt"], tmp_path / "each", progress=False)
@@ -540,7 +540,7 @@ def test_convert_whole_repo(wan_repo, tmp_path):
 def test_convert_one_export_into_a_full_repo(flux1_folders, tmp_path):
     """One transformer export plus its BF16 pipeline -> the full repo (FLUX.1 fallback layers from the base)."""
     from fp8cookbook.pipelines import tiny_pipeline_dir
-    from fp8cookbook.repo import convert_repo
+    from fp8cookbook.convert import convert_repo
 
     base = tiny_pipeline_dir("flux1", cache_dir=tmp_path / "cache")
     # the hand-made export is of a different random transformer: put its BF16 base into the pipeline copy

@@ -11,10 +11,11 @@ carries the reason it is there.
 from __future__ import annotations
 
 from .registry import (ALIASES, FAMILIES, REDUCED_VOCAB, Family, InputMaker, LayerRule, StandinComponent, StandinParts,
-                       TinySettings, all_fusion_rules, build_transformer, family_for_class, get_family, register)
+                       TinySettings, all_fusion_rules, build_transformer, family_for_class, get_family, register,
+                       sglang_aliases_for)
 
 __all__ = ["LayerRule", "InputMaker", "TinySettings", "Family", "FAMILIES", "ALIASES", "register", "get_family",
-           "family_for_class", "all_fusion_rules", "build_transformer", "StandinComponent", "StandinParts",
+           "family_for_class", "sglang_aliases_for", "all_fusion_rules", "build_transformer", "StandinComponent", "StandinParts",
            "REDUCED_VOCAB"]
 
 # The family files register themselves; the order is the order users see.

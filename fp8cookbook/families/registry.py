@@ -162,6 +162,13 @@ def family_for_class(class_name: str | None) -> Family | None:
     return None
 
 
+def sglang_aliases_for(class_name: str | None) -> Callable[[str], list[str]] | None:
+    """The runtime-name table of the family a config.json `_class_name` names, for `sglang_names.bf16_decider`;
+    None when no family has that class (SGLang's converter names then)."""
+    family = family_for_class(class_name)
+    return family.sglang_aliases if family is not None else None
+
+
 def all_fusion_rules() -> tuple[FusionRule, ...]:
     """Every family's fusion rules, for a model whose family is not known (rules are keyed by module class)."""
     seen: dict[str, FusionRule] = {}

@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import Fp8CookbookError
 from ..families import Family
 from ..files import to_jsonable
+from ..params import read_prompts_file
 from ..pipelines import default_tiny_settings, generation_kwargs
 from .recipe import (INSTALL_HINT, fp8_diffusion_quant_cfg, quiet_modelopt, require_modelopt,
                      skip_entries, tensor_quantizers)
@@ -33,31 +34,7 @@ def calibration_prompts(path: str | Path | None = None, limit: int | None = None
     `limit` takes the first N: the shipped file is ordered so that any prefix is varied. Asking for more prompts
     than the file has is an error, not a silent shortfall.
     """
-    source = PROMPTS_FILE if path is None else Path(path).expanduser()
-    if limit is not None and limit < 1:
-        raise Fp8CookbookError(f"the number of calibration prompts must be at least 1, got {limit}")
-    hint = "expected a UTF-8 text file with one prompt per line"
-    try:
-        text = source.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise Fp8CookbookError(f"{source}: prompts file does not exist") from None
-    except IsADirectoryError:
-        raise Fp8CookbookError(f"{source}: is a folder; {hint}") from None
-    except UnicodeDecodeError as e:
-        raise Fp8CookbookError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start}); {hint}") from None
-    except OSError as e:
-        raise Fp8CookbookError(f"{source}: cannot read prompts file ({e.strerror or e})") from None
-    if "\x00" in text:
-        raise Fp8CookbookError(f"{source}: contains NUL bytes (a binary file?); {hint}")
-    prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise Fp8CookbookError(f"{source}: no prompts in the file; {hint} ('#' lines are comments)")
-    if limit is not None:
-        if limit > len(prompts):
-            raise Fp8CookbookError(f"{source}: {limit} calibration prompts asked for, the file has {len(prompts)}")
-        prompts = prompts[:limit]
-    return prompts
+    return read_prompts_file(PROMPTS_FILE if path is None else path, limit)
 
 
 def is_tiny(model: nn.Module, family: Family) -> bool:
