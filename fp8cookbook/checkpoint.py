@@ -209,10 +209,6 @@ class TensorInfo:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _read_header(path: Path) -> dict[str, Any]:
-    return _read_header_and_size(path)[0]
-
-
 def _is_uint(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 

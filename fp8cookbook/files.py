@@ -364,7 +364,7 @@ def plain_modes(folder: str | Path) -> None:
 
 
 def temp_dir(parent: str | Path) -> Path:
-    """An empty folder under a temporary name in `parent`, for callers that rename it in themselves.
+    """An empty folder under a temporary name in `parent`: what `staged_dir` stages in.
 
     Made with the modes a plain mkdir gets (the umask decides), unlike `tempfile.mkdtemp`'s 0700, which would be
     the final folder's mode once renamed in; its name records its owner, so `clean_stale` removes it after a kill.
@@ -392,8 +392,7 @@ def staged_dir(target: str | Path, *, overwrite: bool = False, need_bytes: int =
         clean_stale(parent)
         if need_bytes:
             check_free_space(parent, need_bytes, target)
-        tmp = parent / temp_name()
-        os.mkdir(tmp, 0o777)  # the umask decides, as for any folder the user makes
+        tmp = temp_dir(parent)  # the umask decides, as for any folder the user makes
     except Fp8CookbookError:
         _remove_created(created)
         raise
