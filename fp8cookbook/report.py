@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 REPORT_NAME = "report.json"
 REPORT_SCHEMA = "fp8cookbook.notebook/2"  # 2: run_id and files
+# the notebook steps the results table sums up (the stages inside quantize are in report.json's "stages")
+_TOP_STAGES = ("load_bf16", "quantize", "load_bf16 (reference)", "load_fp8", "bench")
 # What a cookbook notebook writes into its output_dir (beside the executed notebook that papermill writes there).
 OUTPUT_NAMES = ("checkpoint", "compare", "bench.json", REPORT_NAME, "sglang")
 
@@ -55,7 +57,8 @@ class NotebookReport:
     """The results of one notebook run, recorded by name and written to `output_dir/report.json`.
 
     Keys: schema, run_id, notebook, family, title, settings, quantize, convert, inspect, load, compare, bench,
-    checkpoint, serve, serve_repo (the full repo served alone), summary (rows of the results table), failures, passed, seconds, files (every file in
+    checkpoint, serve, serve_repo (the full repo served alone), stages (each step's wall time, peak GPU
+    memory, peak host RSS and bytes written: `fp8cookbook.stages`), summary (rows of the results table), failures, passed, seconds, files (every file in
     output_dir, relative, -> the run_id that wrote it: this run's, since earlier outputs were cleared first). `passed` is False when a threshold was
     missed, a checkpoint is inconsistent, or an FP8 layer did not run.
     """
@@ -73,7 +76,7 @@ class NotebookReport:
             "schema": REPORT_SCHEMA, "run_id": self.run_id, "notebook": notebook, "family": fam.name, "title": fam.title,
             "settings": to_jsonable(settings), "quantize": None, "convert": {}, "inspect": {}, "load": {},
             "compare": {"thresholds": None, "prompts": []}, "bench": None, "checkpoint": {}, "serve": None, "serve_repo": None,
-            "summary": [], "failures": [], "notes": [], "passed": None, "seconds": None, "files": {},
+            "stages": [], "summary": [], "failures": [], "notes": [], "passed": None, "seconds": None, "files": {},
         }
 
     def quantize(self, result) -> None:
@@ -128,6 +131,10 @@ class NotebookReport:
         self.data["serve"] = command
         self.data["serve_repo"] = repo_command
 
+    def stages(self, records: list[dict[str, Any]]) -> None:
+        """The notebook's measured stages (`StageLog.as_dicts`): time, peak GPU and host memory, bytes written."""
+        self.data["stages"] = to_jsonable(records)
+
     def note(self, text: str) -> None:
         self.data["notes"].append(text)
 
@@ -165,6 +172,13 @@ class NotebookReport:
         if b:
             rows.append({"what": "bench", "result": f"BF16 {b['bf16_loop_s']:.3f} s, FP8 {b['fp8_loop_s']:.3f} s per "
                                                      f"{b['steps']}-step loop: {b['speedup']:.2f}x on {b['device']}"})
+        top = [r for r in d.get("stages", []) if r["name"] in _TOP_STAGES or r["name"].startswith("compare ")]
+        if top:
+            gpu = [r["peak_gpu_mb"] for r in top if r["peak_gpu_mb"] is not None]
+            rss = [r["peak_rss_mb"] for r in top if r["peak_rss_mb"] is not None]
+            rows.append({"what": "time and memory", "result": ", ".join(f"{r['name']} {r['seconds']:.1f} s" for r in top)
+                         + (f"; peak GPU {max(gpu) / 1024:.1f} GiB" if gpu else "")
+                         + (f", peak host RSS {max(rss) / 1024:.1f} GiB" if rss else "")})
         d["summary"], d["failures"] = rows, failures
         d["passed"] = not failures and bool(d["compare"]["prompts"])
 

@@ -13,7 +13,10 @@ then take the run and add to it, in the notebook's order:
     workflow.bench(run)                          # 7. BF16 vs FP8 denoising time
     workflow.results(run)                        # 8. report.json, the table, the serve command
 
-Each prints what it did and its CLI twin, so that a notebook and `fp8cookbook COMMAND` give the same numbers.
+Each prints what it did and its CLI twin, so that a notebook and `fp8cookbook COMMAND` give the same numbers, and
+runs as a measured stage (`fp8cookbook.stages`: wall time, peak GPU memory, peak host RSS, bytes written; one line
+each, all of them under "stages" in report.json). An out-of-memory is one line naming the stage and the parameter
+to change.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .errors import Fp8CookbookError
 from .families import Family, get_family
 from .params import validate_notebook_parameters
 from .report import OUTPUT_NAMES, NotebookReport, clear_outputs
+from .stages import StageLog
 
 if TYPE_CHECKING:
     import torch
@@ -155,6 +159,10 @@ def load_fp8_transformers(paths: dict[str, dict[str, Path]], *, device: str, dty
 
 
 # ------------------------------------------------------------------------------------------------------ the run
+_OFFLOAD_HINT = "-p text_encoder_cpu_offload true keeps the text encoders on the CPU between uses"
+_SIZE_HINT = "a smaller -p height / -p width (-p num_frames)"
+
+
 @dataclass
 class NotebookRun:
     """One notebook run: the checked parameters, where things go, and what each step produced so far."""
@@ -178,6 +186,7 @@ class NotebookRun:
     comparisons: list[tuple[Any, Any]] = field(default_factory=list)  # (CompareReport, Trajectories) per prompt
     serve: str | None = None
     serve_repo: str | None = None  # the full repo (checkpoint/repo) served alone
+    stages: StageLog = field(default_factory=StageLog)  # each step's time, peak memory and bytes written
 
     @property
     def model_path(self) -> str | None:
@@ -244,7 +253,8 @@ def start(notebook: str, namespace: dict[str, Any]) -> NotebookRun:
 # -------------------------------------------------------------------------------------------------- the steps
 def load_bf16(run: NotebookRun) -> None:
     """1. The BF16 pipeline, placed on the device (text encoders on the CPU between uses, where asked)."""
-    run._load_pipeline()
+    with run.stages.stage("load_bf16", hint=_OFFLOAD_HINT):
+        run._load_pipeline()
     fam = run.family
     print(f"{fam.title}: {type(run.pipe).__name__} from {run.base}, experts {list(fam.experts)}"
           + (f", boundary {fam.boundary_ratio}" if fam.boundary_ratio else ""))
@@ -257,12 +267,16 @@ def quantize(run: NotebookRun) -> None:
     from .quantize import quantize_pipeline
 
     p = run.params
-    run.result = quantize_pipeline(
-        run.family.name, run.pipe, run.output_dir / "checkpoint", prompts=run.calibration_prompts,
-        num_prompts=p["num_calibration_prompts"], num_inference_steps=p["calibration_steps"], seed=p["seed"],
-        height=p["height"], width=p["width"], num_frames=p["num_frames"], guidance_scale=p["guidance_scale"],
-        overwrite=True, quantize_mha=AttentionMode.parse(p["fp8_attention"]).quantize_mha, progress=run.model_path is not None,
-        full_repo=True, link="symlink")  # also checkpoint/repo, served alone; symbolic links: no disk, never a copy
+    checkpoint = run.output_dir / "checkpoint"
+    with run.stages.stage("quantize", hint="fewer -p num_calibration_prompts or -p calibration_steps; "
+                                           + _OFFLOAD_HINT, output=checkpoint):  # base, calibrate, ... inside
+        run.result = quantize_pipeline(
+            run.family.name, run.pipe, checkpoint, prompts=run.calibration_prompts,
+            num_prompts=p["num_calibration_prompts"], num_inference_steps=p["calibration_steps"], seed=p["seed"],
+            height=p["height"], width=p["width"], num_frames=p["num_frames"], guidance_scale=p["guidance_scale"],
+            overwrite=True, quantize_mha=AttentionMode.parse(p["fp8_attention"]).quantize_mha,
+            progress=run.model_path is not None, stages=run.stages,
+            full_repo=True, link="symlink")  # also checkpoint/repo, served alone; symbolic links: no disk, never a copy
     run.report.quantize(run.result)
     print("\n".join(run.result.lines()))
     if len(run.family.experts) > 1:
@@ -279,9 +293,10 @@ def convert(run: NotebookRun) -> None:
     keep = run.params["keep_bf16"]
     for name, p in run.result.paths.items():
         if keep:
-            run.result.convert_stats[name] = convert_checkpoint(
-                p["export"], p["fp8"], state_file=p["state"], base_transformer=p["base"], family=run.family.name,
-                keep_bf16=keep, overwrite=True, progress=False)
+            with run.stages.stage(f"convert {name} (keep_bf16)", output=p["fp8"]):
+                run.result.convert_stats[name] = convert_checkpoint(
+                    p["export"], p["fp8"], state_file=p["state"], base_transformer=p["base"],
+                    family=run.family.name, keep_bf16=keep, overwrite=True, progress=False)
         stats = run.result.convert_stats[name]
         print(f"{name}: {p['export']} -> {p['fp8']}")
         print("\n".join("  " + line for line in stats.lines()))
@@ -307,11 +322,13 @@ def load_fp8(run: NotebookRun) -> None:
     checkpoints loaded with fp8cookbook's loader, asked for DiT offload so that the refusal shows."""
     run.pipe = None
     release_memory()
-    run._load_pipeline()
+    with run.stages.stage("load_bf16 (reference)", hint=_OFFLOAD_HINT):
+        run._load_pipeline()
     run.offload_idle = run.model_path is not None  # real models: the side not running waits on the CPU
-    run.fp8, reports, offload_warnings = load_fp8_transformers(
-        run.result.paths, device="cpu" if run.offload_idle else run.device, dtype=run.dtype,
-        fp8_attention=run.params["fp8_attention"])
+    with run.stages.stage("load_fp8", hint="free the GPU: -p text_encoder_cpu_offload true"):
+        run.fp8, reports, offload_warnings = load_fp8_transformers(
+            run.result.paths, device="cpu" if run.offload_idle else run.device, dtype=run.dtype,
+            fp8_attention=run.params["fp8_attention"])
     run.report.load(reports, offload_warnings)
     for message in offload_warnings:
         print("warning:", message)
@@ -327,11 +344,13 @@ def compare(run: NotebookRun) -> None:
 
     g = run.gen
     for i, prompt in enumerate(run.prompts):
-        with record_latents(run.pipe, g["height"], g["width"], steps=g["steps"]) as latents:
+        folder = run.output_dir / "compare" / f"prompt{i}"
+        with run.stages.stage(f"compare prompt{i}", hint=_SIZE_HINT, output=folder), \
+                record_latents(run.pipe, g["height"], g["width"], steps=g["steps"]) as latents:
             comparison = compare_trajectories(run.pipe, {}, run.fp8, family=run.family, prompt=prompt,
                                               seed=run.params["seed"], **g, progress=False,
                                               offload_idle=run.offload_idle)
-        files = write_outputs(comparison, run.output_dir / "compare" / f"prompt{i}", run.thresholds)
+            files = write_outputs(comparison, folder, run.thresholds)
         run.report.compare(comparison, run.thresholds, files)
         run.comparisons.append((comparison, latents))
         print(f"prompt {i}: {prompt!r}")
@@ -377,7 +396,8 @@ def bench(run: NotebookRun) -> None:
                                        compile=run.params["compile"], fp8_attention=run.params["fp8_attention"],
                                        device=run.device)
     path = run.output_dir / "bench.json"
-    report = benchmark.run_bench(settings, output=path)
+    with run.stages.stage("bench", hint="fewer -p steps, or -p run_bench false; " + _SIZE_HINT):
+        report = benchmark.run_bench(settings, output=path)
     run.report.bench(report, path)
     print("\n".join(benchmark.summary_lines(report)))
     print(f"CLI twin: fp8cookbook bench --family {run.family.name} --model-path {run.base} "
@@ -405,6 +425,7 @@ def results(run: NotebookRun):
                         "for the real model")
     for note in fam.serve_notes:
         run.report.note(note)
+    run.report.stages(run.stages.as_dicts())
     table = run.report.table()
     display(table)
     print("wrote", run.report.write())

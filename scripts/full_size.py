@@ -15,6 +15,8 @@ Stages (pick with --stages, in this order):
             files (the disk's plain copy speed, for the converter's read rate)
   load      each FP8 checkpoint from disk to --device, beside `cat` of its files (the disk's read speed)
   compare   BF16 (the same seeded weights, rebuilt) vs the FP8 checkpoints through the pipeline, --compare-steps
+  e2e       end-to-end generation (text encoding, denoising, VAE decode), BF16 then the FP8 checkpoints, in one
+            process: the pipeline benchmark (`bench --model-path`) on the in-memory pipeline, --e2e-steps
   bench     the transformer-only benchmark (`fp8cookbook bench --synthetic full`), --bench-steps
 
 Disk: quantize writes the BF16 base (an in-memory pipeline has no folder to point at), the ModelOpt state (no
@@ -45,7 +47,7 @@ from fp8cookbook.families import get_family
 from fp8cookbook.stages import StageLog, tree_bytes
 from fp8cookbook.standin import build_component, build_standin_pipeline, recipe, size_table
 
-STAGES = ("build", "quantize", "convert", "load", "compare", "bench")
+STAGES = ("build", "quantize", "convert", "load", "compare", "e2e", "bench")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-prompts", type=int, default=2)
     p.add_argument("--calib-steps", type=int, default=4, help="Wan2.2 A14B needs >= 2 to reach both experts")
     p.add_argument("--compare-steps", type=int, default=4)
+    p.add_argument("--e2e-steps", type=int, help="e2e: denoising steps (default: the family's)")
+    p.add_argument("--e2e-runs", type=int, default=1, help="e2e: timed generations per side, after one warm-up")
     p.add_argument("--bench-steps", type=int, default=4)
     p.add_argument("--offload-idle", action="store_true", help="compare: the idle side waits on the CPU")
     p.add_argument("--keep", action="store_true", help="keep --work afterwards (default: removed at the end)")
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = None
     fp8_paths: dict[str, Path] = {}
     try:
-        if "build" in args.stages or any(s in args.stages for s in ("quantize", "compare")):
+        if "build" in args.stages or any(s in args.stages for s in ("quantize", "compare", "e2e")):
             with log.stage("build", hint="pass --text-encoder-device cpu", text_encoder_device=te_device) as r:
                 encoders = [c.name for c in plan.components if c.name.startswith("text_encoder")]
                 pipe = build_standin_pipeline(fam.name, size=args.size, layers=args.layers, device=args.device,
@@ -231,8 +235,30 @@ def main(argv: list[str] | None = None) -> int:
                 r.extra["summary"] = report.summary_lines()
                 r.extra["final_latents"] = report.final_latents
             save()
-        pipe = None
         loaded.clear()
+        _release()
+
+        if "e2e" in args.stages and fp8_paths and pipe is not None:
+            from fp8cookbook.bench import BenchSettings, run_bench, summary_lines
+
+            with log.stage("e2e", hint="fewer --e2e-steps, or pass --text-encoder-device cpu",
+                           text_encoder_device=te_device) as r:
+                for n in experts:  # BF16 first: the same seeded weights the FP8 checkpoints were made from
+                    if getattr(pipe, n) is None:
+                        setattr(pipe, n, build_component(plan.component(n), device=args.device))
+                single = len(fp8_paths) == 1
+                fp8_root = next(iter(fp8_paths.values())) if single else next(iter(fp8_paths.values())).parent
+                report = run_bench(BenchSettings(family=fam.name, model_path="in-memory stand-in",
+                                                 fp8_path=str(fp8_root), runs=args.e2e_runs,
+                                                 steps=args.e2e_steps or (3 if args.size == "reduced" else None),
+                                                 warmup=1, height=size["height"], width=size["width"],
+                                                 num_frames=size["num_frames"], device=args.device), pipe=pipe)
+                r.extra["summary"] = summary_lines(report)
+                r.extra.update({k: report[k] for k in ("speedup", "end_to_end_speedup", "peak_memory_ratio")})
+                r.extra["sides"] = [{k: x.get(k) for k in ("name", "call_s", "phase_s", "loop_s", "peak_memory_gb",
+                                                           "ms_per_step")} for x in report["sides"]]
+            save()
+        pipe = None
         _release()
 
         if "bench" in args.stages:

@@ -219,6 +219,15 @@ def test_fp8_without_model_path_benches_the_tiny_pipeline(tmp_path, capsys, monk
     by_name = {side["name"]: side for side in report["sides"]}
     assert by_name["fp8"]["fp8_attention_kernel_choices"] == {"q[1, 8, 2, 64] k[1, 8, 2, 64] bfloat16": "sage"}
     assert "fp8_attention_kernel_choices" not in by_name["bf16"]
+    # end to end: each timed call is a decoded generation, split into text encoding, denoising and VAE decode
+    for side in by_name.values():
+        ph = side["phase_s"]
+        assert min(ph["encode"], ph["denoise"], ph["decode"]) > 0, ph
+        assert side["call_s"]["median"] > side["loop_s"]["median"] > 0, side
+    assert report["end_to_end_speedup"] == pytest.approx(by_name["bf16"]["call_s"]["median"]
+                                                         / by_name["fp8"]["call_s"]["median"])
+    assert "end to end (text encoding, denoising, VAE decode), FP8 vs BF16" in printed, printed
+    assert "bf16 end to end:" in printed and "+ VAE decode" in printed, printed
 
 
 # ------------------------------------------------------------------------------- fast path = same function

@@ -300,6 +300,16 @@ def test_run_flux1_with_overrides(tmp_path, capsys):
     images = [o for c in executed.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 3  # step metrics, decoded images, the static steps strip
     assert (out_dir / "compare" / "prompt0" / "steps.png").is_file() and (out_dir / "bench.json").is_file()
+    # every step is a measured stage: time, host peak, bytes written; quantize's own stages nest inside it
+    stages = {r["name"]: r for r in report["stages"]}
+    assert list(stages) == ["load_bf16", "calibrate", "state", "export", "convert", "quantize",
+                            "convert transformer (keep_bf16)", "load_bf16 (reference)", "load_fp8", "compare prompt0",
+                            "bench"], list(stages)
+    assert all(r["status"] == "ok" and r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in report["stages"])
+    assert stages["quantize"]["seconds"] >= stages["calibrate"]["seconds"]
+    assert stages["quantize"]["bytes_written"] == stages["quantize"]["output_bytes"] > 0  # a cleared folder
+    assert stages["compare prompt0"]["bytes_written"] > 0
+    assert any(r["what"] == "time and memory" and "quantize" in r["result"] for r in report["summary"])
 
     _check_documented_output_paths(out_dir)
 

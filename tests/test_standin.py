@@ -210,18 +210,21 @@ def test_full_size_script_runs_every_stage_at_reduced_size(tmp_path, capsys, one
     spec.loader.exec_module(script)
     out, work = tmp_path / "stages.json", tmp_path / "work"
     assert script.main(["--family", "wan22", "--size", "reduced", "--device", "cpu", "--out", str(out),
-                        "--work", str(work), "--stages", "build,quantize,convert,load,compare"]) == 0
+                        "--work", str(work), "--stages", "build,quantize,convert,load,compare,e2e"]) == 0
     data = json.loads(out.read_text())
     names = [s["name"] for s in data["stages"]]
     assert names == ["build", "base-transformer", "base-transformer_2", "calibrate", "state-transformer",
                      "export-transformer", "convert-transformer", "state-transformer_2", "export-transformer_2",
                      "convert-transformer_2", "quantize", "cp-transformer", "convert-transformer", "cp-transformer_2",
                      "convert-transformer_2", "cat-transformer", "load-transformer", "cat-transformer_2",
-                     "load-transformer_2", "compare"]
+                     "load-transformer_2", "compare", "e2e"]
     assert all(s["status"] == "ok" and s["peak_rss_mb"] > 0 for s in data["stages"])
     quantize = data["stages"][names.index("quantize")]
     assert quantize["bytes_written"] > 0 and set(quantize["extra"]["disk"]) == {"transformer", "transformer_2"}
     assert quantize["extra"]["calibration"]["forward_calls"]["transformer_2"] > 0
-    assert data["stages"][-1]["extra"]["final_latents"]["cosine"] > 0.99
+    assert data["stages"][-2]["extra"]["final_latents"]["cosine"] > 0.99
+    e2e = data["stages"][-1]["extra"]  # decoded generations, BF16 then both FP8 experts, one process
+    assert e2e["end_to_end_speedup"] > 0 and [x["name"] for x in e2e["sides"]][0] == "bf16", e2e
+    assert all(x["phase_s"]["decode"] > 0 and x["call_s"]["median"] > x["loop_s"]["median"] for x in e2e["sides"])
     assert not work.exists()  # removed unless --keep
     assert "summary" in capsys.readouterr().out

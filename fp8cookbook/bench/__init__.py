@@ -44,14 +44,16 @@ __all__ = ["SCHEMA", "BenchSettings", "Side", "Step", "plan_sides", "resolve_set
 
 
 def run_bench(settings: BenchSettings, *, output: str | Path | None = None,
-              log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """Run the benchmark the settings describe; write the JSON report atomically when `output` is given."""
+              log: Callable[[str], None] = lambda m: None, pipe: Any = None) -> dict[str, Any]:
+    """Run the benchmark the settings describe; write the JSON report atomically when `output` is given.
+
+    `pipe`: a pipeline already in memory for the pipeline mode (`s.model_path` then only names it)."""
     family, s = resolve_settings(settings)
     threads = torch.get_num_threads()
     if s.synthetic == "tiny" and torch.device(s.device).type == "cpu":
         torch.set_num_threads(1)  # tiny matrices: waking a thread pool costs more than the products themselves
     try:
-        report = run_synthetic(family, s, log) if s.synthetic else run_pipeline(family, s, log)
+        report = run_synthetic(family, s, log) if s.synthetic else run_pipeline(family, s, log, pipe=pipe)
     finally:
         torch.set_num_threads(threads)
     if output is not None:

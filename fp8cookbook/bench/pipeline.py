@@ -1,4 +1,10 @@
-"""The pipeline benchmark: a real pipeline's denoising loop, BF16 then FP8 (checkpoint folder or in-process)."""
+"""The pipeline benchmark: a real pipeline, BF16 then FP8 (checkpoint folder or in-process), end to end.
+
+Each timed call is a whole generation, decoded: text encoding (call start to the first transformer forward), the
+denoising loop (the first forward to the last step's end callback, per step) and the VAE decode with the pipeline's
+post-processing (the last step's end to the call's return). `loop_s` (the speedup's basis) is the denoising loop,
+comparable with the synthetic benchmark; `call_s` and `phase_s` are the generation a user waits for.
+"""
 
 from __future__ import annotations
 
@@ -34,18 +40,18 @@ def _fp8_folder_for(fp8_path: Path, component: str, single: bool) -> Path:
 class _PipelineRun:
     """One pipeline, its generation kwargs and its denoiser components, timed per step by callbacks."""
 
-    def __init__(self, family: Family, s: BenchSettings):
+    def __init__(self, family: Family, s: BenchSettings, pipe: Any = None):
         from ..pipelines import generation_kwargs, load_pipeline, transformer_names
 
         self.family, self.s = family, s
         self.device = torch.device(s.device)
         self.timer = Timer(self.device)
-        self.pipe = load_pipeline(family.name, s.model_path, device=self.device)
+        self.pipe = pipe if pipe is not None else load_pipeline(family.name, s.model_path, device=self.device)
         self.names = transformer_names(self.pipe)
         for n in self.names:
             set_attention_backend(getattr(self.pipe, n), s.attention_backend)
         self.kw = generation_kwargs(family, self.pipe, height=s.height, width=s.width, num_frames=s.num_frames,
-                                    num_inference_steps=s.steps, output_type="latent")
+                                    num_inference_steps=s.steps, output_type="pt")
 
     def components(self) -> list[torch.nn.Module]:
         return [getattr(self.pipe, n) for n in self.names]
@@ -54,8 +60,10 @@ class _PipelineRun:
         with torch.no_grad():
             self.pipe(**dict(self.kw, generator=torch.Generator("cpu").manual_seed(self.s.seed)), **extra)
 
-    def one_call(self, count: bool = False) -> tuple[list[float], dict[str, int]]:
-        """One pipeline call; step times from the first transformer forward and each step's end callback."""
+    def one_call(self, count: bool = False) -> tuple[list[float], dict[str, int], dict[str, float]]:
+        """One decoded pipeline call: its step times (from the first transformer forward and each step's end
+        callback), the FP8 calls counted, and its phases (encode, denoise, decode, call)."""
+        start = self.timer.mark()
         marks: list = []
 
         def first_forward(mod, args, kwargs):
@@ -77,8 +85,13 @@ class _PipelineRun:
         finally:
             for h in handles:
                 h.remove()
+        end = self.timer.mark()
         counts = {f"{n}.{k}": v for n, c in per_component for k, v in c.items()}
-        return self.timer.intervals(marks), counts
+        steps = self.timer.intervals(marks)
+        encode, decode = self.timer.intervals([start, marks[0]]), self.timer.intervals([marks[-1], end])
+        phases = {"encode": encode[0], "denoise": sum(steps), "decode": decode[0]}
+        phases["call"] = sum(phases.values())
+        return steps, counts, phases
 
     def measure(self, name: str, precision: str) -> dict[str, Any]:
         s, device = self.s, self.device
@@ -91,7 +104,7 @@ class _PipelineRun:
             out["allocated_at_start_gb"] = gb(torch.cuda.memory_allocated(device))
         out["model_bytes"] = sum(model_bytes(m) for m in self.components())
         if precision == "fp8":
-            _, counts = self.one_call(count=True)
+            _, counts, _ = self.one_call(count=True)
             out["fp8_layers"] = sum(len(fp8_modules(m)) for m in self.components())
             out["fp8_layers_ran"] = len(counts)
             out["fp8_calls_counted"] = sum(counts.values())
@@ -101,13 +114,17 @@ class _PipelineRun:
         try:
             for _ in range(s.warmup):
                 self.one_call()
-            per_run = [self.one_call()[0] for _ in range(s.runs)]
+            calls = [self.one_call() for _ in range(s.runs)]
         finally:
             for m in self.components():
                 uncompile(m)
             if s.compile:
                 torch._dynamo.reset()
+        per_run = [steps for steps, _, _ in calls]
         out["loop_s"] = stats([sum(r) for r in per_run])
+        out["call_s"] = stats([phases["call"] for _, _, phases in calls])
+        out["phase_s"] = {k: statistics.median(phases[k] for _, _, phases in calls)
+                          for k in ("encode", "denoise", "decode", "call")}
         out["step_s_median"] = [statistics.median(r[i] for r in per_run) for i in range(len(per_run[0]))]
         out["step_s_all"] = per_run
         out["peak_memory_gb"] = gb(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
@@ -147,9 +164,13 @@ class _PipelineRun:
         report["fp8_source"] = "in-process quantisation (one calibration call of the pipeline)"
 
 
-def run_pipeline(family: Family, s: BenchSettings, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """Time a real pipeline's denoising loop, BF16 then FP8 (checkpoint folder or in-process quantisation)."""
-    run = _PipelineRun(family, s)
+def run_pipeline(family: Family, s: BenchSettings, log: Callable[[str], None] = lambda m: None, *,
+                 pipe: Any = None) -> dict[str, Any]:
+    """Time a real pipeline end to end, BF16 then FP8 (checkpoint folder or in-process quantisation).
+
+    `pipe`: an already built pipeline to time instead of loading `s.model_path` (which then only names it), e.g.
+    `scripts/full_size.py`'s in-memory stand-ins; its BF16 transformer(s) are replaced by the FP8 ones."""
+    run = _PipelineRun(family, s, pipe=pipe)
     report = report_head(family, s, run.device, schedule(family, s.steps), family.forwards_per_step)
     report["components"] = run.names
     sides = [run.measure("bf16", "bf16")]

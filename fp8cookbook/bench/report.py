@@ -55,6 +55,8 @@ def finish(report: dict[str, Any], sides: list[dict[str, Any]], s: BenchSettings
         [x for x in sides if x["precision"] == "fp8" and x["levers"].get("cuda_graphs", False) == s.cuda_graphs][-1]
     report["bf16"], report["fp8"] = bf16["name"], fp8["name"]
     report["speedup"] = bf16["loop_s"]["median"] / fp8["loop_s"]["median"]
+    if "call_s" in bf16 and "call_s" in fp8:  # the pipeline mode: whole decoded generations
+        report["end_to_end_speedup"] = bf16["call_s"]["median"] / fp8["call_s"]["median"]
     report["peak_memory_ratio"] = (fp8["peak_memory_gb"] / bf16["peak_memory_gb"]
                                    if fp8.get("peak_memory_gb") and bf16.get("peak_memory_gb") else None)
     report["fp8_layers"] = fp8.get("fp8_layers")
@@ -110,6 +112,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     ratio = report.get("peak_memory_ratio")
     lines.append(f"  FP8 ({report['fp8']}) vs BF16 ({report['bf16']}): {report['speedup']:.2f}x"
                  + (f", peak memory {100 * ratio:.0f}% of BF16" if ratio else ""))
+    if "end_to_end_speedup" in report:
+        for side in (x for x in report["sides"] if "phase_s" in x):
+            ph = side["phase_s"]
+            lines.append(f"  {side['name']} end to end: {ph['call']:.3f} s = text encoding {ph['encode']:.3f} s "
+                         f"+ denoising {ph['denoise']:.3f} s + VAE decode {ph['decode']:.3f} s")
+        lines.append(f"  end to end (text encoding, denoising, VAE decode), FP8 vs BF16: "
+                     f"{report['end_to_end_speedup']:.2f}x")
     for name, p in report.get("peers", {}).items():
         lines.append(f"  {name}: {p['ms_per_step']:.1f} ms/step, {p['speedup_vs_bf16']:.2f}x BF16 "
                      f"({p['bf16_ms_per_step']:.1f} ms/step); ours ({p['ours']}, {p['ours_ms_per_step']:.1f} ms/step) "
