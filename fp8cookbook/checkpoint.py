@@ -120,6 +120,15 @@ def ignored(module_name: str, patterns: list[str] | tuple[str, ...] | IgnoreRule
     return rules.matches(module_name)
 
 
+def keeps_float32(model: torch.nn.Module, tensor_name: str) -> bool:
+    """Whether `from_pretrained` keeps this tensor in float32 whatever dtype is asked for (the model class's
+    `_keep_in_fp32_modules` and `_keep_in_fp32_modules_strict`, diffusers' and transformers' rule): the Wan2.2
+    repos hold their time embedders so, and a BF16 load, save, stand-in or FP8 fallback keeps them so too."""
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    keep += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    return any(k in tensor_name.split(".") for k in keep)
+
+
 def module_of(tensor_name: str) -> str:
     return tensor_name.rsplit(".", 1)[0] if "." in tensor_name else ""
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .version import __version__
-from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, QuantInfo, TensorReader,
+from .checkpoint import (ATTENTION_SCALES_NAME, keeps_float32, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, QuantInfo, TensorReader,
                          inspect_checkpoint, quant_config, read_attention_scales, read_config, read_quant_info)
 from .errors import Fp8CookbookError
 from .families import sglang_aliases_for
@@ -112,11 +112,6 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         raise KeyError(name)
 
 
-def _keep_fp32(model: nn.Module, name: str) -> bool:
-    patterns = getattr(model, "_keep_in_fp32_modules", None) or []
-    return any(p in name.split(".") for p in patterns)
-
-
 def _checked_config(path: Path) -> tuple[dict, QuantInfo]:
     """config.json and its FP8 quantization_config, after the checkpoint passed `inspect` (before any slow work)."""
     config = read_config(path)
@@ -189,7 +184,7 @@ def _load_tensors(model: nn.Module, path: Path, class_name: str, device, dtype: 
                 elif name.endswith(".bias"):
                     t = t.to(dtype)
             elif t.is_floating_point():
-                t = t.to(torch.float32 if _keep_fp32(model, name) else dtype)
+                t = t.to(torch.float32 if keeps_float32(model, name) else dtype)
             want = expected[name]
             if tuple(want.shape) != tuple(t.shape):
                 raise Fp8CookbookError(f"{tinfo.file}: {name} has shape {list(t.shape)}, the model expects {list(want.shape)}")

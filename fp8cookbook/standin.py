@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .checkpoint import StreamingShardWriter
+from .checkpoint import StreamingShardWriter, keeps_float32
 from .errors import Fp8CookbookError
 from .families import Family, StandinComponent, get_family
 from .files import OWNER_NAME, staged_dir
@@ -129,13 +129,6 @@ class TensorSpec:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _keep_fp32(model: nn.Module, name: str) -> bool:
-    """The modules `from_pretrained` keeps in float32 whatever dtype is asked for (diffusers' and transformers' rule)."""
-    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    keep += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-    return any(k in name.split(".") for k in keep)
-
-
 def tensor_specs(model: nn.Module, dtype: torch.dtype = DTYPE, *, keep_fp32: bool = False) -> list[TensorSpec]:
     """What `save_pretrained` writes: the state dict, tied tensors once (the first name, as transformers keeps), floats
     in `dtype`, and with `keep_fp32` the `_keep_in_fp32_modules` in float32 (diffusers saves a loaded model so: the
@@ -149,7 +142,7 @@ def tensor_specs(model: nn.Module, dtype: torch.dtype = DTYPE, *, keep_fp32: boo
         if not t.is_floating_point():
             dtype_here = t.dtype
         else:
-            dtype_here = torch.float32 if keep_fp32 and _keep_fp32(model, name) else dtype
+            dtype_here = torch.float32 if keep_fp32 and keeps_float32(model, name) else dtype
         buffer = None if isinstance(t, nn.Parameter) else t.detach()
         specs.append(TensorSpec(name, tuple(t.shape), dtype_here, buffer))
     return specs
@@ -449,7 +442,7 @@ def build_component(component: StandinComponent, *, seed: int = 0, device: str |
     order = [specs[n] for n, _ in params if n in specs]
     for spec, parts in _stream(component.name, order, seed, workers or min(16, os.cpu_count() or 1)):
         # diffusers keeps `_keep_in_fp32_modules` float32 in a BF16 load; transformers 5 does so only for float16
-        keep = component.library == "diffusers" and _keep_fp32(model, spec.name)
+        keep = component.library == "diffusers" and keeps_float32(model, spec.name)
         dtype = torch.float32 if keep else DTYPE if spec.dtype.is_floating_point else spec.dtype
         t = torch.empty(spec.shape, dtype=dtype, device=device)
         row = 0
@@ -461,7 +454,7 @@ def build_component(component: StandinComponent, *, seed: int = 0, device: str |
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     for name, b in list(model.named_buffers()):
-        if b.is_floating_point() and not (component.library == "diffusers" and _keep_fp32(model, name)):
+        if b.is_floating_point() and not (component.library == "diffusers" and keeps_float32(model, name)):
             b.data = b.data.to(DTYPE)
     return model.to(device).eval().requires_grad_(False)
 

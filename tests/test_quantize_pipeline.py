@@ -322,3 +322,26 @@ def test_callers_pipeline_back_on_its_gpu(tmp_path):
     assert not any(_is_modelopt(m) for m in own.modules())
     assert all(torch.equal(own.state_dict()[k], v) for k, v in before.items())
     assert torch.equal(_transformer_output("flux1", own), output)
+
+
+def test_wan_download_with_float32_time_embedders_is_the_base(tmp_path):
+    """A Wan2.2 download holds its `_keep_in_fp32_modules` (time embedders) in float32: that folder is still the
+    converter's base, so quantize writes no second full BF16 copy (a reduced stand-in has the same dtypes)."""
+    from fp8cookbook.standin import write_standin
+
+    folder = tmp_path / "ti2v"
+    write_standin("wan22-ti2v-5b", folder, size="reduced", progress=False)
+    on_disk = scan_tensors(folder / "transformer")
+    float32 = sorted(k for k, t in on_disk.items() if t.dtype == torch.float32)
+    assert float32 and all("time_embedder" in k or "norm" in k or "scale_shift" in k for k in float32), float32
+    pipe = load_pipeline("wan22-ti2v-5b", folder, dtype=torch.bfloat16)
+    result = quantize_pipeline("wan22-ti2v-5b", pipe, tmp_path / "out", num_prompts=1, progress=False,
+                               height=64, width=64, num_frames=5, num_inference_steps=2)
+    assert result.paths["transformer"]["base"] == (folder / "transformer").resolve()
+    assert not (tmp_path / "out" / "base").exists()
+    fp8 = result.paths["transformer"]["fp8"]
+    assert not inspect_checkpoint(fp8).problems
+    model, report = load_fp8_transformer(fp8, device="cpu", dtype=torch.bfloat16)
+    kept = {n: p.dtype for n, p in model.named_parameters() if "time_embedder" in n}
+    assert kept and set(kept.values()) == {torch.float32}, kept  # as from_pretrained keeps them
+    assert report.fp8_layers > 0

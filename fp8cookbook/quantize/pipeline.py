@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..checkpoint import STATS_NAME, scan_tensors, write_json_atomic
+from ..checkpoint import STATS_NAME, keeps_float32, scan_tensors, write_json_atomic
 from ..convert import ConvertStats, convert_checkpoint, peak_rss_mb
 from ..errors import Fp8CookbookError
 from ..files import plain_modes, staged_dir
@@ -70,7 +70,8 @@ class QuantizeResult:
 
 def _local_base(model: nn.Module) -> Path | None:
     """The folder the transformer was loaded from, if it can serve as the converter's BF16 base: a local folder
-    with config.json of the same class whose tensors are all BF16 and match the model's names and shapes."""
+    with config.json of the same class whose tensors match the model's names and shapes and are BF16 (float32
+    where `from_pretrained` keeps them so: `keeps_float32`). Anything else gets a BF16 copy written."""
     source = model.config.get("_name_or_path") if hasattr(model.config, "get") else None
     if not source:
         return None
@@ -87,7 +88,9 @@ def _local_base(model: nn.Module) -> Path | None:
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if set(shapes) != set(tensors) or any(tensors[k].shape != s for k, s in shapes.items()):
         return None
-    if any(t.dtype.is_floating_point and t.dtype != torch.bfloat16 for t in tensors.values()):
+    if any(t.dtype.is_floating_point and t.dtype != torch.bfloat16 and not (t.dtype == torch.float32
+                                                                              and keeps_float32(model, k))
+           for k, t in tensors.items()):  # a real Wan2.2 download: BF16 but its float32 time embedders
         return None
     return folder.resolve()
 
