@@ -7,6 +7,7 @@ offload hooks already attached to them are removed. Text-encoder and VAE offload
 
 from __future__ import annotations
 
+import gc
 import warnings
 
 import torch
@@ -18,6 +19,16 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "image_enco
 
 OFFLOAD_WARNING = ("{what} disabled for the FP8 transformer: offload rebuilds weights contiguously and loses the "
                    "column-major FP8 weight view that torch._scaled_mm needs; text-encoder and VAE offload stay allowed")
+
+
+def release_memory() -> None:
+    """Free what dropped models held: Python's cyclic garbage first (diffusers modules hold reference cycles, so a
+    model set to None stays allocated until a collection), then the CUDA cache. Call it before the next big model
+    arrives: without the collection, a pipeline benchmark measured the FP8 side with the BF16 transformer still on
+    the GPU (FLUX.1-dev: 48.3 GB allocated at the start instead of about 25)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def refuse_dit_offload(dit_cpu_offload: bool, dit_layerwise_offload: bool) -> list[str]:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import Fp8CookbookError
 from .families import Family, get_family
 from .params import validate_notebook_parameters
+from .offload import release_memory
 from .report import OUTPUT_NAMES, NotebookReport, clear_outputs
 from .stages import StageLog
 
@@ -121,17 +122,6 @@ def variant_output_dir(output_dir: str, family: str, default_family: str, defaul
     if family != default_family and output_dir == default_output_dir:
         return str(Path(default_output_dir).parent / family)
     return output_dir
-
-
-def release_memory() -> None:
-    """Free what deleted models held: Python garbage, then the CUDA cache (before loading the next big model)."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def load_fp8_transformers(paths: dict[str, dict[str, Path]], *, device: str, dtype: "torch.dtype",

@@ -33,7 +33,6 @@ costs that times prompts x steps.
 from __future__ import annotations
 
 import argparse
-import gc
 import shutil
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import torch
 
 from fp8cookbook.errors import Fp8CookbookError
 from fp8cookbook.families import get_family
+from fp8cookbook.offload import release_memory
 from fp8cookbook.stages import StageLog, tree_bytes
 from fp8cookbook.standin import build_component, build_standin_pipeline, recipe, size_table
 
@@ -100,12 +100,6 @@ def _free(path: Path) -> int:
     while not probe.exists():
         probe = probe.parent
     return shutil.disk_usage(probe).free
-
-
-def _release() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _timed_command(argv: list[str]) -> float:
@@ -179,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             save()
             for n in experts:  # the quantized models hold export weights now: they cannot run
                 setattr(pipe, n, None)
-            _release()
+            release_memory()
 
         if "convert" in args.stages and fp8_paths:
             from fp8cookbook.convert import convert_checkpoint
@@ -236,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 r.extra["final_latents"] = report.final_latents
             save()
         loaded.clear()
-        _release()
+        release_memory()
 
         if "e2e" in args.stages and fp8_paths and pipe is not None:
             from fp8cookbook.bench import BenchSettings, run_bench, summary_lines
@@ -259,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                                                            "ms_per_step")} for x in report["sides"]]
             save()
         pipe = None
-        _release()
+        release_memory()
 
         if "bench" in args.stages:
             from fp8cookbook.bench import BenchSettings, run_bench, summary_lines

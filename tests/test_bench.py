@@ -360,3 +360,27 @@ def test_gpu_tiny_bench_runs(tmp_path):
     assert not report["failed_sides"], report["failed_sides"]
     assert report["environment"]["gpu"] and report["sides"][0]["peak_memory_gb"] > 0
     assert report["fp8_layers_ran"] == report["fp8_layers"] > 0
+
+
+def test_pipeline_bench_frees_the_bf16_transformer_before_the_fp8_one(tmp_path, monkeypatch):
+    """diffusers modules hold reference cycles: setting the BF16 transformer to None freed nothing until a garbage
+    collection, so on an H200 the FP8 side of FLUX.1-dev started with both transformers allocated (48.3 GB)."""
+    import weakref
+
+    from fp8cookbook.bench.pipeline import _PipelineRun
+    from fp8cookbook.bench.settings import resolve_settings
+
+    monkeypatch.setenv("FP8COOKBOOK_CACHE", str(tmp_path / "cache"))
+    assert main(["quantize", "--family", "flux1", "--output-dir", str(tmp_path / "q"), "--quiet"]) == 0
+    family, s = resolve_settings(BenchSettings(family="flux1", fp8_path=str(tmp_path / "q" / "fp8"), device="cpu"))
+    run = _PipelineRun(family, s)
+    run.measure("bf16", "bf16")
+    bf16 = weakref.ref(run.pipe.transformer)
+    import gc
+
+    gc.disable()  # no collection by chance: only the benchmark's own release may free it
+    try:
+        run.load_fp8({})
+        assert bf16() is None, "the BF16 transformer is still alive beside the FP8 one"
+    finally:
+        gc.enable()

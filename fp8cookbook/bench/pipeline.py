@@ -22,6 +22,7 @@ from ..fp8.fastpath import set_model_fast_path
 from ..fp8.fusion import fuse_fp8_projections
 from ..fp8.linear import FastPathConfig, count_fp8_calls, fp8_modules
 from ..fp8.quantize import StaticFP8Config, fp8_candidates, quantize_, record_input_amax
+from ..offload import release_memory
 from .measure import Timer, compile_model, gb, model_bytes, schedule, set_attention_backend, stats, uncompile
 from .report import finish, report_head
 from .settings import BenchSettings, attention_mode_of
@@ -99,7 +100,7 @@ class _PipelineRun:
                                "levers": {"fast": bool(s.fast and precision == "fp8"),
                                           "fused": bool(s.fast and s.compile and precision == "fp8")}}
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            release_memory()
             torch.cuda.reset_peak_memory_stats(device)
             out["allocated_at_start_gb"] = gb(torch.cuda.memory_allocated(device))
         out["model_bytes"] = sum(model_bytes(m) for m in self.components())
@@ -141,8 +142,7 @@ class _PipelineRun:
         s, device = self.s, self.device
         for n in self.names:
             setattr(self.pipe, n, None)  # free the BF16 weights before the FP8 ones arrive
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_memory()
             folder = _fp8_folder_for(Path(s.fp8_path), n, len(self.names) == 1)
             model, _ = load_fp8_transformer(folder, device=device, fp8_attention="off")
             set_attention_backend(model, s.attention_backend)
