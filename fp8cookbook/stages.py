@@ -61,16 +61,18 @@ class StageRecord:
 
 
 def tree_bytes(paths: Sequence[Path]) -> int:
-    """Bytes of the files under each path (a file counts itself); missing paths count 0."""
-    total = 0
+    """Bytes of the files under each path (a file counts itself), each file once however many hard links reach it
+    (a full repo hard-links its FP8 transformer to fp8/: that is no second copy on disk); symbolic links and
+    missing paths count 0."""
+    total, seen = 0, set()
     for p in paths:
-        if p.is_file():
-            total += p.stat().st_size
-        elif p.is_dir():
-            for f in p.rglob("*"):
-                with contextlib.suppress(OSError):
-                    if f.is_file() and not f.is_symlink():
-                        total += f.stat().st_size
+        files = [p] if p.is_file() else (p.rglob("*") if p.is_dir() else [])
+        for f in files:
+            with contextlib.suppress(OSError):
+                st = f.lstat()
+                if f.is_file() and not f.is_symlink() and (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_size
     return total
 
 

@@ -147,3 +147,19 @@ def test_cli_out_of_memory_is_one_line_and_leaves_nothing(tmp_path, capsys, monk
     assert len(err) == 1 and err[0].startswith("fp8cookbook quantize: error: stage calibrate: out of GPU memory (CUDA")
     assert "--height/--width" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tree_bytes_counts_a_hard_linked_file_once(tmp_path):
+    """A full repo hard-links its FP8 transformer to fp8/: the disk holds one copy, and the stage says so (the H200
+    notebook runs had reported it twice: 54.2 GB written where 36.1 GB were)."""
+    import os
+
+    (tmp_path / "fp8").mkdir()
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "fp8" / "w.safetensors").write_bytes(b"x" * 1000)
+    os.link(tmp_path / "fp8" / "w.safetensors", tmp_path / "repo" / "w.safetensors")
+    (tmp_path / "repo" / "vae").symlink_to(tmp_path / "fp8")
+    (tmp_path / "other.bin").write_bytes(b"y" * 10)
+    assert stages.tree_bytes([tmp_path]) == 1010
+    assert stages.tree_bytes([tmp_path / "fp8", tmp_path / "repo"]) == 1000
+    assert stages.tree_bytes([tmp_path / "missing"]) == 0
