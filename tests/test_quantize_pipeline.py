@@ -345,3 +345,14 @@ def test_wan_download_with_float32_time_embedders_is_the_base(tmp_path):
     kept = {n: p.dtype for n, p in model.named_parameters() if "time_embedder" in n}
     assert kept and set(kept.values()) == {torch.float32}, kept  # as from_pretrained keeps them
     assert report.fp8_layers > 0
+
+
+def test_a_model_with_nothing_to_quantize_is_refused_before_any_work(tmp_path):
+    """Wan2.2 keeps its first and last three blocks BF16: a stand-in cut to 6 blocks or fewer has no FP8 layer.
+    Seen on the H200 (`full_size.py --layers 4`): ModelOpt raised a raw RuntimeError after the base copy."""
+    from fp8cookbook.standin import build_standin_pipeline
+
+    pipe = build_standin_pipeline("wan22-ti2v-5b", size="reduced", layers=6, device="cpu")
+    with pytest.raises(Fp8CookbookError, match=r"pipe.transformer: no Linear layer may become FP8.*first and last"):
+        quantize_pipeline("wan22-ti2v-5b", pipe, tmp_path / "out", num_prompts=1, progress=False)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []

@@ -20,6 +20,7 @@ from ..convert import ConvertStats, convert_checkpoint, peak_rss_mb
 from ..errors import Fp8CookbookError
 from ..files import plain_modes, staged_dir
 from ..fp8.linear import FP8Linear
+from ..fp8.quantize import fp8_candidates
 from ..families import Family, get_family
 from ..pipelines import require_components, transformer_names
 from ..stages import StageLog
@@ -288,6 +289,10 @@ def _checked_models(family: Family, pipe) -> dict[str, nn.Module]:
             raise Fp8CookbookError(f"pipe.{n} already holds ModelOpt quantizers: reload the pipeline and quantize once")
         if any(isinstance(m, FP8Linear) for m in model.modules()):
             raise Fp8CookbookError(f"pipe.{n} already holds FP8 layers (an FP8 checkpoint): quantize the BF16 pipeline")
+        if not fp8_candidates(model, family):  # else ModelOpt stops after the base copy with a raw RuntimeError
+            rules = "; ".join(r.why for r in family.sensitive(dict(model.config)))
+            raise Fp8CookbookError(f"pipe.{n}: no Linear layer may become FP8: every one is kept BF16 by "
+                                   f"{family.title}'s rules ({rules}); a model this shallow has nothing to quantize")
     return models
 
 
