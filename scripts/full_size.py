@@ -11,7 +11,7 @@ Stages (pick with --stages, in this order):
   quantize  quantize_pipeline, recorded as its steps: base (the BF16 copy), calibrate (ModelOpt through the
             pipeline: --calib-prompts prompts x --calib-steps steps at the family's size, or --height/--width/
             --frames), state, export, convert (per expert for A14B), then the whole as "quantize"
-  convert   the converter again on the export just written (its own time and RSS), beside a `cp -r` of the same
+  convert   the converter again on the export just written (its own time and RSS), beside a `cp` + `sync` of the same
             files (the disk's plain copy speed, for the converter's read rate)
   load      each FP8 checkpoint from disk to --device, beside `cat` of its files (the disk's read speed)
   compare   BF16 (the same seeded weights, rebuilt) vs the FP8 checkpoints through the pipeline, --compare-steps
@@ -187,12 +187,15 @@ def main(argv: list[str] | None = None) -> int:
                 with log.stage(f"cp-{n}", output=copy) as r:
                     # one file at a time, each copy removed once timed: the disk never holds a third full copy
                     copy.mkdir(parents=True, exist_ok=True)
-                    seconds = 0.0
+                    seconds = synced = 0.0
                     for f in sorted(p for p in export.iterdir() if p.is_file()):
                         seconds += _timed_command(["cp", str(f), str(copy / f.name)])
+                        # the converter fsyncs every shard it writes; a copy deleted unsynced never reaches the disk
+                        synced += _timed_command(["sync", str(copy / f.name)])
                         (copy / f.name).unlink()
-                    r.extra["seconds_cp"] = seconds
-                    r.extra["read_gb_per_s"] = tree_bytes([export]) / 1e9 / max(seconds, 1e-9)
+                    r.extra["seconds_cp"] = seconds + synced  # as durable as the converter's output
+                    r.extra["seconds_cp_unsynced"] = seconds
+                    r.extra["read_gb_per_s"] = tree_bytes([export]) / 1e9 / max(seconds + synced, 1e-9)
                 shutil.rmtree(copy)
                 with log.stage(f"convert-{n}", output=again) as r:
                     stats = convert_checkpoint(export, again, state_file=args.work / "quantize" / f"{n}.pt",
