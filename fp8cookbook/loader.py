@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from .version import __version__
-from .checkpoint import (ATTENTION_SCALES_NAME, keeps_float32, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, QuantInfo, TensorReader,
-                         inspect_checkpoint, quant_config, read_attention_scales, read_config, read_quant_info)
+from .checkpoint import (ATTENTION_SCALES_NAME, FP8_DTYPE, INPUT_SCALE, WEIGHT_SCALE, QuantInfo, TensorReader,
+                         inspect_checkpoint, keeps_float32, quant_config, read_attention_scales, read_config, read_quant_info)
 from .errors import Fp8CookbookError
 from .families import sglang_aliases_for
 from .fp8.attention_diffusers import install_fp8_attention

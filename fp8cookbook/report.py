@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 
 REPORT_NAME = "report.json"
 REPORT_SCHEMA = "fp8cookbook.notebook/2"  # 2: run_id and files
-# the notebook steps the results table sums up (the stages inside quantize are in report.json's "stages")
-_TOP_STAGES = ("load_bf16", "quantize", "load_bf16 (reference)", "load_fp8", "bench")
 # What a cookbook notebook writes into its output_dir (beside the executed notebook that papermill writes there).
 OUTPUT_NAMES = ("checkpoint", "compare", "bench.json", REPORT_NAME, "sglang")
 
@@ -172,7 +170,7 @@ class NotebookReport:
         if b:
             rows.append({"what": "bench", "result": f"BF16 {b['bf16_loop_s']:.3f} s, FP8 {b['fp8_loop_s']:.3f} s per "
                                                      f"{b['steps']}-step loop: {b['speedup']:.2f}x on {b['device']}"})
-        top = [r for r in d.get("stages", []) if r["name"] in _TOP_STAGES or r["name"].startswith("compare ")]
+        top = [r for r in d.get("stages", []) if r["outer"] is None]  # the notebook's steps, not quantize's parts
         if top:
             gpu = [r["peak_gpu_mb"] for r in top if r["peak_gpu_mb"] is not None]
             rss = [r["peak_rss_mb"] for r in top if r["peak_rss_mb"] is not None]

@@ -14,6 +14,7 @@ folded into its outer stages before they are reset.
 from __future__ import annotations
 
 import contextlib
+import stat
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,7 @@ class StageRecord:
     status: str = "ok"  # "ok", "oom" or "error"
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # whatever the caller adds (e.g. settings)
+    outer: str | None = None  # the stage this one ran inside (quantize's calibrate: "quantize"); None at the top
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,7 +72,7 @@ def tree_bytes(paths: Sequence[Path]) -> int:
         for f in files:
             with contextlib.suppress(OSError):
                 st = f.lstat()
-                if f.is_file() and not f.is_symlink() and (st.st_dev, st.st_ino) not in seen:
+                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
                     seen.add((st.st_dev, st.st_ino))
                     total += st.st_size
     return total
@@ -182,7 +184,8 @@ class StageLog:
         """Measure the block as stage `name`; `output` = the path(s) it writes under; `hint` = what to change when
         it runs out of memory (e.g. "pass --offload-idle"). Yields the record, so the block may add to `extra`."""
         outputs = [Path(output)] if isinstance(output, (str, Path)) else [Path(p) for p in (output or [])]
-        record = StageRecord(name, output=[str(p) for p in outputs], extra=dict(extra))
+        record = StageRecord(name, output=[str(p) for p in outputs], extra=dict(extra),
+                             outer=self._active[-1].name if self._active else None)
         cuda = _cuda()
         self._fold(_status_mb("VmHWM"), _gpu_peaks(cuda) if cuda else None)
         before = tree_bytes(outputs) if outputs else None

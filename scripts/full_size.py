@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                 for n in experts:  # BF16 first: the same seeded weights the FP8 checkpoints were made from
                     if getattr(pipe, n) is None:
                         setattr(pipe, n, build_component(plan.component(n), device=args.device))
-                single = len(fp8_paths) == 1
-                fp8_root = next(iter(fp8_paths.values())) if single else next(iter(fp8_paths.values())).parent
+                first = next(iter(fp8_paths.values()))
+                fp8_root = first if len(fp8_paths) == 1 else first.parent  # A14B: the folder of both experts
                 report = run_bench(BenchSettings(family=fam.name, model_path="in-memory stand-in",
                                                  fp8_path=str(fp8_root), runs=args.e2e_runs,
                                                  steps=args.e2e_steps or (3 if args.size == "reduced" else None),

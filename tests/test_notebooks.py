@@ -309,6 +309,7 @@ def test_run_flux1_with_overrides(tmp_path, capsys):
     assert stages["quantize"]["seconds"] >= stages["calibrate"]["seconds"]
     assert stages["quantize"]["bytes_written"] == stages["quantize"]["output_bytes"] > 0  # a cleared folder
     assert stages["compare prompt0"]["bytes_written"] > 0
+    assert {n for n, r in stages.items() if r["outer"] == "quantize"} == {"calibrate", "state", "export", "convert"}
     assert any(r["what"] == "time and memory" and "quantize" in r["result"] for r in report["summary"])
 
     _check_documented_output_paths(out_dir)

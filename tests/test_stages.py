@@ -70,6 +70,7 @@ def test_nested_stage_peaks_fold_into_the_outer():
     inner, after, outer = log.records
     assert [r.name for r in log.records] == ["inner", "after", "outer"]
     assert outer.peak_rss_mb >= inner.peak_rss_mb > after.peak_rss_mb + 200
+    assert (inner.outer, after.outer, outer.outer) == ("outer", "outer", None)
 
 
 @pytest.mark.parametrize("error", [

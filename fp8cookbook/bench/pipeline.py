@@ -88,9 +88,8 @@ class _PipelineRun:
                 h.remove()
         end = self.timer.mark()
         counts = {f"{n}.{k}": v for n, c in per_component for k, v in c.items()}
-        steps = self.timer.intervals(marks)
-        encode, decode = self.timer.intervals([start, marks[0]]), self.timer.intervals([marks[-1], end])
-        phases = {"encode": encode[0], "denoise": sum(steps), "decode": decode[0]}
+        encode, *steps, decode = self.timer.intervals([start, *marks, end])
+        phases = {"encode": encode, "denoise": sum(steps), "decode": decode}
         phases["call"] = sum(phases.values())
         return steps, counts, phases
 

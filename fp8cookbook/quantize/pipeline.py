@@ -89,9 +89,10 @@ def _local_base(model: nn.Module) -> Path | None:
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if set(shapes) != set(tensors) or any(tensors[k].shape != s for k, s in shapes.items()):
         return None
-    if any(t.dtype.is_floating_point and t.dtype != torch.bfloat16 and not (t.dtype == torch.float32
-                                                                              and keeps_float32(model, k))
-           for k, t in tensors.items()):  # a real Wan2.2 download: BF16 but its float32 time embedders
+    def as_loaded(name: str, dtype: torch.dtype) -> bool:  # a real Wan2.2 download: float32 time embedders
+        return dtype == torch.bfloat16 or (dtype == torch.float32 and keeps_float32(model, name))
+
+    if any(t.dtype.is_floating_point and not as_loaded(k, t.dtype) for k, t in tensors.items()):
         return None
     return folder.resolve()
 
