@@ -428,8 +428,8 @@ def _quantize(args: argparse.Namespace) -> int:
         num_inference_steps=args.calib_steps, seed=args.seed, height=args.height, width=args.width,
         num_frames=args.frames, guidance_scale=args.guidance, quantize_mha=args.quantize_mha,
         overwrite=args.overwrite, progress=not args.quiet and args.model_path is not None, stages=log,
-        full_repo=args.full_repo,
-        link=args.link)
+        full_repo=args.full_repo, link=args.link,
+        keep_pipeline=False)  # the pipeline ends here: no host copy of the BF16 transformers meanwhile
     print("\n".join(result.lines()))
     fp8 = {name: p["fp8"] for name, p in result.paths.items()}
     for name, path in fp8.items():

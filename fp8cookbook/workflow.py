@@ -266,7 +266,8 @@ def quantize(run: NotebookRun) -> None:
             height=p["height"], width=p["width"], num_frames=p["num_frames"], guidance_scale=p["guidance_scale"],
             overwrite=True, quantize_mha=AttentionMode.parse(p["fp8_attention"]).quantize_mha,
             progress=run.model_path is not None, stages=run.stages,
-            full_repo=True, link="symlink")  # also checkpoint/repo, served alone; symbolic links: no disk, never a copy
+            full_repo=True, link="symlink",  # also checkpoint/repo, served alone; symbolic links: no disk, no copy
+            keep_pipeline=False)  # load_fp8 reloads the BF16 reference: no host copy of the transformers meanwhile
     run.report.quantize(run.result)
     print("\n".join(run.result.lines()))
     if len(run.family.experts) > 1:
@@ -308,7 +309,7 @@ def inspect(run: NotebookRun) -> None:
 
 
 def load_fp8(run: NotebookRun) -> None:
-    """5. A fresh BF16 pipeline as the reference (quantization left export weights in the first), and the FP8
+    """5. A fresh BF16 pipeline as the reference (quantization used up the first's transformers), and the FP8
     checkpoints loaded with fp8cookbook's loader, asked for DiT offload so that the refusal shows."""
     run.pipe = None
     release_memory()

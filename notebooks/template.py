@@ -170,14 +170,14 @@ workflow.inspect(run)
 # ## 5. Load the FP8 transformer, offload disabled
 #
 #@ flux1 flux2
-# Quantization left the pipeline's transformer holding export weights, so the BF16 pipeline is loaded again as the
-# reference. The FP8 checkpoint is loaded into `{{class_name}}` with every non-ignored Linear an
+# Quantization used up the pipeline's transformer (quantized in place: no second copy waits in host memory), so the
+# BF16 pipeline is loaded again as the reference. The FP8 checkpoint is loaded into `{{class_name}}` with every non-ignored Linear an
 # `FP8Linear`. It is asked for DiT CPU offload and layer-wise offload, as a serving config might: both are turned off,
 # with the warning below, because offload rebuilds weights contiguously and loses the column-major FP8 weight view the
 # FP8 GEMM needs.
 #@ wan22
-# Quantization left the pipeline's transformers holding export weights, so the BF16 pipeline is loaded again as the
-# reference. Each FP8 checkpoint is loaded into `{{class_name}}` with every non-ignored Linear an
+# Quantization used up the pipeline's transformers (quantized in place: no second copy waits in host memory), so the
+# BF16 pipeline is loaded again as the reference. Each FP8 checkpoint is loaded into `{{class_name}}` with every non-ignored Linear an
 # `FP8Linear`. The loader is asked for DiT CPU offload and layer-wise offload, as a serving config might (SGLang may
 # even turn layer-wise offload on by itself for Wan): both are turned off, with the warnings below, because offload
 # rebuilds weights contiguously and loses the column-major FP8 weight view the FP8 GEMM needs.

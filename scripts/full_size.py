@@ -8,31 +8,40 @@ host RSS, bytes written) and an out-of-memory ends the run with one line naming 
 
 Stages (pick with --stages, in this order):
   build     the pipeline in memory: transformer(s) on --device, text encoder(s) on --text-encoder-device
-  quantize  quantize_pipeline, recorded as its steps: base (the BF16 copy), calibrate (ModelOpt through the
-            pipeline: --calib-prompts prompts x --calib-steps steps at the family's size, or --height/--width/
-            --frames), state, export, convert (per expert for A14B), then the whole as "quantize"
-  convert   the converter again on the export just written (its own time and RSS), beside a `cp` + `sync` of the same
-            files (the disk's plain copy speed, for the converter's read rate)
+  quantize  first "base": each BF16 transformer saved as a download holds it (under --base-dir; an in-memory
+            pipeline has no folder to point at), then quantize_pipeline on the pipeline's own transformers (no host
+            copy), recorded as its steps: calibrate (ModelOpt through the pipeline: --calib-prompts prompts x
+            --calib-steps steps at the family's size, or --height/--width/--frames), state, export, convert (per
+            expert for A14B), then the whole as "quantize"; the base is removed after quantize and convert
+  convert   the converter again on the export just written, as `fp8cookbook convert` in a child process (its own
+            time and peak RSS, nothing else in that process), beside a `cp` + `sync` of the same files (the disk's
+            plain copy speed, for the converter's read rate)
   load      each FP8 checkpoint from disk to --device, beside `cat` of its files (the disk's read speed)
   compare   BF16 (the same seeded weights, rebuilt) vs the FP8 checkpoints through the pipeline, --compare-steps
   e2e       end-to-end generation (text encoding, denoising, VAE decode), BF16 then the FP8 checkpoints, in one
             process: the pipeline benchmark (`bench --model-path`) on the in-memory pipeline, --e2e-steps
   bench     the transformer-only benchmark (`fp8cookbook bench --synthetic full`), --bench-steps
 
-Disk: quantize writes the BF16 base (an in-memory pipeline has no folder to point at), the ModelOpt state (no
-weights), the export and the FP8 checkpoint under --work, about 2.2x the transformers' BF16 size (FLUX.2 ~142 GB,
-A14B ~126 GB: more than a 64 GB disk); the script prints its estimate first and refuses when the disk is too small. Calibration defaults here are short (2 prompts x 4 steps) because the stage's cost scales linearly: the
-record holds seconds per prompt-step, and a real run (quantize's defaults: 64 image / 16 video prompts x 20 steps)
-costs that times prompts x steps.
+Disk: the BF16 base (1.0x the transformers' BF16 size) goes under --base-dir (default: --work); the ModelOpt state
+(no weights), the export and the FP8 checkpoint under --work, about 0.6x each (FLUX.2 ~142 GB in all, A14B ~126 GB:
+more than a 64 GB disk). --drop-export removes each export once converted, so --work holds one export at a time; a
+tmpfs --base-dir (/dev/shm) takes the base off the disk. The script prints its estimate per folder first and refuses
+when a folder's disk is too small. Calibration defaults here are short (2 prompts x 4 steps) because the stage's cost
+scales linearly: the record holds seconds per prompt-step, and a real run (quantize's defaults: 64 image / 16 video
+prompts x 20 steps) costs that times prompts x steps.
 
   python scripts/full_size.py --family flux2 --out flux2.json --work /data/fs-flux2
   python scripts/full_size.py --family wan22 --out a14b.json --work /data/fs-a14b --stages build,quantize,load
+  python scripts/full_size.py --family wan22 --out a14b.json --work /data/a14b --base-dir /dev/shm/a14b-base \
+      --drop-export --stages build,quantize,load,compare,e2e     # full depth on a 64 GB disk
   python scripts/full_size.py --family flux1 --size reduced --device cpu --out /tmp/f1.json   # CPU check, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from fp8cookbook.checkpoint import STATS_NAME
 from fp8cookbook.errors import Fp8CookbookError
 from fp8cookbook.families import get_family
 from fp8cookbook.offload import release_memory
@@ -55,6 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--family", required=True, help="flux1, flux2, wan22 (= wan22-a14b), wan22-ti2v-5b")
     p.add_argument("--out", required=True, type=Path, help="JSON of the stage records (written after every stage)")
     p.add_argument("--work", type=Path, default=Path("full-size-work"), help="folder for what the stages write")
+    p.add_argument("--base-dir", type=Path, help="folder for the BF16 base quantize starts from (default: WORK/base; "
+                                                 "e.g. a tmpfs when the disk is small); removed after quantize")
+    p.add_argument("--fp8", type=Path, metavar="DIR",
+                   help="the FP8 checkpoints of an earlier run instead of quantize (DIR/<expert>, e.g. "
+                        "WORK/quantize/fp8 of a run with --keep): splits a long run over two device calls")
+    p.add_argument("--drop-export", action="store_true",
+                   help="quantize: remove each ModelOpt export once its FP8 checkpoint is written (one export on "
+                        "disk at a time); excludes the convert stage, which converts the export again")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--size", choices=["full", "reduced"], default="full", help="reduced: a CPU check of the script")
     p.add_argument("--layers", type=int, help="transformer blocks of each kind (default: the real count)")
@@ -78,34 +96,73 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [s for s in args.stages if s not in STAGES]
     if bad:
         p.error(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
+    if args.drop_export and "convert" in args.stages:
+        p.error("--drop-export removes the export that the convert stage converts again: drop one of them")
+    if args.fp8 is not None and any(s in args.stages for s in ("quantize", "convert")):
+        p.error("--fp8 takes checkpoints already made: leave quantize and convert out of --stages")
     return args
 
 
-def disk_estimate(family_name: str, size: str, layers: int | None, stages: list[str]) -> int:
-    """Upper bound of what the stages write, per expert: the BF16 base (an in-memory pipeline has no folder to
-    reuse) and export + FP8 checkpoint at a little over half of it each; the state file holds no weights."""
+def disk_estimate(family_name: str, size: str, layers: int | None, stages: list[str],
+                  drop_export: bool = False) -> tuple[int, int]:
+    """Upper bounds of what the stages write as (base, work): the BF16 base (an in-memory pipeline has no folder to
+    reuse), and export + FP8 checkpoint at a little over half of it each (one export at a time with
+    `drop_export`: the largest expert's); the state file holds no weights."""
     plan = recipe(family_name, size, layers=layers)
     fam = get_family(family_name)
-    bf16 = sum(s.nbytes for s in size_table(plan, list(fam.experts)))
-    need = 0
+    sizes = [s.nbytes for s in size_table(plan, list(fam.experts))]
+    bf16 = sum(sizes)
+    base = work = 0
     if "quantize" in stages:
-        need += int(2.2 * bf16)
+        base = bf16
+        work = int(0.6 * bf16 + 0.6 * (max(sizes) if drop_export else bf16))
     if "convert" in stages:  # the second FP8 copy replaces the first; `cp` holds one shard at a time
-        need += int(0.1 * bf16)
-    return need
+        work += int(0.1 * bf16)
+    return base, work
+
+
+@torch.no_grad()
+def save_base(model: torch.nn.Module, folder: Path) -> None:
+    """The transformer as a download holds it (`save_pretrained`, its dtypes as loaded), and the model told so: its
+    config's _name_or_path is what `from_pretrained` records, so quantize takes the folder as its base."""
+    from fp8cookbook.files import plain_modes
+
+    model.save_pretrained(folder)
+    plain_modes(folder)
+    model.register_to_config(_name_or_path=str(folder.resolve()))
+
+
+def _existing(path: Path) -> Path:
+    """The nearest folder of `path` that exists (where its disk is asked about)."""
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 def _free(path: Path) -> int:
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
+    return shutil.disk_usage(_existing(path)).free
 
 
 def _timed_command(argv: list[str]) -> float:
     t0 = time.perf_counter()
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
+
+
+def _child(argv: list[str]) -> tuple[float, float]:
+    """Run argv to completion: (wall seconds, the child's own peak RSS in MiB from wait4, nothing of this process)."""
+    t0 = time.perf_counter()
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - t0
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise Fp8CookbookError(f"{' '.join(argv)}: exit status {child.returncode}")
+    return seconds, usage.ru_maxrss / 1024  # Linux: KiB
+
+
+def _named(stage: str, expert: str, experts: list[str]) -> str:
+    return stage if len(experts) == 1 else f"{stage}-{expert}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,16 +176,25 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         log.write_json(args.out, **meta)
 
-    need = disk_estimate(fam.name, args.size, args.layers, args.stages)
-    free = _free(args.work.absolute())
-    meta["disk"] = dict(estimate_bytes=need, free_bytes=free)
-    print(f"{fam.title} {args.size}: stages {','.join(args.stages)}; disk needed <= {need / 1e9:.1f} GB, "
-          f"free {free / 1e9:.1f} GB under {args.work}", flush=True)
-    if need > free:
-        raise Fp8CookbookError(f"{args.work}: these stages write up to {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free; "
-                               "drop quantize/convert from --stages, pass --layers, or use a bigger disk")
-    if args.work.exists() and any(args.work.iterdir()):
-        raise Fp8CookbookError(f"{args.work}: not empty; pass a new folder")
+    base_dir = args.base_dir or args.work / "base"
+    need_base, need_work = disk_estimate(fam.name, args.size, args.layers, args.stages, args.drop_export)
+    free_base, free_work = _free(base_dir.absolute()), _free(args.work.absolute())
+    same_disk = os.stat(_existing(base_dir.absolute())).st_dev == os.stat(_existing(args.work.absolute())).st_dev
+    meta["disk"] = dict(estimate_bytes=need_base + need_work, estimate_base_bytes=need_base,
+                        estimate_work_bytes=need_work, free_bytes=free_work, free_base_bytes=free_base)
+    print(f"{fam.title} {args.size}: stages {','.join(args.stages)}; disk needed <= {need_work / 1e9:.1f} GB under "
+          f"{args.work} ({free_work / 1e9:.1f} GB free), {need_base / 1e9:.1f} GB under {base_dir} "
+          f"({free_base / 1e9:.1f} GB free)" + (", one disk" if same_disk else ""), flush=True)
+    checks = [(args.work, need_base + need_work, free_work)] if same_disk else \
+        [(args.work, need_work, free_work), (base_dir, need_base, free_base)]
+    for folder, need, free in checks:
+        if need > free:
+            raise Fp8CookbookError(f"{folder}: these stages write up to {need / 1e9:.1f} GB there, {free / 1e9:.1f} GB "
+                                   "free; drop quantize/convert from --stages, pass --layers, --drop-export or "
+                                   "--base-dir on another disk, or use a bigger disk")
+    for folder in (args.work, base_dir):
+        if folder.exists() and any(folder.iterdir()):
+            raise Fp8CookbookError(f"{folder}: not empty; pass a new folder")
     args.work.mkdir(parents=True, exist_ok=True)
     te_device = args.text_encoder_device or ("cpu" if fam.name == "flux2" and args.size == "full" else args.device)
     size = dict(height=args.height, width=args.width, num_frames=args.frames if fam.is_video else None)
@@ -141,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     experts = list(fam.experts)
     pipe = None
     fp8_paths: dict[str, Path] = {}
+    if args.fp8 is not None:
+        fp8_paths = {n: args.fp8 / n for n in experts}
+        missing = [str(f) for f in fp8_paths.values() if not (f / "config.json").is_file()]
+        if missing:
+            raise Fp8CookbookError(f"--fp8 {args.fp8}: no FP8 checkpoint in {', '.join(missing)}")
     try:
         if "build" in args.stages or any(s in args.stages for s in ("quantize", "compare", "e2e")):
             with log.stage("build", hint="pass --text-encoder-device cpu", text_encoder_device=te_device) as r:
@@ -158,11 +229,17 @@ def main(argv: list[str] | None = None) -> int:
             from fp8cookbook.quantize import quantize_pipeline
 
             out = args.work / "quantize"
+            for n in experts:
+                with log.stage(_named("base", n, experts), output=base_dir / n) as r:
+                    save_base(getattr(pipe, n), base_dir / n)
+            save()
             with log.stage("quantize", output=out, hint="calibrate with fewer --calib-prompts or a smaller size; "
                            "--text-encoder-device cpu") as r:
+                # the pipeline's own transformers: they are rebuilt for compare and e2e, so no host copy meanwhile
                 result = quantize_pipeline(fam.name, pipe, out, num_prompts=args.calib_prompts,
                                            num_inference_steps=args.calib_steps, quantize_mha=True, progress=False,
-                                           stages=log, **{k: v for k, v in size.items() if v is not None})
+                                           stages=log, keep_pipeline=False, keep_export=not args.drop_export,
+                                           **{k: v for k, v in size.items() if v is not None})
                 calib = result.calibration
                 r.extra.update(calibration={k: v for k, v in calib.items() if k != "prompts"},
                                prompt_steps=len(calib["prompts"]) * calib["num_inference_steps"],
@@ -171,9 +248,6 @@ def main(argv: list[str] | None = None) -> int:
             r.extra["seconds_per_prompt_step"] = r.seconds / r.extra["prompt_steps"]
             fp8_paths = {n: Path(p["fp8"]) for n, p in result.paths.items()}
             save()
-            for n in experts:  # the quantized models hold export weights now: they cannot run
-                setattr(pipe, n, None)
-            release_memory()
 
         if "convert" in args.stages and fp8_paths:
             from fp8cookbook.convert import convert_checkpoint
@@ -198,14 +272,22 @@ def main(argv: list[str] | None = None) -> int:
                     r.extra["read_gb_per_s"] = tree_bytes([export]) / 1e9 / max(seconds + synced, 1e-9)
                 shutil.rmtree(copy)
                 with log.stage(f"convert-{n}", output=again) as r:
-                    stats = convert_checkpoint(export, again, state_file=args.work / "quantize" / f"{n}.pt",
-                                               base_transformer=args.work / "quantize" / "base" / n,
-                                               family=fam.name, progress=False)
-                    r.extra["read_gb_per_s"] = tree_bytes([export]) / 1e9 / max(stats.seconds, 1e-9)
-                    r.extra["converter_peak_rss_mb"] = stats.peak_rss_mb
+                    # `fp8cookbook convert` alone in a child process: its RSS is the converter's, not this script's
+                    # (CUDA context, the pipeline)
+                    seconds, child_rss = _child([sys.executable, "-m", "fp8cookbook", "convert", str(export),
+                                                 str(again), "--state-file", str(args.work / "quantize" / f"{n}.pt"),
+                                                 "--base-transformer", str(base_dir / n), "--family", fam.name,
+                                                 "--quiet"])
+                    stats = json.loads((again / STATS_NAME).read_text())
+                    r.extra["read_gb_per_s"] = tree_bytes([export]) / 1e9 / max(stats["seconds"], 1e-9)
+                    r.extra["converter_seconds"] = stats["seconds"]
+                    r.extra["converter_peak_rss_mb"] = stats["peak_rss_mb"]
+                    r.extra["child_seconds"] = seconds  # with the interpreter's start and imports
+                    r.extra["child_peak_rss_mb"] = child_rss
                 fp8_paths[n] = again
                 save()
 
+        shutil.rmtree(base_dir, ignore_errors=True)  # the FP8 checkpoints hold their BF16 layers: the base has served
         loaded: dict[str, torch.nn.Module] = {}
         if "load" in args.stages and fp8_paths:
             from fp8cookbook.loader import load_fp8_transformer
@@ -225,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
             from fp8cookbook.compare import compare_trajectories
 
             with log.stage("compare", hint="pass --offload-idle", steps=args.compare_steps) as r:
+                if args.offload_idle:  # the FP8 side waits on the CPU while the BF16 reference is built and runs
+                    for model in loaded.values():
+                        model.to("cpu")
+                    release_memory()
                 for n in experts:  # the BF16 reference: the same seeded weights as before quantization
                     setattr(pipe, n, build_component(plan.component(n), device=args.device))
                 report = compare_trajectories(pipe, {}, loaded, family=fam, steps=args.compare_steps,

@@ -309,6 +309,48 @@ def test_callers_pipeline_is_left_as_it_was(name, fails, tmp_path):
     _check_fp8_folders(again, name)  # ModelOpt quantizers: reload the pipeline" before
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_given_up_pipeline_is_quantized_in_place_and_export_dropped(fails, tmp_path):
+    """keep_pipeline=False: the pipeline's own transformers are quantized (no copy held meanwhile) and gone
+    afterwards, also after a failure. keep_export=False: each export is removed once its checkpoint exists, the
+    checkpoints are whole and quantize.json lists no export (the converter's stats still name where it came from)."""
+    pipe = _pipe("wan22-a14b")
+    own = pipe.transformer
+    seen = []
+    import fp8cookbook.quantize.pipeline as qp
+
+    real_export = qp.export_transformer
+
+    def spy(model, folder):  # the model exported is the pipeline's own object, not a copy
+        seen.append(model)
+        return real_export(model, folder)
+
+    qp.export_transformer = spy
+    try:
+        if fails:  # one step never reaches transformer_2
+            with pytest.raises(Fp8CookbookError, match="never ran"):
+                quantize_pipeline("wan22-a14b", pipe, tmp_path / "out", num_prompts=1, num_inference_steps=1,
+                                  progress=False, keep_pipeline=False, keep_export=False)
+            assert not (tmp_path / "out").exists()
+        else:
+            result = quantize_pipeline("wan22-a14b", pipe, tmp_path / "out", num_prompts=1, progress=False,
+                                       keep_pipeline=False, keep_export=False)
+            assert seen and seen[0] is own
+            assert not (tmp_path / "out" / "export").exists()
+            for name, paths in result.paths.items():
+                assert "export" not in paths and paths["fp8"].is_dir()
+                assert not inspect_checkpoint(paths["fp8"]).problems
+                stats = json.loads((paths["fp8"] / STATS_NAME).read_text())
+                assert stats["export_dir"] == str(tmp_path / "out" / "export" / name)
+            report = json.loads((tmp_path / "out" / "quantize.json").read_text())
+            assert all("export" not in entry for entry in report["paths"].values())
+    finally:
+        qp.export_transformer = real_export
+    assert pipe.transformer is None and pipe.transformer_2 is None
+    with pytest.raises(Fp8CookbookError):  # a second call names what is missing instead of running a used-up model
+        quantize_pipeline("wan22-a14b", pipe, tmp_path / "again", num_prompts=1, progress=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_callers_pipeline_back_on_its_gpu(tmp_path):

@@ -226,5 +226,42 @@ def test_full_size_script_runs_every_stage_at_reduced_size(tmp_path, capsys, one
     e2e = data["stages"][-1]["extra"]  # decoded generations, BF16 then both FP8 experts, one process
     assert e2e["end_to_end_speedup"] > 0 and [x["name"] for x in e2e["sides"]][0] == "bf16", e2e
     assert all(x["phase_s"]["decode"] > 0 and x["call_s"]["median"] > x["loop_s"]["median"] for x in e2e["sides"])
+    convert = data["stages"][names.index("convert-transformer", names.index("quantize"))]["extra"]
+    assert 0 < convert["child_peak_rss_mb"] and convert["converter_peak_rss_mb"] <= convert["child_peak_rss_mb"]
     assert not work.exists()  # removed unless --keep
     assert "summary" in capsys.readouterr().out
+
+
+def test_full_size_script_base_elsewhere_and_export_dropped(tmp_path, one_thread):
+    """--base-dir takes the BF16 base to another folder (a tmpfs on the GPU machine), removed once served;
+    --drop-export leaves one FP8 checkpoint per expert and no export; the two refuse the convert stage together."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("full_size", Path(__file__).parents[1] / "scripts" / "full_size.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, work, base = tmp_path / "stages.json", tmp_path / "work", tmp_path / "elsewhere" / "base"
+    with pytest.raises(SystemExit):
+        script.parse_args(["--family", "flux1", "--out", str(out), "--drop-export", "--stages", "build,quantize,convert"])
+    assert script.main(["--family", "flux1", "--size", "reduced", "--device", "cpu", "--out", str(out),
+                        "--work", str(work), "--base-dir", str(base), "--drop-export", "--keep",
+                        "--stages", "build,quantize,load"]) == 0
+    data = json.loads(out.read_text())
+    records = {s["name"]: s for s in data["stages"]}
+    assert records["base"]["output"] == [str(base / "transformer")] and records["base"]["bytes_written"] > 0
+    assert not base.exists()  # served, then removed
+    assert not (work / "quantize" / "export").exists() and (work / "quantize" / "fp8" / "transformer").is_dir()
+    quantized = json.loads((work / "quantize" / "quantize.json").read_text())
+    assert quantized["paths"]["transformer"]["base"] == str((base / "transformer").resolve())  # no copy of its own
+    assert records["load-transformer"]["extra"]["fp8_layers"] > 0
+    assert data["disk"]["estimate_base_bytes"] > 0 and data["disk"]["estimate_work_bytes"] > 0
+    # a second run takes those checkpoints (a long run split over two device calls), FP8 side idle on the CPU
+    again = tmp_path / "again.json"
+    assert script.main(["--family", "flux1", "--size", "reduced", "--device", "cpu", "--out", str(again),
+                        "--work", str(tmp_path / "work2"), "--fp8", str(work / "quantize" / "fp8"),
+                        "--offload-idle", "--stages", "build,load,compare"]) == 0
+    names = [s["name"] for s in json.loads(again.read_text())["stages"]]
+    assert names == ["build", "cat-transformer", "load-transformer", "compare"]
+    with pytest.raises(Fp8CookbookError, match="no FP8 checkpoint"):
+        script.main(["--family", "flux1", "--size", "reduced", "--device", "cpu", "--out", str(again),
+                     "--work", str(tmp_path / "work3"), "--fp8", str(tmp_path), "--stages", "load"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..checkpoint import STATS_NAME, keeps_float32, scan_tensors, write_json_ato
 from ..convert import ConvertStats, convert_checkpoint, peak_rss_mb
 from ..errors import Fp8CookbookError
 from ..files import plain_modes, staged_dir
+from ..offload import release_memory
 from ..fp8.linear import FP8Linear
 from ..fp8.quantize import fp8_candidates
 from ..families import Family, get_family
@@ -130,7 +132,7 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
                       height: int | None = None, width: int | None = None, num_frames: int | None = None,
                       guidance_scale: float | None = None, quantize_mha: bool = True, overwrite: bool = False,
                       progress: bool = True, stages: StageLog | None = None, full_repo: bool = False,
-                      link: str = "hardlink") -> QuantizeResult:
+                      link: str = "hardlink", keep_pipeline: bool = True, keep_export: bool = True) -> QuantizeResult:
     """Quantize every transformer of a diffusers pipeline to FP8 with ModelOpt, calibrating on the real pipeline,
     and write each as a ModelOpt state, a ModelOpt export and an SGLang FP8 checkpoint.
 
@@ -167,6 +169,12 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
     calibration and export run on copies of the transformers swapped in for the call (on a GPU the originals wait
     on the CPU meanwhile, so the GPU holds one set), and the originals go back afterwards, also on failure.
 
+    `keep_pipeline=False` quantizes the pipeline's own transformers instead of copies and leaves None in their place
+    (also on failure): for a caller that reloads the BF16 pipeline anyway (the notebook, the CLI), it saves holding
+    the originals in host memory meanwhile (57 GB for Wan2.2 T2V-A14B, 64 GB for FLUX.2-dev) and the copy's time.
+    `keep_export=False` removes each ModelOpt export once its FP8 checkpoint is written (`paths[name]` then has no
+    "export"): the export is the second FP8 copy of the weights on disk, needed only to convert again (`keep_bf16`).
+
     `stages` records the steps (base, calibrate, state, export, convert: time, peak memory, bytes written; see
     `fp8cookbook.stages`) into that log and quantize.json; an out-of-memory in one is one line naming it.
     """
@@ -185,7 +193,8 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
     _check_output_dir(output_dir, bases, overwrite)
     repo_base = _repo_base(pipe, link) if full_repo else None  # refused before calibrating, not after
 
-    with _working_copies(pipe, names):  # ModelOpt and its export change modules in place: never the caller's
+    # ModelOpt and its export change modules in place: copies, unless the caller gives its transformers up
+    with _working_copies(pipe, names) if keep_pipeline else _given_up(pipe, names):
         models = {n: getattr(pipe, n) for n in names}
         first = next(models[names[0]].parameters())
         _reset_peak_memory(first.device)
@@ -211,7 +220,7 @@ def quantize_pipeline(family: str | Family, pipe, output_dir: str | Path, *, pro
                         for n in names if (bad := missing_amaxes(getattr(pipe, n)))]
             if problems:
                 raise Fp8CookbookError(" | ".join(problems))
-            stats = _write_checkpoints(pipe, family, names, paths, progress, stages)
+            stats = _write_checkpoints(pipe, family, names, paths, progress, stages, keep_export)
             paths = _final_paths(paths, stats, tmp, output_dir, stages)
             result = QuantizeResult(family.name, output_dir, paths, stats, calibration, 0.0, 0.0)
             if repo_base is not None:
@@ -276,6 +285,18 @@ def _working_copies(pipe, names: list[str]) -> Iterator[None]:
             model.to(devices[n])
 
 
+@contextlib.contextmanager
+def _given_up(pipe, names: list[str]) -> Iterator[None]:
+    """The pipeline's own transformers are quantized in place and set to None afterwards, success or failure: an
+    exported transformer holds FP8 weights in BF16 modules and must not run again."""
+    try:
+        yield
+    finally:
+        for n in names:
+            setattr(pipe, n, None)
+        release_memory()
+
+
 def _checked_models(family: Family, pipe) -> dict[str, nn.Module]:
     """The pipeline's transformers by name, refused unless they are the family's, of its class, not quantized yet."""
     require_components(pipe, family, "calibration")
@@ -329,12 +350,14 @@ def _check_output_dir(output_dir: Path, bases: dict[str, Path | None], overwrite
 
 
 def _write_checkpoints(pipe, family: Family, names: list[str], paths: dict[str, dict[str, Path]],
-                       progress: bool, stages: StageLog | None = None) -> dict[str, ConvertStats]:
+                       progress: bool, stages: StageLog | None = None,
+                       keep_export: bool = True) -> dict[str, ConvertStats]:
     """Per transformer: the ModelOpt state, the ModelOpt export, then the SGLang checkpoint converted from it.
 
     The state goes without the weights: the export holds them in FP8 and the base in BF16. An export without FP8
     weights (BF16 flavour, left by offloaded calibration) did not convert the model in place, so the full state
-    is written then.
+    is written then. Without `keep_export`, each export is removed once its checkpoint is written, so the disk
+    holds at most one export at a time (and the export's model is released before the next one is written).
     """
     stats: dict[str, ConvertStats] = {}
     for n in names:
@@ -349,6 +372,11 @@ def _write_checkpoints(pipe, family: Family, names: list[str], paths: dict[str, 
         with _stage(stages, _named("convert", n, names), output=paths[n]["fp8"]):
             stats[n] = convert_checkpoint(paths[n]["export"], paths[n]["fp8"], state_file=paths[n]["state"],
                                           base_transformer=paths[n]["base"], family=family.name, progress=progress)
+        if not keep_export:
+            export = paths[n].pop("export")
+            shutil.rmtree(export)
+            if not any(export.parent.iterdir()):  # export/ itself, after the last expert
+                export.parent.rmdir()
     return stats
 
 
@@ -374,7 +402,8 @@ def _final_paths(paths: dict[str, dict[str, Path]], stats: dict[str, ConvertStat
 
     paths = {n: {k: final(p) for k, p in entry.items()} for n, entry in paths.items()}
     for n, s in stats.items():  # the converter recorded the temporary folder's paths
-        s.export_dir, s.output_dir = str(paths[n]["export"]), str(paths[n]["fp8"])
+        # the export it came from, also where keep_export=False removed it (quantize.json's paths then lack it)
+        s.export_dir, s.output_dir = str(final(Path(s.export_dir))), str(paths[n]["fp8"])
         write_json_atomic(tmp / "fp8" / n / STATS_NAME, asdict(s))
     for record in stages.records if stages is not None else []:  # they name the temporary folder too
         record.output = [str(final(Path(o))) for o in record.output]
