@@ -149,16 +149,6 @@ def _timed_command(argv: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def _child(argv: list[str]) -> tuple[float, float]:
-    """Run argv to completion: (wall seconds, the child's own peak RSS in MiB from wait4, nothing of this process)."""
-    t0 = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - t0
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        raise Fp8CookbookError(f"{' '.join(argv)}: exit status {child.returncode}")
-    return seconds, usage.ru_maxrss / 1024  # Linux: KiB
 
 
 def _named(stage: str, expert: str, experts: list[str]) -> str:
@@ -272,18 +262,17 @@ def main(argv: list[str] | None = None) -> int:
                     r.extra["read_gb_per_s"] = tree_bytes([export]) / 1e9 / max(seconds + synced, 1e-9)
                 shutil.rmtree(copy)
                 with log.stage(f"convert-{n}", output=again) as r:
-                    # `fp8cookbook convert` alone in a child process: its RSS is the converter's, not this script's
-                    # (CUDA context, the pipeline)
-                    seconds, child_rss = _child([sys.executable, "-m", "fp8cookbook", "convert", str(export),
+                    # `fp8cookbook convert` alone in a child process: its VmHWM (fresh at exec, unlike ru_maxrss,
+                    # which carries this script's footprint over) is the converter's, not the CUDA context's
+                    seconds = _timed_command([sys.executable, "-m", "fp8cookbook", "convert", str(export),
                                                  str(again), "--state-file", str(args.work / "quantize" / f"{n}.pt"),
                                                  "--base-transformer", str(base_dir / n), "--family", fam.name,
                                                  "--quiet"])
                     stats = json.loads((again / STATS_NAME).read_text())
                     r.extra["read_gb_per_s"] = tree_bytes([export]) / 1e9 / max(stats["seconds"], 1e-9)
                     r.extra["converter_seconds"] = stats["seconds"]
-                    r.extra["converter_peak_rss_mb"] = stats["peak_rss_mb"]
+                    r.extra["converter_peak_rss_mb"] = stats["peak_rss_mb"]  # the child's VmHWM, imports included
                     r.extra["child_seconds"] = seconds  # with the interpreter's start and imports
-                    r.extra["child_peak_rss_mb"] = child_rss
                 fp8_paths[n] = again
                 save()
 

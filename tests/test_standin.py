@@ -227,7 +227,10 @@ def test_full_size_script_runs_every_stage_at_reduced_size(tmp_path, capsys, one
     assert e2e["end_to_end_speedup"] > 0 and [x["name"] for x in e2e["sides"]][0] == "bf16", e2e
     assert all(x["phase_s"]["decode"] > 0 and x["call_s"]["median"] > x["loop_s"]["median"] for x in e2e["sides"])
     convert = data["stages"][names.index("convert-transformer", names.index("quantize"))]["extra"]
-    assert 0 < convert["child_peak_rss_mb"] and convert["converter_peak_rss_mb"] <= convert["child_peak_rss_mb"]
+    # the converter ran in its own process: its peak is its own, below this test process's (which holds torch and
+    # the pipelines) and far below what a carried-over ru_maxrss would say
+    assert 0 < convert["converter_peak_rss_mb"] < data["stages"][names.index("quantize")]["peak_rss_mb"]
+    assert convert["child_seconds"] >= convert["converter_seconds"] > 0
     assert not work.exists()  # removed unless --keep
     assert "summary" in capsys.readouterr().out
 
