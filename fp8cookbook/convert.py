@@ -9,12 +9,15 @@ place only when everything succeeded (`files.staged_dir`: exclusive for a new ta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -81,6 +84,36 @@ class _Out:
     shape: tuple[int, ...]
     make: Callable[[], torch.Tensor]
     shard: str  # output shard file: the export's shard that held the tensor (SGLang keeps the export's layout)
+    work: int = 1  # host bytes that making it holds, per output byte (7 when quantized here: BF16 in, float32, out)
+
+    @property
+    def held_bytes(self) -> int:
+        return self.work * math.prod(self.shape) * self.dtype.itemsize
+
+
+class _MemoryBudget:
+    """Bytes that the shard writers may hold at once; a tensor larger than the whole budget waits to run alone.
+    Keeps the converter's peak RSS bounded while shards are written in parallel."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int):
+        with self._cond:
+            self._cond.wait_for(lambda: self.held == 0 or self.held + nbytes <= self.limit)
+            self.held += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.held -= nbytes
+                self._cond.notify_all()
+
+
+WRITERS = 4  # shards written at once: one writer leaves the disk idle while it reads, copies and fsyncs
+WRITE_BUDGET = 1 << 30  # bytes of tensors those writers hold at once (the 2 GB peak-RSS target, with torch itself)
 
 
 def resolve_export_dir(path: str | Path) -> Path:
@@ -324,7 +357,8 @@ def _plan(export: TensorReader, base: TensorReader | None, amax: dict[str, float
                 attention[n.removesuffix("._amax")] = check_scale(n, export.get(n), export.index[n].file)
     stats.attention_scales = len(attention)
 
-    fp8: dict[str, tuple[Callable[[], torch.Tensor], float, float]] = {}  # module -> (weight maker, w_scale, x_scale)
+    # module -> (weight maker, w_scale, x_scale, host bytes per output byte while making it)
+    fp8: dict[str, tuple[Callable[[], torch.Tensor], float, float, int]] = {}
     from_base: set[str] = set()
     ignore: list[str] = []
     for m in modules:
@@ -354,7 +388,7 @@ def _plan(export: TensorReader, base: TensorReader | None, amax: dict[str, float
             if not _fp8_shape_ok(w.shape):
                 raise Fp8CookbookError(f"{w.file}: FP8 weight {m}.weight has shape {list(w.shape)}; K and N must be "
                                        "multiples of 16 (add it to --keep-bf16 with --base-transformer)")
-            fp8[m] = (lambda n=f"{m}.weight": export.get(n), ws, xs)
+            fp8[m] = (lambda n=f"{m}.weight": export.get(n), ws, xs, 1)
             continue
         wa, xa = amax.get(f"{m}.weight_quantizer._amax"), amax.get(f"{m}.input_quantizer._amax")
         # ModelOpt disables filtered layers after calibration, so their amaxes remain: the export's ignore decides.
@@ -362,7 +396,7 @@ def _plan(export: TensorReader, base: TensorReader | None, amax: dict[str, float
                 and not export_ignore.matches(m)):
             ws = wa / FP8_MAX
             # The scale is float32 amax/448, exactly what ModelOpt writes; saturation guards bf16 rounding of amax.
-            fp8[m] = (lambda n=f"{m}.weight", s=ws: quantize_fp8(export.get(n), torch.tensor(s, dtype=torch.float32)), ws, xa / FP8_MAX)
+            fp8[m] = (lambda n=f"{m}.weight", s=ws: quantize_fp8(export.get(n), torch.tensor(s, dtype=torch.float32)), ws, xa / FP8_MAX, 7)
             stats.quantized_from_state_file += 1
             continue
         stats.preserved_ignored_weights += 1
@@ -378,10 +412,10 @@ def _plan(export: TensorReader, base: TensorReader | None, amax: dict[str, float
         if m in fp8 and name.endswith((f".{WEIGHT_SCALE}", f".{INPUT_SCALE}")):
             continue  # re-emitted below as [1] fp32, beside the weight
         if m in fp8 and name == f"{m}.weight":
-            make, ws, xs = fp8[m]
+            make, ws, xs, work = fp8[m]
             shape = index[name].shape
             shard = index[name].file.name
-            plan.append(_Out(name, FP8_DTYPE, shape, make, shard))
+            plan.append(_Out(name, FP8_DTYPE, shape, make, shard, work))
             for suffix, value in ((WEIGHT_SCALE, ws), (INPUT_SCALE, xs)):
                 plan.append(_Out(f"{m}.{suffix}", torch.float32, (1,), lambda v=value: torch.tensor([v], dtype=torch.float32), shard))
             continue
@@ -415,18 +449,33 @@ def _write(folder: Path, shards: dict[str, list[_Out]], qconfig: dict, config: d
     total = sum(len(s) for s in shards.values())
     style = progress_style(progress)
     lines = ProgressLines("convert tensor", total) if style == "lines" else None
-    with tqdm(total=total, desc="convert", unit="tensor", disable=style != "bar") as bar:
-        for fname, shard in shards.items():
-            meta = dict(export.metadata(fname))
-            meta.update(shard_metadata(qconfig))
-            meta.update({"_class_name": str(config.get("_class_name")), "config": json.dumps(out_config, sort_keys=True)})
-            with StreamingShardWriter(folder / fname, [(o.name, o.dtype, o.shape) for o in shard], meta) as writer:
-                for o in shard:
+    budget, done, lock = _MemoryBudget(WRITE_BUDGET), [0], threading.Lock()
+
+    def write_shard(fname: str, shard: list[_Out], bar: tqdm) -> None:
+        meta = dict(export.metadata(fname))
+        meta.update(shard_metadata(qconfig))
+        meta.update({"_class_name": str(config.get("_class_name")), "config": json.dumps(out_config, sort_keys=True)})
+        with StreamingShardWriter(folder / fname, [(o.name, o.dtype, o.shape) for o in shard], meta) as writer:
+            for o in shard:
+                with budget.hold(o.held_bytes):
                     writer.write(o.name, o.make())
-                    weight_map[o.name] = fname
+                with lock:
+                    done[0] += 1
                     bar.update(1)
                     if lines is not None:
-                        lines(len(weight_map))
+                        lines(done[0])
+
+    # shards in parallel, each written in order by one thread: the same bytes as one writer, in less time
+    with tqdm(total=total, desc="convert", unit="tensor", disable=style != "bar") as bar, \
+            ThreadPoolExecutor(max_workers=max(1, min(WRITERS, len(shards)))) as pool:
+        jobs = [pool.submit(write_shard, fname, shard, bar) for fname, shard in shards.items()]
+        try:
+            for job in jobs:
+                job.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the caller removes the half-written folder
+            raise
+    weight_map.update({o.name: fname for fname, shard in shards.items() for o in shard})
     index_name = export.index_name or INDEX_NAME
     # sorted keys at every level, as SGLang's converter writes them
     write_json_atomic(folder / index_name, {"metadata": {"total_size": stats.total_bytes}, "weight_map": weight_map}, sort_keys=True)

@@ -150,6 +150,67 @@ def test_export_shards_and_metadata_are_kept(handmade, tmp_path):
     assert inspect_checkpoint(out).problems == []
 
 
+def _split_into_shards(export: Path, parts: int) -> None:
+    shard = next(export.glob("*.safetensors"))
+    sd = load_file(shard)
+    names = sorted(sd)
+    for i in range(parts):
+        save_file({k: sd[k] for k in names[i::parts]}, export / f"part-{i}.safetensors", metadata={"format": "pt"})
+    shard.unlink()
+
+
+def test_parallel_shard_writers_write_the_bytes_of_one(handmade, tmp_path, monkeypatch):
+    """Shards are written by several threads under a memory budget: the files are byte for byte those of a single
+    writer, and the budget was honoured (never more held than it, except one tensor alone)."""
+    import fp8cookbook.convert as conv
+
+    _split_into_shards(handmade["export"], 5)
+    stats = {}
+    for writers in (1, 4):
+        monkeypatch.setattr(conv, "WRITERS", writers)
+        stats[writers] = convert_checkpoint(handmade["export"], tmp_path / f"w{writers}",
+                                            base_transformer=handmade["base"], progress=False)
+    files = sorted(p.name for p in (tmp_path / "w1").iterdir() if p.name != STATS_NAME)
+    assert files == sorted(p.name for p in (tmp_path / "w4").iterdir() if p.name != STATS_NAME)
+    assert sum(f.endswith(".safetensors") for f in files) == 5
+    for name in files:
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w4" / name).read_bytes(), name
+
+    budget, peak, lock = conv._MemoryBudget(100), [0, 0], __import__("threading").Lock()
+
+    def job(n: int) -> None:
+        with budget.hold(n):
+            with lock:
+                peak[0] += n
+                peak[1] = max(peak[1], peak[0])
+            __import__("time").sleep(0.01)
+            with lock:
+                peak[0] -= n
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(job, [30] * 20 + [250] + [30] * 20))
+    assert peak[1] == 250 and budget.held == 0  # 30s shared the budget; the 250 ran alone
+
+
+def test_a_failing_shard_fails_the_whole_conversion_and_leaves_nothing(handmade, tmp_path, monkeypatch):
+    import fp8cookbook.convert as conv
+
+    _split_into_shards(handmade["export"], 4)
+    real = conv.StreamingShardWriter.write
+
+    def fail_on_part_2(self, name, tensor):
+        if self._file.name.endswith("part-2.safetensors"):
+            raise OSError(28, "No space left on device")
+        return real(self, name, tensor)
+
+    monkeypatch.setattr(conv.StreamingShardWriter, "write", fail_on_part_2)
+    with pytest.raises(Fp8CookbookError, match=r"/o: disk full while writing \(No space left on device"):
+        convert_checkpoint(handmade["export"], tmp_path / "o", base_transformer=handmade["base"], progress=False)
+    assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == [tmp_path / "in"]
+
+
 def test_streaming_writer_roundtrip(tmp_path):
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.randn(16, 16).to(FP8_DTYPE),
                "d": torch.tensor([2.0])}
