@@ -54,6 +54,7 @@ from fp8cookbook.checkpoint import STATS_NAME
 from fp8cookbook.errors import Fp8CookbookError
 from fp8cookbook.families import get_family
 from fp8cookbook.offload import release_memory
+from fp8cookbook.quantize.pipeline import _named  # the stage names quantize gives per expert
 from fp8cookbook.stages import StageLog, tree_bytes
 from fp8cookbook.standin import build_component, build_standin_pipeline, recipe, size_table
 
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="JSON of the stage records (written after every stage)")
     p.add_argument("--work", type=Path, default=Path("full-size-work"), help="folder for what the stages write")
     p.add_argument("--base-dir", type=Path, help="folder for the BF16 base quantize starts from (default: WORK/base; "
-                                                 "e.g. a tmpfs when the disk is small); removed after quantize")
+                                                 "e.g. a tmpfs when the disk is small); removed after quantize and convert")
     p.add_argument("--fp8", type=Path, metavar="DIR",
                    help="the FP8 checkpoints of an earlier run instead of quantize (DIR/<expert>, e.g. "
                         "WORK/quantize/fp8 of a run with --keep): splits a long run over two device calls")
@@ -149,10 +150,6 @@ def _timed_command(argv: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-
-
-def _named(stage: str, expert: str, experts: list[str]) -> str:
-    return stage if len(experts) == 1 else f"{stage}-{expert}"
 
 
 def main(argv: list[str] | None = None) -> int:
