@@ -28,6 +28,7 @@ from .version import __version__
 from .errors import Fp8CookbookError
 from .files import to_jsonable
 from .families import Family, get_family
+from .offload import module_device, one_expert_resident
 
 SCHEMA_VERSION = 1
 
@@ -361,7 +362,9 @@ def compare_trajectories(
     `reference` and `candidate` map pipeline component names ("transformer", and "transformer_2" for Wan2.2 A14B) to
     modules; a name left out uses the pipeline's own component, so `{}` means the pipeline's BF16 model. Settings left
     None take the family's defaults. `offload_idle` keeps whichever side is not running on the CPU, so a BF16 and an
-    FP8 copy of a large model (Wan2.2 A14B: two experts each) never share the GPU.
+    FP8 copy of a large model never share the GPU; with two experts (Wan2.2 A14B) only the one running is on the GPU
+    (`offload.one_expert_resident`), so the BF16 side needs 28.6 GB of weights there, not 57.3 GB. Afterwards the
+    pipeline's own components are back on the devices they were on.
     """
     from .pipelines import generation_kwargs, require_components, transformer_names
 
@@ -395,14 +398,22 @@ def compare_trajectories(
         step_metrics.append(tensor_metrics(ref_latents[i], latents))
 
     results = {}
+    entry = {name: module_device(module) for name, module in own.items()}
     for side, on_step in (("reference", keep), ("candidate", measure)):
-        if offload_idle:
-            other = "candidate" if side == "reference" else "reference"
-            _move({n: m for n, m in runs[other].items() if m is not runs[side][n]}, "cpu")
-            _move(runs[side], device)
-        results[side] = _run(pipe, runs[side], kwargs(), side, progress, on_step)
-    if offload_idle:
-        _move(own, device)
+        with contextlib.ExitStack() as stack:
+            if offload_idle:
+                other = "candidate" if side == "reference" else "reference"
+                _move({n: m for n, m in runs[other].items() if m is not runs[side][n]}, "cpu")
+                if len(runs[side]) > 1:  # Wan2.2 A14B: one expert at a time, as it runs
+                    _move(runs[side], "cpu")
+                    stack.enter_context(one_expert_resident(runs[side], device))
+                else:
+                    _move(runs[side], device)
+            results[side] = _run(pipe, runs[side], kwargs(), side, progress, on_step)
+    if offload_idle:  # the pipeline's own components back where they were
+        for name, module in own.items():
+            if entry[name] is not None:
+                module.to(entry[name])
     ref_frames, ref_meta, ref_seconds, ref_ran = results["reference"]
     cand_frames, _, cand_seconds, cand_ran = results["candidate"]
     if len(step_metrics) != len(ref_latents):

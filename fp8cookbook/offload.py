@@ -7,8 +7,11 @@ offload hooks already attached to them are removed. Text-encoder and VAE offload
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import itertools
 import warnings
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -106,3 +109,64 @@ def place_pipeline(pipe, device: str | torch.device, *, dit_cpu_offload: bool = 
         else:
             module.to(device)
     return turned_off
+
+
+@contextlib.contextmanager
+def one_expert_resident(experts: Mapping[str, nn.Module], device: str | torch.device,
+                        offload_device: str | torch.device = "cpu") -> Iterator[list[str]]:
+    """Keep only the expert that is running on `device`; the others wait on `offload_device`.
+
+    Wan2.2 A14B runs its high-noise expert above the boundary and its low-noise one below it, never both in one step,
+    so a BF16 pipeline needs 28.6 GB of expert weights on the GPU instead of 57.3 GB (an 80 GB card then has room for
+    activations and the VAE decode). Each expert moves in when it is first called after the other ran: two transfers
+    per switch, one switch per generation. Yields the list of moves made ("name->device"), for reports and tests.
+    On exit every expert goes back to the device it was on when entered.
+    """
+    device, offload_device = _indexed(device), _indexed(offload_device)
+    before = {name: module_device(m) for name, m in experts.items()}
+    moves: list[str] = []
+    resident: list[str] = []  # the one expert on `device`, or none yet
+
+    def bring(name: str) -> None:
+        if resident == [name]:
+            return
+        for other in resident:
+            experts[other].to(offload_device)
+            moves.append(f"{other}->{offload_device}")
+        resident.clear()
+        release_memory()  # the other expert's blocks go back to the driver before this one arrives
+        experts[name].to(device)
+        moves.append(f"{name}->{device}")
+        resident.append(name)
+
+    handles = [module.register_forward_pre_hook(lambda mod, args, name=name: bring(name))
+               for name, module in experts.items()]
+    try:
+        for name, module in experts.items():
+            if before[name] != offload_device:
+                module.to(offload_device)
+        release_memory()
+        yield moves
+    finally:
+        for handle in handles:
+            handle.remove()
+        # back where each was: those going to the offload device first, so the GPU never holds more than on entry
+        for name in sorted(experts, key=lambda n: before[n] != offload_device):
+            now = device if name in resident else offload_device
+            if before[name] is not None and before[name] != now:
+                experts[name].to(before[name])
+                moves.append(f"{name}->{before[name]}")
+
+
+def _indexed(device: str | torch.device) -> torch.device:
+    """"cuda" as the "cuda:N" that tensors report, so devices compare equal."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device of a module's first parameter or buffer (None when it has neither)."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return None if tensor is None else tensor.device

@@ -41,3 +41,65 @@ def test_bf16_pipeline_keeps_dit_offload():
     pipe = load_pipeline("flux1", dtype=torch.float32)
     assert place_pipeline(pipe, "cpu", dit_cpu_offload=True) == []
     assert has_offload_hooks(pipe.transformer)
+
+
+def _track_moves(experts: dict[str, torch.nn.Module]) -> dict[str, str]:
+    """Make each expert's `.to` record where it was sent instead of moving it (a CPU machine has one device), so
+    the bookkeeping can be checked as if "cuda" existed; returns the recorded device per expert."""
+    where = {name: "cpu" for name in experts}
+    for name, module in experts.items():
+        def to(device, *args, name=name, module=module, **kwargs):
+            where[name] = str(torch.device(device))
+            return module
+        module.to = to
+    return where
+
+
+def test_one_expert_resident_holds_only_the_running_expert_of_wan22_a14b():
+    from fp8cookbook.offload import one_expert_resident
+
+    pipe = load_pipeline("wan22-a14b")
+    experts = {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+    where = _track_moves(experts)
+    seen: list[tuple[str, dict[str, str]]] = []
+    kwargs = generation_kwargs("wan22-a14b", pipe, seed=0, output_type="latent",
+                               **{**default_tiny_settings("wan22-a14b"), "num_inference_steps": 4})
+    with one_expert_resident(experts, "cuda") as moves:
+        # registered after the context's own hooks, so they run after them: the state each forward sees
+        handles = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.append((name, dict(where))))
+                   for name, m in experts.items()]
+        pipe(**kwargs)
+        for h in handles:
+            h.remove()
+    called = [name for name, _ in seen]
+    assert "transformer" in called and "transformer_2" in called, called
+    for name, state in seen:  # at every forward: the called expert on the GPU, the other on the CPU
+        other = "transformer_2" if name == "transformer" else "transformer"
+        assert state[name] == "cuda" and state[other] == "cpu", (name, state)
+    # one switch per generation: high-noise expert in, out, low-noise expert in; on exit back to the CPU
+    assert moves == ["transformer->cuda", "transformer->cpu", "transformer_2->cuda", "transformer_2->cpu"], moves
+    assert where == {"transformer": "cpu", "transformer_2": "cpu"}
+    assert not experts["transformer"]._forward_pre_hooks and not experts["transformer_2"]._forward_pre_hooks
+
+
+def test_one_expert_resident_restores_the_devices_on_failure():
+    """A generation that fails below the boundary leaves the low-noise expert nowhere near the GPU."""
+    from fp8cookbook.offload import one_expert_resident
+
+    pipe = load_pipeline("wan22-a14b")
+    experts = {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+    where = _track_moves(experts)
+
+    def fail_at_step_2(_pipe, i, t, tensors):
+        if i == 2:
+            raise RuntimeError("stopped at step 2")
+        return tensors
+
+    kwargs = generation_kwargs("wan22-a14b", pipe, seed=0, output_type="latent",
+                               **{**default_tiny_settings("wan22-a14b"), "num_inference_steps": 4})
+    with pytest.raises(RuntimeError, match="stopped at step 2"):
+        with one_expert_resident(experts, "cuda") as moves:
+            pipe(**kwargs, callback_on_step_end=fail_at_step_2)
+    assert moves[-2:] == ["transformer_2->cuda", "transformer_2->cpu"], moves
+    assert where == {"transformer": "cpu", "transformer_2": "cpu"}
+    assert not experts["transformer_2"]._forward_pre_hooks
