@@ -90,7 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e2e-steps", type=int, help="e2e: denoising steps (default: the family's)")
     p.add_argument("--e2e-runs", type=int, default=1, help="e2e: timed generations per side, after one warm-up")
     p.add_argument("--bench-steps", type=int, default=4)
-    p.add_argument("--offload-idle", action="store_true", help="compare: the idle side waits on the CPU")
+    p.add_argument("--offload-idle", action="store_true",
+                   help="what is not running waits on the CPU: the pipeline's BF16 transformers after build (unless "
+                        "quantize follows), each FP8 checkpoint after its load, and in compare the idle side and, "
+                        "for A14B, the idle expert (one expert on the GPU at a time: fits an 80 GB card)")
     p.add_argument("--keep", action="store_true", help="keep --work afterwards (default: removed at the end)")
     args = p.parse_args(argv)
     args.stages = [s for s in args.stages.split(",") if s]
@@ -210,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
 
                     place_pipeline(pipe, args.device, text_encoder_cpu_offload=True)
                 r.extra["components"] = {s.name: s.nbytes for s in size_table(plan)}
+                if args.offload_idle and "quantize" not in args.stages:  # quantize calibrates them on the GPU
+                    for n in experts:
+                        getattr(pipe, n).to("cpu")
+                    release_memory()
             save()
 
         if "quantize" in args.stages:
@@ -286,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                     model, report = load_fp8_transformer(path, device=args.device)
                     r.extra.update(fp8_bytes=report.fp8_bytes, other_bytes=report.other_bytes,
                                    fp8_layers=report.fp8_layers, report=report.lines())
+                if args.offload_idle:  # the next expert loads onto a GPU without this one
+                    model.to("cpu")
+                    release_memory()
                 loaded[n] = model
                 save()
 
@@ -297,8 +307,11 @@ def main(argv: list[str] | None = None) -> int:
                     for model in loaded.values():
                         model.to("cpu")
                     release_memory()
-                for n in experts:  # the BF16 reference: the same seeded weights as before quantization
-                    setattr(pipe, n, build_component(plan.component(n), device=args.device))
+                for n in experts:  # the BF16 reference: the build's, or after quantize the same seeded weights
+                    if getattr(pipe, n) is None:
+                        release_memory()  # what quantize dropped goes first
+                        setattr(pipe, n, build_component(plan.component(n),
+                                                         device="cpu" if args.offload_idle else args.device))
                 report = compare_trajectories(pipe, {}, loaded, family=fam, steps=args.compare_steps,
                                               progress=False, offload_idle=args.offload_idle, **size)
                 r.extra["summary"] = report.summary_lines()
