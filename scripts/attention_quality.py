@@ -9,10 +9,16 @@ and calibration) once in BF16, once with FP8 linears only, and then with FP8 lin
 - `fake-qkv-token`: the same with a scale per token and head instead of the static per-tensor one (is the static
   scale the problem?);
 - `fake-int8qk-token`: Q and K rounded to int8 with a scale per token and head, V to e4m3 (SageAttention's split);
-- `kernel`, `kernel-triton`, `kernel-cudnn`: the real FP8 op (P rounded to e4m3 too; cuDNN also rounds O);
-- `kernel-self`, `kernel-cross`: the real op on self-attention (`attn1`) or cross-attention (`attn2`) only.
+- `kernel` (the default kernel, `sage`), `kernel-triton` (per-tensor static scales), `kernel-cudnn`: the real FP8
+  op (P rounded to e4m3 too; cuDNN also rounds O);
+- `kernel-self`, `kernel-cross`: the default kernel on self-attention (`attn1`) or cross-attention (`attn2`) only.
+
+`--outliers` gives every attention module's Q and K the channel outliers of `attention_kernel_bench.py` (in 4
+channels of each head Q is 20-50x the rest and K carries a 20-50 bias constant over tokens; Q x 0.2), after the
+Q/K norms, in every pass, calibration included: real DiTs have such channels, random weights do not.
 
     python scripts/attention_quality.py --family wan22 --output wan22-attention-quality.json
+    python scripts/attention_quality.py --family flux1 --variants kernel,kernel-triton --outliers
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from fp8cookbook.bench import environment
 from fp8cookbook.fp8 import attention as fa
 from fp8cookbook.fp8 import attention_diffusers as fd
 from fp8cookbook.fp8 import fastpath
+from fp8cookbook.fp8.attention_mode import DEFAULT_KERNEL
 from fp8cookbook.fp8.quantize import StaticFP8Config, attention_scales, fp8_candidates, quantize_, record_input_amax
 from fp8cookbook.families import build_transformer, get_family
 from fp8cookbook.fp8.numerics import quantize_fp8
@@ -119,16 +126,55 @@ def probe_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st: fa.Attent
     return {"errors_vs_exact": {k: mean(x) for k, x in errs.items()}, "stats": {k: mean(x) for k, x in stats.items()}}
 
 
+OUTLIER_CHANNELS = 4
+OUTLIER_FACTORS = (20.0, 30.0, 40.0, 50.0)
+NORMS = {"norm_q": "q", "norm_added_q": "q", "norm_k": "k", "norm_added_k": "k"}
+
+
+def inject_outliers(model: torch.nn.Module, seed: int = 0) -> list:
+    """Forward hooks on each attention module's Q/K norms that add `attention_kernel_bench.py`'s channel outliers,
+    in the same 4 channels of every head and module (Q and K must share them); returns the hook handles."""
+    g = torch.Generator().manual_seed(seed)
+    handles = []
+    for name, attn in fd.attention_modules(model).items():
+        norms = {n: getattr(attn, n) for n in NORMS if isinstance(getattr(attn, n, None), torch.nn.Module)}
+        if not {"norm_q", "norm_k"} <= set(norms):
+            raise SystemExit(f"--outliers: {name} has no norm_q/norm_k to hook ({type(attn).__name__})")
+        for n, mod in norms.items():
+            handles.append(mod.register_forward_hook(_OutlierHook(NORMS[n], attn.heads, g.initial_seed())))
+    return handles
+
+
+class _OutlierHook:
+    def __init__(self, role: str, heads: int, seed: int):
+        self.role, self.heads, self.seed = role, heads, seed
+
+    def __call__(self, mod, args, out: torch.Tensor) -> torch.Tensor:
+        x = out.unflatten(-1, (self.heads, -1)) if out.dim() == 3 else out  # Wan: across heads; FLUX: per head
+        ch = torch.randperm(x.shape[-1], generator=torch.Generator().manual_seed(self.seed))[:OUTLIER_CHANNELS]
+        ch = ch.to(x.device)
+        f = torch.tensor(OUTLIER_FACTORS, device=x.device, dtype=x.dtype)
+        x = x.clone()
+        if self.role == "q":
+            x[..., ch] *= f
+            x = x * 0.2
+        else:
+            x[..., ch] += f
+        return x.flatten(-2) if out.dim() == 3 else x
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
 
 
 @torch.no_grad()
 def run(family_name: str, variants: list[str], seed: int = 0, size: str = "full", device: str = "cuda",
-        probe_layers: tuple[str, ...] = ()) -> dict:
+        probe_layers: tuple[str, ...] = (), outliers: bool = False) -> dict:
     family = get_family(family_name)
     dev = torch.device(device)
     model = build_transformer(family, size, seed=seed, device=dev)
+    if outliers:
+        inject_outliers(model, seed)
     config = dict(model.config)
     g = torch.Generator().manual_seed(seed)
     small = size == "tiny"  # CPU smoke test: the tiny model at a small resolution
@@ -180,7 +226,7 @@ def run(family_name: str, variants: list[str], seed: int = 0, size: str = "full"
     variant = Variant()
     for name in variants:
         fd.install_fp8_attention(model, scales,
-                                 kernel={"kernel-triton": "triton", "kernel-cudnn": "cudnn"}.get(name, "triton"))
+                                 kernel={"kernel-triton": "triton", "kernel-cudnn": "cudnn"}.get(name, DEFAULT_KERNEL))
         for m in fd.attention_modules(model).values():
             sys.modules[type(m.processor).__module__].dispatch_attention_fn = variant
         variant.name = name
@@ -191,12 +237,14 @@ def run(family_name: str, variants: list[str], seed: int = 0, size: str = "full"
             choices = fd.kernel_choices(model)
             fd.remove_fp8_attention(model)
         c = cosine(out, ref)
-        rows[name] = {"cosine_vs_bf16": c, "gap_vs_fp8_gemm": base - c, "wall_s": time.perf_counter() - t0}
+        rows[name] = {"cosine_vs_bf16": c, "gap_vs_fp8_gemm": base - c, "wall_s": time.perf_counter() - t0,
+                      "kernel_choices": choices}
         print(f"  {name:18s} cosine {c:.6f}  gap {base - c:+.6f}", flush=True)
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    return {"family": family.name, "attention_modules_fp8": len(scales), "rows": rows, "probe": report_probe,
+    return {"family": family.name, "outliers": outliers, "attention_modules_fp8": len(scales), "rows": rows,
+            "probe": report_probe, "kernel_default": DEFAULT_KERNEL,
             "kernel_choices": choices if variants else {}}
 
 
@@ -208,6 +256,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--probe", action="append", default=[], help="attention module whose captured inputs are "
                     "analysed (repeatable; the first --family only)")
+    ap.add_argument("--outliers", action="store_true", help="Q/K channel outliers in every attention module")
     ap.add_argument("--output")
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",") if v]
@@ -218,7 +267,8 @@ def main() -> None:
     print(report["environment"].get("gpu"), torch.__version__, flush=True)
     for fam in args.family:
         probe = tuple(args.probe) if fam == args.family[0] else ()
-        report["results"].append(run(fam, variants, size=args.size, device=args.device, probe_layers=probe))
+        report["results"].append(run(fam, variants, size=args.size, device=args.device, probe_layers=probe,
+                                      outliers=args.outliers))
         if args.output:
             with open(args.output, "w") as f:
                 json.dump(report, f, indent=1)

@@ -103,3 +103,43 @@ def test_one_expert_resident_restores_the_devices_on_failure():
     assert moves[-2:] == ["transformer_2->cuda", "transformer_2->cpu"], moves
     assert where == {"transformer": "cpu", "transformer_2": "cpu"}
     assert not experts["transformer_2"]._forward_pre_hooks
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_expert_resident_on_the_gpu_changes_no_result():
+    """On a real GPU: each forward finds its expert on the GPU and the other on the CPU, and a comparison with
+    offload_idle scores exactly as one with everything resident."""
+    from fp8cookbook.compare import compare_trajectories
+    from fp8cookbook.offload import module_device, one_expert_resident
+
+    pipe = load_pipeline("wan22-a14b").to("cuda")
+    experts = {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+    seen = []
+    kwargs = generation_kwargs("wan22-a14b", pipe, seed=0, output_type="latent",
+                               **{**default_tiny_settings("wan22-a14b"), "num_inference_steps": 4})
+    with one_expert_resident(experts, "cuda"):
+        handles = [m.register_forward_pre_hook(
+            lambda mod, args, name=name: seen.append((name, {n: module_device(e).type for n, e in experts.items()})))
+            for name, m in experts.items()]
+        pipe(**kwargs)
+        for h in handles:
+            h.remove()
+    assert {name for name, _ in seen} == {"transformer", "transformer_2"}
+    assert all(state[name] == "cuda" and list(state.values()).count("cuda") == 1 for name, state in seen), seen
+    assert all(module_device(e).type == "cuda" for e in experts.values())  # back where they were
+
+    import copy
+
+    noisy = copy.deepcopy(pipe.transformer_2)
+    with torch.no_grad():
+        for prm in noisy.parameters():
+            prm.mul_(1.01)
+    settings = dict(height=32, width=32, num_frames=5, steps=4)
+    resident = compare_trajectories(pipe, {}, {"transformer_2": noisy}, family="wan22-a14b", progress=False, **settings)
+    offloaded = compare_trajectories(pipe, {}, {"transformer_2": noisy}, family="wan22-a14b", progress=False,
+                                     offload_idle=True, **settings)
+    assert [s["latents"]["cosine"] for s in offloaded.steps] == pytest.approx(
+        [s["latents"]["cosine"] for s in resident.steps], abs=1e-6)
+    assert offloaded.steps[-1]["latents"]["cosine"] < 1.0  # the perturbed expert ran
+    assert module_device(pipe.transformer).type == "cuda" and module_device(pipe.transformer_2).type == "cuda"
