@@ -2,8 +2,9 @@
 
 - the fused fast path computes the same function as the plain FP8 path: per-step latent cosine >= 0.999;
 - FP8 attention against BF16 stays within 0.002 of the FP8-GEMM-only path on every step. It does here, and on the
-  full-size random-weight FLUX.1, FLUX.2 and Wan2.2 A14B steps on an H100 (gaps 0.00003 or less,
-  `scripts/attention_quality.py`, docs/benchmarks.md), so the loader turns it on by default ("auto": where it pays)."""
+  full-size random-weight FLUX.1, FLUX.2 and Wan2.2 A14B forwards (H100, triton: gaps 0.00003 or less; H200, sage:
+  0.000035 or less, also with Q/K channel outliers; `scripts/attention_quality.py`, docs/benchmarks.md), so the
+  loader turns it on by default ("auto": where it pays)."""
 
 from __future__ import annotations
 
