@@ -223,6 +223,45 @@ def test_streaming_writer_roundtrip(tmp_path):
         assert back[k].dtype == v.dtype and torch.equal(back[k].view(torch.uint8), v.view(torch.uint8))
 
 
+def test_streaming_writer_starts_the_disk_early_and_writes_the_same_bytes(tmp_path, monkeypatch):
+    """Early writeback: one background fdatasync per `writeback_bytes` written (never two at once), the same file as
+    without it, and a failed background sync raised by close() instead of lost."""
+    import os
+    import threading
+
+    tensors = {f"t{i}": torch.randn(64, 64) for i in range(6)}  # 16 KiB each
+    layout = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    calls, overlap, running = [], [], []
+    real = os.fdatasync
+
+    def counting(fd):
+        overlap.append(len(running))
+        running.append(fd)
+        calls.append(threading.current_thread().name)
+        real(fd)
+        running.pop()
+
+    monkeypatch.setattr(os, "fdatasync", counting)
+    for name, every in (("late.safetensors", 0), ("early.safetensors", 20_000)):
+        with StreamingShardWriter(tmp_path / name, layout, {"k": "v"}, writeback_bytes=every) as w:
+            for k, v in tensors.items():
+                w.write(k, v)
+        if every == 0:
+            assert calls == []
+    assert 1 <= len(calls) <= 6 and set(calls) == {"shard-writeback"} and max(overlap) == 0, (calls, overlap)
+    assert (tmp_path / "early.safetensors").read_bytes() == (tmp_path / "late.safetensors").read_bytes()
+
+    def failing(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    w = StreamingShardWriter(tmp_path / "full.safetensors", layout, {}, writeback_bytes=1)
+    for k, v in tensors.items():
+        w.write(k, v)
+    with pytest.raises(OSError, match="No space left"):
+        w.close()
+
+
 def test_existing_output_needs_overwrite_and_dry_run_writes_nothing(handmade, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
