@@ -448,8 +448,8 @@ class TensorReader:
 # ------------------------------------------------------------------------------------------ writing shards
 WRITEBACK_BYTES = 256 << 20
 """A shard writer starts the disk on what it wrote every this many bytes (0: only at close). Without it the kernel
-holds the dirty pages until its background threshold (a tenth of RAM: about 13 GB on the GPU machine, more than most
-shards), so producing a shard and writing it to disk ran one after the other and the closing fsync waited for all of
+holds the dirty pages until its background threshold (Linux's default: 10% of available memory, about 13 GB on the
+GPU machine, more than most shards), so producing a shard and writing it to disk ran one after the other and the closing fsync waited for all of
 it; with it, the disk writes while the next tensors are made."""
 
 
