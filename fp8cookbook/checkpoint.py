@@ -449,8 +449,8 @@ class TensorReader:
 WRITEBACK_BYTES = 256 << 20
 """A shard writer starts the disk on what it wrote every this many bytes (0: only at close). Without it the kernel
 holds the dirty pages until its background threshold (Linux's default: 10% of available memory, about 13 GB on the
-GPU machine, more than most shards), so producing a shard and writing it to disk ran one after the other and the closing fsync waited for all of
-it; with it, the disk writes while the next tensors are made."""
+GPU machine, more than most shards), so making a shard and writing it to disk ran one after the other and the closing
+fsync waited for all of it; with it, the disk writes while the next tensors are made."""
 
 
 class StreamingShardWriter:
@@ -480,8 +480,10 @@ class StreamingShardWriter:
         self._flusher: threading.Thread | None = None
         self._flush_error: OSError | None = None
 
-    def _wrote(self, nbytes: int) -> None:
-        self._unsynced += nbytes
+    def _write_bytes(self, tensor: torch.Tensor) -> None:
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self._unsynced += data.nbytes
         if not self._writeback_bytes or self._unsynced < self._writeback_bytes:
             return
         if self._flusher is not None and self._flusher.is_alive():
@@ -507,10 +509,8 @@ class StreamingShardWriter:
         if (name, tensor.dtype, tuple(tensor.shape)) != (want_name, want_dtype, want_shape):
             raise RuntimeError(f"shard writer: expected {want_name} {want_dtype} {want_shape}, "
                                f"got {name} {tensor.dtype} {tuple(tensor.shape)}")
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        self._write_bytes(tensor)
         self._next += 1
-        self._wrote(data.nbytes)
 
     def write_parts(self, name: str, parts: Iterable[torch.Tensor]) -> None:
         """Write one tensor from consecutive slices along its first dim, so a huge tensor is never whole in memory."""
@@ -521,9 +521,7 @@ class StreamingShardWriter:
                 raise RuntimeError(f"shard writer: expected slices of {want_name} {want_dtype} {want_shape}, "
                                    f"got {name} {part.dtype} {tuple(part.shape)}")
             rows += part.shape[0] if part.dim() else 1
-            data = part.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-            self._file.write(memoryview(data))
-            self._wrote(data.nbytes)
+            self._write_bytes(part)
         if rows != (want_shape[0] if want_shape else 1):
             raise RuntimeError(f"shard writer: {want_name} got {rows} rows of {want_shape}")
         self._next += 1

@@ -405,7 +405,7 @@ def compare_trajectories(
                 other = "candidate" if side == "reference" else "reference"
                 _move({n: m for n, m in runs[other].items() if m is not runs[side][n]}, "cpu")
                 if len(runs[side]) > 1:  # Wan2.2 A14B: one expert at a time, as it runs
-                    _move(runs[side], "cpu")
+                    _move(runs[side], "cpu")  # entered from the CPU, so the context leaves them there too
                     stack.enter_context(one_expert_resident(runs[side], device))
                 else:
                     _move(runs[side], device)

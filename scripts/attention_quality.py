@@ -134,25 +134,27 @@ NORMS = {"norm_q": "q", "norm_added_q": "q", "norm_k": "k", "norm_added_k": "k"}
 def inject_outliers(model: torch.nn.Module, seed: int = 0) -> list:
     """Forward hooks on each attention module's Q/K norms that add `attention_kernel_bench.py`'s channel outliers,
     in the same 4 channels of every head and module (Q and K must share them); returns the hook handles."""
-    g = torch.Generator().manual_seed(seed)
     handles = []
     for name, attn in fd.attention_modules(model).items():
         norms = {n: getattr(attn, n) for n in NORMS if isinstance(getattr(attn, n, None), torch.nn.Module)}
         if not {"norm_q", "norm_k"} <= set(norms):
             raise SystemExit(f"--outliers: {name} has no norm_q/norm_k to hook ({type(attn).__name__})")
         for n, mod in norms.items():
-            handles.append(mod.register_forward_hook(_OutlierHook(NORMS[n], attn.heads, g.initial_seed())))
+            handles.append(mod.register_forward_hook(_OutlierHook(NORMS[n], attn.heads, seed)))
     return handles
 
 
 class _OutlierHook:
     def __init__(self, role: str, heads: int, seed: int):
         self.role, self.heads, self.seed = role, heads, seed
+        self._channels: torch.Tensor | None = None  # drawn at the first call, when the head dim is known
 
     def __call__(self, mod, args, out: torch.Tensor) -> torch.Tensor:
         x = out.unflatten(-1, (self.heads, -1)) if out.dim() == 3 else out  # Wan: across heads; FLUX: per head
-        ch = torch.randperm(x.shape[-1], generator=torch.Generator().manual_seed(self.seed))[:OUTLIER_CHANNELS]
-        ch = ch.to(x.device)
+        if self._channels is None:  # the same seed in every hook: Q and K (and every module) share the channels
+            gen = torch.Generator().manual_seed(self.seed)
+            self._channels = torch.randperm(x.shape[-1], generator=gen)[:OUTLIER_CHANNELS].to(x.device)
+        ch = self._channels
         f = torch.tensor(OUTLIER_FACTORS, device=x.device, dtype=x.dtype)
         x = x.clone()
         if self.role == "q":

@@ -93,7 +93,8 @@ def main() -> int:
     paths = make_export(args.work, args.gb, args.flavour)
     export_bytes = sum(p.stat().st_size for p in paths["export"].glob("*.safetensors"))
     print(f"synthetic {args.flavour} export: {export_bytes / 1e9:.2f} GB in {time.perf_counter() - t:.1f} s")
-    convert = ["convert", str(paths["export"]), "", "--quiet", "--family", "none"] + (
+    out = args.work / "out"
+    convert = ["convert", str(paths["export"]), str(out), "--quiet", "--family", "none"] + (
         ["--state-file", str(paths["state"])] if args.flavour == "bf16" else [])
     report = {"gpu_machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
               "flavour": args.flavour, "export_bytes": export_bytes, "runs": {}}
@@ -110,14 +111,11 @@ def main() -> int:
         report["cp_sync_s"] = seconds
         print(f"cp + sync: {export_bytes / 1e9:.2f} GB in {seconds:.1f} s = {export_bytes / 1e9 / seconds:.2f} GB/s")
     variants = {"writeback off": 0, "writeback on": None} if args.against_cp else {"default": None}
-    for label, writeback in variants.items():
-        out = args.work / "out"
-        argv = list(convert)
-        argv[2] = str(out)
+    for i, (label, writeback) in enumerate(variants.items()):
         # the module constant set in the child before the converter runs: the A/B switch of this benchmark only
         setup = "" if writeback is None else f"import fp8cookbook.checkpoint as c; c.WRITEBACK_BYTES = {writeback}; "
         cmd = [sys.executable, "-c", f"import sys; {setup}from fp8cookbook.cli import main; sys.exit(main(sys.argv[1:]))",
-               *argv]
+               *convert]
         t = time.perf_counter()
         subprocess.run(cmd, check=True)
         seconds = time.perf_counter() - t
@@ -134,8 +132,9 @@ def main() -> int:
             line += f", {100 * run['of_cp_sync']:.0f}% of cp + sync"
         print(line, flush=True)
         report["runs"][label] = run
-        shutil.rmtree(out)
-        subprocess.run(["sync"], check=True)
+        if i < len(variants) - 1:  # room for the next run; the last output stays with --keep
+            shutil.rmtree(out)
+            subprocess.run(["sync"], check=True)
     if args.output:
         args.output.write_text(json.dumps(report, indent=1))
     if not args.keep:

@@ -303,10 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             from fp8cookbook.compare import compare_trajectories
 
             with log.stage("compare", hint="pass --offload-idle", steps=args.compare_steps) as r:
-                if args.offload_idle:  # the FP8 side waits on the CPU while the BF16 reference is built and runs
-                    for model in loaded.values():
-                        model.to("cpu")
-                    release_memory()
+                # with --offload-idle the FP8 side already waits on the CPU (parked after each load)
                 for n in experts:  # the BF16 reference: the build's, or after quantize the same seeded weights
                     if getattr(pipe, n) is None:
                         release_memory()  # what quantize dropped goes first
