@@ -217,7 +217,7 @@ def _bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(
         family=args.family, synthetic=args.synthetic, model_path=args.model_path, fp8_path=args.fp8,
         height=args.height, width=args.width, num_frames=args.frames, steps=args.steps, runs=args.runs,
-        warmup=args.warmup, text_len=args.text_len, compile=args.compile, cuda_graphs=args.cuda_graphs,
+        warmup=args.warmup, warmup_steps=args.warmup_steps, text_len=args.text_len, compile=args.compile, cuda_graphs=args.cuda_graphs,
         fast=False if args.plain else None, levers=args.levers, include_fallback=args.include_fallback,
         attention_backend=args.attention_backend, fp8_attention=args.fp8_attention, device=args.device,
         peers=tuple(args.peer.split(",")) if args.peer else ())
@@ -266,6 +266,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                                    "subset of the real count is fine, the report also extrapolates to the full count")
     p.add_argument("--runs", help="timed loops per side (default 3; 2 with tiny)")
     p.add_argument("--warmup", help="untimed warm-up loops per side (default 1)")
+    p.add_argument("--warmup-steps", help="--model-path only: denoising steps of each untimed call (warm-up, the FP8 "
+                                          "call count, in-process calibration; default --steps). A short warm-up "
+                                          "warms the same kernels; Wan2.2 A14B needs >= 2 to reach both experts")
     p.add_argument("--text-len", help="text tokens (default 512; 8 with tiny)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both sides (diffusers' compile_repeated_blocks(fullgraph=True))")

@@ -4,12 +4,13 @@ fast path computing the plain path's function. No timing assertions: performance
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
 
-from fp8cookbook.bench import SCHEMA, BenchSettings, plan_sides, resolve_settings, schedule
+from fp8cookbook.bench import SCHEMA, BenchSettings, plan_sides, resolve_settings, schedule, summary_lines
 from fp8cookbook.checkpoint import write_json_atomic
 from fp8cookbook.cli import main
 from fp8cookbook.errors import Fp8CookbookError
@@ -384,3 +385,37 @@ def test_pipeline_bench_frees_the_bf16_transformer_before_the_fp8_one(tmp_path, 
         assert bf16() is None, "the BF16 transformer is still alive beside the FP8 one"
     finally:
         gc.enable()
+
+
+def test_short_untimed_calls_in_pipeline_mode(tmp_path, monkeypatch):
+    """--warmup-steps: warm-up, the FP8 call count and in-process calibration run the short count, the timed
+    generations the full one; in eager mode the counted FP8 call is that side's warm-up (no second one)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fp8cookbook.bench import run_bench
+    from fp8cookbook.pipelines import tiny_pipeline_dir
+
+    monkeypatch.setenv("FP8COOKBOOK_CACHE", str(tmp_path / "cache"))
+    seen: list[int] = []
+    original = FlowMatchEulerDiscreteScheduler.set_timesteps
+
+    @functools.wraps(original)  # the pipeline inspects its signature
+    def recording(self, num_inference_steps=None, *args, **kwargs):
+        sigmas = kwargs.get("sigmas")  # FLUX passes its own sigmas, one per step
+        seen.append(num_inference_steps if sigmas is None else len(sigmas))
+        return original(self, num_inference_steps, *args, **kwargs)
+
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "set_timesteps", recording)
+    report = run_bench(BenchSettings(family="flux1", model_path=str(tiny_pipeline_dir("flux1")), device="cpu",
+                                     steps=3, runs=1, warmup=1, warmup_steps=1, height=64, width=64, text_len=8))
+    # BF16: warm-up, timed run; in-process calibration; FP8: counted call (its warm-up), timed run
+    assert seen == [1, 3, 1, 1, 3], seen
+    for side in report["sides"]:
+        assert len(side["step_s_median"]) == 3, side["name"]
+    fp8 = report["sides"][1]
+    assert fp8["fp8_layers_ran"] == fp8["fp8_layers"] > 0
+    assert "after 1 warm-up of 1 steps" in summary_lines(report)[0]
+    with pytest.raises(Fp8CookbookError, match="--warmup-steps"):
+        resolve_settings(BenchSettings(family="flux1", synthetic="tiny", warmup_steps=1))
+    with pytest.raises(Fp8CookbookError, match="must not exceed --steps"):
+        resolve_settings(BenchSettings(family="flux1", model_path="x", steps=2, warmup_steps=3, device="cpu"))

@@ -268,3 +268,23 @@ def test_full_size_script_base_elsewhere_and_export_dropped(tmp_path, one_thread
     with pytest.raises(Fp8CookbookError, match="no FP8 checkpoint"):
         script.main(["--family", "flux1", "--size", "reduced", "--device", "cpu", "--out", str(again),
                      "--work", str(tmp_path / "work3"), "--fp8", str(tmp_path), "--stages", "load"])
+
+
+def test_full_size_script_e2e_without_checkpoints_quantises_in_process(tmp_path, one_thread):
+    """build,e2e alone: no export or checkpoint on disk (FLUX.2 at full depth does not fit one), the FP8 side made
+    in process from one short calibration generation, the warm-up shortened, and the record says both."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("full_size", Path(__file__).parents[1] / "scripts" / "full_size.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, work = tmp_path / "stages.json", tmp_path / "work"
+    assert script.main(["--family", "flux1", "--size", "reduced", "--device", "cpu", "--out", str(out),
+                        "--work", str(work), "--keep", "--stages", "build,e2e", "--e2e-warmup-steps", "1"]) == 0
+    data = json.loads(out.read_text())
+    assert [s["name"] for s in data["stages"]] == ["build", "e2e"]
+    e2e = data["stages"][-1]["extra"]
+    assert "in-process" in e2e["fp8_source"] and e2e["warmup_steps"] == 1 and e2e["steps"] == 3, e2e
+    assert e2e["fp8_attention"] == "off" and e2e["end_to_end_speedup"] > 0
+    assert "after 1 warm-up of 1 steps" in e2e["summary"][0], e2e["summary"]
+    assert not any(work.rglob("*.safetensors"))  # nothing written

@@ -57,11 +57,16 @@ class _PipelineRun:
     def components(self) -> list[torch.nn.Module]:
         return [getattr(self.pipe, n) for n in self.names]
 
-    def call(self, **extra: Any) -> None:
+    def call(self, untimed: bool = False, **extra: Any) -> None:
+        """One generation; `untimed` ones (warm-up, counting, calibration) run `warmup_steps` steps."""
+        kw = dict(self.kw, generator=torch.Generator("cpu").manual_seed(self.s.seed), **extra)
+        if untimed and self.s.warmup_steps:
+            kw["num_inference_steps"] = self.s.warmup_steps
         with torch.no_grad():
-            self.pipe(**dict(self.kw, generator=torch.Generator("cpu").manual_seed(self.s.seed)), **extra)
+            self.pipe(**kw)
 
-    def one_call(self, count: bool = False) -> tuple[list[float], dict[str, int], dict[str, float]]:
+    def one_call(self, count: bool = False, untimed: bool = False) -> tuple[list[float], dict[str, int],
+                                                                             dict[str, float]]:
         """One decoded pipeline call: its step times (from the first transformer forward and each step's end
         callback), the FP8 calls counted, and its phases (encode, denoise, decode, call)."""
         start = self.timer.mark()
@@ -82,7 +87,7 @@ class _PipelineRun:
                 if count:
                     per_component = [(n, stack.enter_context(count_fp8_calls(getattr(self.pipe, n))))
                                      for n in self.names]
-                self.call(callback_on_step_end=on_step_end)
+                self.call(untimed=untimed, callback_on_step_end=on_step_end)
         finally:
             for h in handles:
                 h.remove()
@@ -103,17 +108,20 @@ class _PipelineRun:
             torch.cuda.reset_peak_memory_stats(device)
             out["allocated_at_start_gb"] = gb(torch.cuda.memory_allocated(device))
         out["model_bytes"] = sum(model_bytes(m) for m in self.components())
+        warmups = s.warmup
         if precision == "fp8":
-            _, counts, _ = self.one_call(count=True)
+            _, counts, _ = self.one_call(count=True, untimed=True)
             out["fp8_layers"] = sum(len(fp8_modules(m)) for m in self.components())
             out["fp8_layers_ran"] = len(counts)
             out["fp8_calls_counted"] = sum(counts.values())
+            if not s.compile:  # eager: the counted call warmed the same kernels; compiled ones come after it
+                warmups = max(warmups - 1, 0)
         if s.compile:
             torch._dynamo.reset()
             out["compile"] = sorted({compile_model(m) for m in self.components()})
         try:
-            for _ in range(s.warmup):
-                self.one_call()
+            for _ in range(warmups):
+                self.one_call(untimed=True)
             calls = [self.one_call() for _ in range(s.runs)]
         finally:
             for m in self.components():
@@ -157,7 +165,7 @@ class _PipelineRun:
         with contextlib.ExitStack() as stack:
             for n, m in zip(self.names, self.components()):
                 amax[n] = stack.enter_context(record_input_amax(m, fp8_candidates(m, self.family)))
-            self.call()
+            self.call(untimed=True)
         report["quantized_linears"] = sum(len(quantize_(getattr(self.pipe, n), StaticFP8Config(amax[n])))
                                           for n in self.names)
         report["fp8_source"] = "in-process quantisation (one calibration call of the pipeline)"

@@ -94,7 +94,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
              f"{'compiled' if s['compile'] else 'eager'}{', CUDA graphs' if s['cuda_graphs'] else ''}"
              f"{', attention ' + s['attention_backend'] if s.get('attention_backend') else ''}"
              f"{', fallback layers in FP8' if s.get('include_fallback') else ''}, "
-             f"{s['runs']} runs after {s['warmup']} warm-up, on {where}",
+             f"{s['runs']} runs after {s['warmup']} warm-up"
+             f"{' of ' + str(s['warmup_steps']) + ' steps' if s.get('warmup_steps') else ''}, on {where}",
              f"  {'side':30s} {'loop median':>11s} {'[min, max]':>19s} {'step':>8s} {'peak GB':>8s} "
              f"{'FP8 ran':>9s} {'speedup':>8s} {'cos vs BF16':>11s}"]
     for side in report["sides"]:

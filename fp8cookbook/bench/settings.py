@@ -32,6 +32,9 @@ class BenchSettings:
     steps: int | None = None
     runs: int | None = None
     warmup: int | None = None
+    # pipeline mode: denoising steps of each untimed call (warm-up, the FP8 call count, in-process calibration);
+    # None: --steps. A short warm-up warms the same kernels as a full one; it must reach every expert (A14B: >= 2)
+    warmup_steps: int | None = None
     text_len: int | None = None
     compile: bool = False
     cuda_graphs: bool = False
@@ -103,6 +106,12 @@ def resolve_settings(s: BenchSettings) -> tuple[Family, BenchSettings]:
     for key in ("height", "width"):
         if getattr(s, key) % multiple:
             raise Fp8CookbookError(f"--{key} must be a multiple of {multiple} for {family.title}, got {getattr(s, key)}")
+    if s.warmup_steps is not None:
+        if s.synthetic is not None:
+            raise Fp8CookbookError("--warmup-steps is for a pipeline (--model-path); a synthetic warm-up is one loop")
+        s.warmup_steps = _positive("--warmup-steps", s.warmup_steps)
+        if s.warmup_steps > s.steps:
+            raise Fp8CookbookError(f"--warmup-steps ({s.warmup_steps}) must not exceed --steps ({s.steps})")
     if family.is_video and (s.num_frames - 1) % 4:
         raise Fp8CookbookError(f"--frames must be 4k+1 for {family.title} (the VAE packs 4 frames), got {s.num_frames}")
     if s.device is None:
