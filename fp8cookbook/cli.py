@@ -220,7 +220,7 @@ def _bench(args: argparse.Namespace) -> int:
         warmup=args.warmup, warmup_steps=args.warmup_steps, text_len=args.text_len, compile=args.compile, cuda_graphs=args.cuda_graphs,
         fast=False if args.plain else None, levers=args.levers, include_fallback=args.include_fallback,
         attention_backend=args.attention_backend, fp8_attention=args.fp8_attention, device=args.device,
-        peers=tuple(args.peer.split(",")) if args.peer else ())
+        peers=tuple(args.peer.split(",")) if args.peer else (), one_expert_resident=args.one_expert_resident)
     from .stages import StageLog
 
     with StageLog().stage("bench", hint="time fewer --steps, or a smaller --height/--width (--frames)"):
@@ -290,6 +290,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                         "on = every call (bare --fp8-attention); off = none. Synthetic runs calibrate the scales, "
                         "--fp8 uses the checkpoint's --quantize-mha side file. Each side reports its first forward's "
                         "cosine against BF16")
+    p.add_argument("--one-expert-resident", action="store_true",
+                   help="--model-path, Wan2.2 A14B: keep only the running expert on the GPU and the other on the CPU, "
+                        "on both sides, as an 80 GB card needs for BF16 (57 GB of experts); the transfers are timed")
     p.add_argument("--peer", metavar="PEER[,PEER]",
                    help="synthetic only: also time another library's FP8 on the layers our FP8 side quantises, each "
                         "on a fresh BF16 build after our sides, comma-separated: torchao-rowwise, torchao-tensorwise "

@@ -100,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--offload-idle", action="store_true",
                    help="what is not running waits on the CPU: the pipeline's BF16 transformers after build (unless "
                         "quantize follows), each FP8 checkpoint after its load, and in compare the idle side and, "
-                        "for A14B, the idle expert (one expert on the GPU at a time: fits an 80 GB card)")
+                        "for A14B, the idle expert (one expert on the GPU at a time: fits an 80 GB card); in e2e, "
+                        "for A14B, the idle expert on both sides (the transfers are in the times)")
     p.add_argument("--keep", action="store_true", help="keep --work afterwards (default: removed at the end)")
     args = p.parse_args(argv)
     args.stages = [s for s in args.stages.split(",") if s]
@@ -340,9 +341,11 @@ def main(argv: list[str] | None = None) -> int:
 
             with log.stage("e2e", hint="fewer --e2e-steps, or pass --text-encoder-device cpu",
                            text_encoder_device=te_device) as r:
+                resident = args.offload_idle and len(experts) > 1  # A14B: one expert on the GPU at a time
                 for n in experts:  # BF16 first: the same seeded weights the FP8 checkpoints were made from
                     if getattr(pipe, n) is None:
-                        setattr(pipe, n, build_component(plan.component(n), device=args.device))
+                        setattr(pipe, n, build_component(plan.component(n),
+                                                         device="cpu" if resident else args.device))
                 fp8_root = None
                 if fp8_paths:
                     first = next(iter(fp8_paths.values()))
@@ -352,15 +355,17 @@ def main(argv: list[str] | None = None) -> int:
                 report = run_bench(BenchSettings(family=fam.name, model_path="in-memory stand-in",
                                                  fp8_path=None if fp8_root is None else str(fp8_root),
                                                  runs=args.e2e_runs, steps=steps, warmup=1, warmup_steps=warmup_steps,
+                                                 one_expert_resident=resident,
                                                  height=size["height"], width=size["width"],
                                                  num_frames=size["num_frames"], device=args.device), pipe=pipe)
                 fold_side_peaks(r, report)
                 r.extra["summary"] = summary_lines(report)
                 r.extra.update({k: report[k] for k in ("speedup", "end_to_end_speedup", "peak_memory_ratio")})
                 r.extra.update(fp8_source=report.get("fp8_source"), steps=steps, warmup_steps=warmup_steps,
+                               one_expert_resident=resident,
                                fp8_attention=report["settings"]["fp8_attention"])
                 r.extra["sides"] = [{k: x.get(k) for k in ("name", "call_s", "phase_s", "loop_s", "peak_memory_gb",
-                                                           "ms_per_step")} for x in report["sides"]]
+                                                           "ms_per_step", "expert_moves")} for x in report["sides"]]
             save()
         pipe = None
         release_memory()

@@ -419,3 +419,24 @@ def test_short_untimed_calls_in_pipeline_mode(tmp_path, monkeypatch):
         resolve_settings(BenchSettings(family="flux1", synthetic="tiny", warmup_steps=1))
     with pytest.raises(Fp8CookbookError, match="must not exceed --steps"):
         resolve_settings(BenchSettings(family="flux1", model_path="x", steps=2, warmup_steps=3, device="cpu"))
+
+
+def test_one_expert_resident_pipeline_bench(tmp_path, monkeypatch):
+    """--one-expert-resident (Wan2.2 A14B on an 80 GB card): every call of each side runs under
+    offload.one_expert_resident, so each generation brings the high-noise expert in, then switches once to the
+    low-noise one; in-process calibration runs under it too. On the CPU the moves are recorded, not made."""
+    from fp8cookbook.bench import run_bench
+    from fp8cookbook.pipelines import tiny_pipeline_dir
+
+    monkeypatch.setenv("FP8COOKBOOK_CACHE", str(tmp_path / "cache"))
+    report = run_bench(BenchSettings(family="wan22-a14b", model_path=str(tiny_pipeline_dir("wan22-a14b")),
+                                     device="cpu", runs=1, warmup=1, one_expert_resident=True, steps=4,
+                                     height=64, width=64, num_frames=5, text_len=8))
+    assert report["settings"]["one_expert_resident"] is True
+    for side in report["sides"]:  # two generations per side (warm-up or the counted FP8 call, then the timed one)
+        arrivals = [m.split("->")[0] for i, m in enumerate(side["expert_moves"]) if i == 0 or i % 2 == 0]
+        assert arrivals == ["transformer", "transformer_2", "transformer", "transformer_2"], side["expert_moves"]
+    fp8 = report["sides"][1]
+    assert fp8["fp8_layers_ran"] == fp8["fp8_layers"] > 0  # both experts ran, the calibration reached both
+    with pytest.raises(Fp8CookbookError, match="two experts"):
+        resolve_settings(BenchSettings(family="flux1", model_path="x", device="cpu", one_expert_resident=True))

@@ -306,3 +306,21 @@ def test_full_size_stage_peak_is_the_highest_side():
     assert record.peak_gpu_mb == pytest.approx(43.3 * 1024)
     script.fold_side_peaks(record, {"sides": [{"name": "bf16", "peak_memory_gb": None}]})  # CPU: nothing to fold
     assert record.peak_gpu_mb == pytest.approx(43.3 * 1024)
+
+
+def test_full_size_script_e2e_one_expert_resident(tmp_path, one_thread):
+    """A14B with --offload-idle: the e2e stage keeps one expert on the device at a time on both sides (what an 80 GB
+    card needs for the BF16 baseline), and each side records the moves its generations made."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("full_size", Path(__file__).parents[1] / "scripts" / "full_size.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "stages.json"
+    assert script.main(["--family", "wan22", "--size", "reduced", "--device", "cpu", "--out", str(out),
+                        "--work", str(tmp_path / "work"), "--stages", "build,e2e", "--offload-idle"]) == 0
+    e2e = json.loads(out.read_text())["stages"][-1]["extra"]
+    assert e2e["one_expert_resident"] is True
+    for side in e2e["sides"]:
+        moved = {m.split("->")[0] for m in side["expert_moves"]}
+        assert moved == {"transformer", "transformer_2"}, side

@@ -22,7 +22,7 @@ from ..fp8.fastpath import set_model_fast_path
 from ..fp8.fusion import fuse_fp8_projections
 from ..fp8.linear import FastPathConfig, count_fp8_calls, fp8_modules
 from ..fp8.quantize import StaticFP8Config, fp8_candidates, quantize_, record_input_amax
-from ..offload import release_memory
+from ..offload import one_expert_resident, release_memory
 from .measure import Timer, compile_model, gb, model_bytes, schedule, set_attention_backend, stats, uncompile
 from .report import finish, report_head
 from .settings import BenchSettings, attention_mode_of
@@ -99,6 +99,24 @@ class _PipelineRun:
         return steps, counts, phases
 
     def measure(self, name: str, precision: str) -> dict[str, Any]:
+        """One side: every call of it (counted, warm-up, timed), with one expert resident if asked; the peak is
+        reset after the experts are placed, so it is the generations' own."""
+        with self.residency() as moves:
+            out = self._measure(name, precision)
+        if moves is not None:
+            out["expert_moves"] = list(moves)  # the transfers its calls made, and the return to where they were
+        return out
+
+    @contextlib.contextmanager
+    def residency(self):
+        """`one_expert_resident` over the components when asked (yields its list of moves), else nothing (None)."""
+        if not self.s.one_expert_resident:
+            yield None
+            return
+        with one_expert_resident(dict(zip(self.names, self.components())), self.device) as moves:
+            yield moves
+
+    def _measure(self, name: str, precision: str) -> dict[str, Any]:
         s, device = self.s, self.device
         out: dict[str, Any] = {"name": name, "precision": precision, "headline": precision == "fp8",
                                "levers": {"fast": bool(s.fast and precision == "fp8"),
@@ -165,7 +183,8 @@ class _PipelineRun:
         with contextlib.ExitStack() as stack:
             for n, m in zip(self.names, self.components()):
                 amax[n] = stack.enter_context(record_input_amax(m, fp8_candidates(m, self.family)))
-            self.call(untimed=True)
+            with self.residency():
+                self.call(untimed=True)
         report["quantized_linears"] = sum(len(quantize_(getattr(self.pipe, n), StaticFP8Config(amax[n])))
                                           for n in self.names)
         report["fp8_source"] = "in-process quantisation (one calibration call of the pipeline)"

@@ -48,6 +48,9 @@ class BenchSettings:
     fp8_attention_threshold: int | None = None  # "auto"'s key count; None: attention_mode.MIN_KV_TOKENS
     # other FP8 libraries timed on the same layers, each from a fresh BF16 build after our sides (bench/peers.py)
     peers: tuple[str, ...] = ()
+    # pipeline mode, two-expert families (Wan2.2 A14B): only the running expert on the GPU, the other on the CPU, on
+    # both sides (offload.one_expert_resident): what an 80 GB card needs for BF16; the transfers are in the times
+    one_expert_resident: bool = False
     device: str | None = None
     seed: int = 0
     batch: int = 1
@@ -106,6 +109,9 @@ def resolve_settings(s: BenchSettings) -> tuple[Family, BenchSettings]:
     for key in ("height", "width"):
         if getattr(s, key) % multiple:
             raise Fp8CookbookError(f"--{key} must be a multiple of {multiple} for {family.title}, got {getattr(s, key)}")
+    if s.one_expert_resident and (s.synthetic is not None or len(family.experts) < 2):
+        raise Fp8CookbookError(f"--one-expert-resident is for a pipeline (--model-path) with two experts (Wan2.2 "
+                               f"A14B); {family.title} {'has one transformer' if len(family.experts) < 2 else 'is synthetic here'}")
     if s.warmup_steps is not None:
         if s.synthetic is not None:
             raise Fp8CookbookError("--warmup-steps is for a pipeline (--model-path); a synthetic warm-up is one loop")
