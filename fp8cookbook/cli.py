@@ -217,7 +217,8 @@ def _bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(
         family=args.family, synthetic=args.synthetic, model_path=args.model_path, fp8_path=args.fp8,
         height=args.height, width=args.width, num_frames=args.frames, steps=args.steps, runs=args.runs,
-        warmup=args.warmup, warmup_steps=args.warmup_steps, text_len=args.text_len, compile=args.compile, cuda_graphs=args.cuda_graphs,
+        warmup=args.warmup, warmup_steps=args.warmup_steps, text_len=args.text_len, compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
         fast=False if args.plain else None, levers=args.levers, include_fallback=args.include_fallback,
         attention_backend=args.attention_backend, fp8_attention=args.fp8_attention, device=args.device,
         peers=tuple(args.peer.split(",")) if args.peer else (), one_expert_resident=args.one_expert_resident)

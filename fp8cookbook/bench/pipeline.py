@@ -187,7 +187,8 @@ class _PipelineRun:
                 self.call(untimed=True)
         report["quantized_linears"] = sum(len(quantize_(getattr(self.pipe, n), StaticFP8Config(amax[n])))
                                           for n in self.names)
-        report["fp8_source"] = "in-process quantisation (one calibration call of the pipeline)"
+        steps = self.s.warmup_steps or self.s.steps
+        report["fp8_source"] = f"in-process quantisation (one calibration call of the pipeline, {steps} steps)"
 
 
 def run_pipeline(family: Family, s: BenchSettings, log: Callable[[str], None] = lambda m: None, *,

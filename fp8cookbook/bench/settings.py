@@ -110,8 +110,9 @@ def resolve_settings(s: BenchSettings) -> tuple[Family, BenchSettings]:
         if getattr(s, key) % multiple:
             raise Fp8CookbookError(f"--{key} must be a multiple of {multiple} for {family.title}, got {getattr(s, key)}")
     if s.one_expert_resident and (s.synthetic is not None or len(family.experts) < 2):
-        raise Fp8CookbookError(f"--one-expert-resident is for a pipeline (--model-path) with two experts (Wan2.2 "
-                               f"A14B); {family.title} {'has one transformer' if len(family.experts) < 2 else 'is synthetic here'}")
+        why = "has one transformer" if len(family.experts) < 2 else "is synthetic here"
+        raise Fp8CookbookError(f"--one-expert-resident is for a pipeline (--model-path) with two experts "
+                               f"(Wan2.2 A14B); {family.title} {why}")
     if s.warmup_steps is not None:
         if s.synthetic is not None:
             raise Fp8CookbookError("--warmup-steps is for a pipeline (--model-path); a synthetic warm-up is one loop")
