@@ -143,3 +143,22 @@ def test_one_expert_resident_on_the_gpu_changes_no_result():
         [s["latents"]["cosine"] for s in resident.steps], abs=1e-6)
     assert offloaded.steps[-1]["latents"]["cosine"] < 1.0  # the perturbed expert ran
     assert module_device(pipe.transformer).type == "cuda" and module_device(pipe.transformer_2).type == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pipeline_bench_one_expert_resident_on_the_gpu(tmp_path, monkeypatch):
+    """`bench --model-path --one-expert-resident` on a real GPU: each side's generations move the experts between
+    the GPU and the CPU (the pipeline's execution device stays the GPU) and both experts' FP8 layers run."""
+    from fp8cookbook.bench import BenchSettings, run_bench
+    from fp8cookbook.pipelines import tiny_pipeline_dir
+
+    monkeypatch.setenv("FP8COOKBOOK_CACHE", str(tmp_path / "cache"))
+    report = run_bench(BenchSettings(family="wan22-a14b", model_path=str(tiny_pipeline_dir("wan22-a14b")),
+                                     device="cuda", runs=1, warmup=1, warmup_steps=2, steps=4, height=64, width=64,
+                                     num_frames=5, text_len=8, one_expert_resident=True))
+    for side in report["sides"]:
+        moves = side["expert_moves"]
+        assert any(m.endswith("cuda:0") for m in moves) and any(m.endswith("->cpu") for m in moves), moves
+    fp8 = report["sides"][1]
+    assert fp8["fp8_layers_ran"] == fp8["fp8_layers"] > 0
