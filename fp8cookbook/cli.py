@@ -212,7 +212,7 @@ _EXTRA_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = []
 # ------------------------------------------------------------------------------------------------- bench
 @_command("bench")
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import BenchSettings, log_stderr, run_bench, summary_lines
+    from .bench import BenchSettings, fold_side_peaks, log_stderr, run_bench, summary_lines
 
     settings = BenchSettings(
         family=args.family, synthetic=args.synthetic, model_path=args.model_path, fp8_path=args.fp8,
@@ -224,8 +224,9 @@ def _bench(args: argparse.Namespace) -> int:
         peers=tuple(args.peer.split(",")) if args.peer else (), one_expert_resident=args.one_expert_resident)
     from .stages import StageLog
 
-    with StageLog().stage("bench", hint="time fewer --steps, or a smaller --height/--width (--frames)"):
+    with StageLog().stage("bench", hint="time fewer --steps, or a smaller --height/--width (--frames)") as stage:
         report = run_bench(settings, output=args.output, log=log_stderr if args.verbose else (lambda m: None))
+        fold_side_peaks(stage, report)
     print("\n".join(summary_lines(report)))
     if args.output:
         print(f"wrote {args.output}")

@@ -387,8 +387,9 @@ def bench(run: NotebookRun) -> None:
                                        compile=run.params["compile"], fp8_attention=run.params["fp8_attention"],
                                        device=run.device)
     path = run.output_dir / "bench.json"
-    with run.stages.stage("bench", hint="fewer -p steps, or -p run_bench false; " + _SIZE_HINT):
+    with run.stages.stage("bench", hint="fewer -p steps, or -p run_bench false; " + _SIZE_HINT) as stage:
         report = benchmark.run_bench(settings, output=path)
+        benchmark.fold_side_peaks(stage, report)
     run.report.bench(report, path)
     print("\n".join(benchmark.summary_lines(report)))
     print(f"CLI twin: fp8cookbook bench --family {run.family.name} --model-path {run.base} "

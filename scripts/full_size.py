@@ -133,14 +133,6 @@ def disk_estimate(family_name: str, size: str, layers: int | None, stages: list[
     return base, work
 
 
-def fold_side_peaks(record, report: dict) -> None:
-    """The benchmark resets CUDA's peak counter for each side it times, so the stage would see only the last side's
-    peak: carry the highest side's into the stage record (allocated only; a side reports no reserved peak)."""
-    peaks = [s["peak_memory_gb"] for s in report.get("sides", []) if s.get("peak_memory_gb")]
-    if peaks:
-        record.peak_gpu_mb = max(record.peak_gpu_mb or 0.0, max(peaks) * 1024)  # the bench's "GB" are GiB
-
-
 @torch.no_grad()
 def save_base(model: torch.nn.Module, folder: Path) -> None:
     """The transformer as a download holds it (`save_pretrained`, its dtypes as loaded), and the model told so: its
@@ -337,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             # without FP8 checkpoints (no quantize, no --fp8) the benchmark quantises in process: our FP8 layers
             # with static scales from one calibration generation, no disk; FP8 attention then stays off (no Q/K/V
             # scales), which the record says
-            from fp8cookbook.bench import BenchSettings, run_bench, summary_lines
+            from fp8cookbook.bench import BenchSettings, fold_side_peaks, run_bench, summary_lines
 
             with log.stage("e2e", hint="fewer --e2e-steps, or pass --text-encoder-device cpu",
                            text_encoder_device=te_device) as r:
@@ -371,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         release_memory()
 
         if "bench" in args.stages:
-            from fp8cookbook.bench import BenchSettings, run_bench, summary_lines
+            from fp8cookbook.bench import BenchSettings, fold_side_peaks, run_bench, summary_lines
 
             synthetic = "full" if args.size == "full" else "tiny"
             with log.stage("bench", hint="fewer --bench-steps, or a smaller --height/--width") as r:

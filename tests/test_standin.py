@@ -290,24 +290,6 @@ def test_full_size_script_e2e_without_checkpoints_quantises_in_process(tmp_path,
     assert not any(work.rglob("*.safetensors"))  # nothing written
 
 
-def test_full_size_stage_peak_is_the_highest_side():
-    """The benchmark resets CUDA's peak per side; the e2e stage's peak must be BF16's (the larger), not the last
-    side's (seen on the H200: the e2e stage reported FP8's 39.7 GiB while BF16 peaked at 43.3)."""
-    import importlib.util
-
-    from fp8cookbook.stages import StageRecord
-
-    spec = importlib.util.spec_from_file_location("full_size", Path(__file__).parents[1] / "scripts" / "full_size.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    record = StageRecord("e2e", peak_gpu_mb=40.0 * 1024)  # what the stage saw: the last (FP8) side
-    script.fold_side_peaks(record, {"sides": [{"name": "bf16", "peak_memory_gb": 43.3},
-                                              {"name": "fp8", "peak_memory_gb": 39.7}]})
-    assert record.peak_gpu_mb == pytest.approx(43.3 * 1024)
-    script.fold_side_peaks(record, {"sides": [{"name": "bf16", "peak_memory_gb": None}]})  # CPU: nothing to fold
-    assert record.peak_gpu_mb == pytest.approx(43.3 * 1024)
-
-
 def test_full_size_script_e2e_one_expert_resident(tmp_path, one_thread):
     """A14B with --offload-idle: the e2e stage keeps one expert on the device at a time on both sides (what an 80 GB
     card needs for the BF16 baseline), and each side records the moves its generations made."""

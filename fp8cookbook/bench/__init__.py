@@ -34,13 +34,13 @@ import torch
 from ..checkpoint import write_json_atomic
 from .measure import Step, environment, schedule, set_attention_backend
 from .pipeline import run_pipeline
-from .report import summary_lines
+from .report import fold_side_peaks, summary_lines
 from .settings import SCHEMA, BenchSettings, Side, plan_sides, resolve_settings
 from .synthetic import SyntheticRun, run_synthetic
 
 __all__ = ["SCHEMA", "BenchSettings", "Side", "Step", "plan_sides", "resolve_settings", "schedule", "environment",
            "set_attention_backend", "run_synthetic", "run_pipeline", "SyntheticRun", "summary_lines", "run_bench",
-           "log_stderr"]
+           "log_stderr", "fold_side_peaks"]
 
 
 def run_bench(settings: BenchSettings, *, output: str | Path | None = None,

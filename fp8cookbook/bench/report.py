@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..families import Family
 from .measure import Step, environment
 from .settings import SCHEMA, BenchSettings
+
+if TYPE_CHECKING:
+    from ..stages import StageRecord
 
 
 def report_head(family: Family, s: BenchSettings, device: torch.device, steps: list[Step], cfg: int) -> dict:
@@ -125,3 +128,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                      f"({p['bf16_ms_per_step']:.1f} ms/step); ours ({p['ours']}, {p['ours_ms_per_step']:.1f} ms/step) "
                      f"runs at {p['ours_speedup_vs_peer']:.3f}x its speed, on {where}")
     return lines
+
+
+def fold_side_peaks(record: "StageRecord", report: dict[str, Any]) -> None:
+    """Carry the highest side's GPU peak into the stage that ran the benchmark.
+
+    The benchmark resets CUDA's peak counter for each side it times, so a stage around it would otherwise see only
+    the last side's peak (FP8's, the smaller). Allocated only: a side reports no reserved peak."""
+    peaks = [s["peak_memory_gb"] for s in report.get("sides", []) if s.get("peak_memory_gb")]
+    if peaks:
+        record.peak_gpu_mb = max(record.peak_gpu_mb or 0.0, max(peaks) * 1024)  # the sides' "GB" are GiB
