@@ -201,13 +201,19 @@ def test_unknown_size_and_family():
         standin.recipe("sdxl")
 
 
-def test_full_size_script_runs_every_stage_at_reduced_size(tmp_path, capsys, one_thread):
-    """scripts/full_size.py (the lead's GPU script) end to end on the CPU, so a GPU run does not find its bugs."""
+def _full_size_script():
+    """scripts/full_size.py as a module (it is a script, not part of the package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("full_size", Path(__file__).parents[1] / "scripts" / "full_size.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_full_size_script_runs_every_stage_at_reduced_size(tmp_path, capsys, one_thread):
+    """scripts/full_size.py (the lead's GPU script) end to end on the CPU, so a GPU run does not find its bugs."""
+    script = _full_size_script()
     out, work = tmp_path / "stages.json", tmp_path / "work"
     assert script.main(["--family", "wan22", "--size", "reduced", "--device", "cpu", "--out", str(out),
                         "--work", str(work), "--stages", "build,quantize,convert,load,compare,e2e"]) == 0
@@ -238,11 +244,7 @@ def test_full_size_script_runs_every_stage_at_reduced_size(tmp_path, capsys, one
 def test_full_size_script_base_elsewhere_and_export_dropped(tmp_path, one_thread):
     """--base-dir takes the BF16 base to another folder (a tmpfs on the GPU machine), removed once served;
     --drop-export leaves one FP8 checkpoint per expert and no export; the two refuse the convert stage together."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("full_size", Path(__file__).parents[1] / "scripts" / "full_size.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _full_size_script()
     out, work, base = tmp_path / "stages.json", tmp_path / "work", tmp_path / "elsewhere" / "base"
     with pytest.raises(SystemExit):
         script.parse_args(["--family", "flux1", "--out", str(out), "--drop-export", "--stages", "build,quantize,convert"])
@@ -273,11 +275,7 @@ def test_full_size_script_base_elsewhere_and_export_dropped(tmp_path, one_thread
 def test_full_size_script_e2e_without_checkpoints_quantises_in_process(tmp_path, one_thread):
     """build,e2e alone: no export or checkpoint on disk (FLUX.2 at full depth does not fit one), the FP8 side made
     in process from one short calibration generation, the warm-up shortened, and the record says both."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("full_size", Path(__file__).parents[1] / "scripts" / "full_size.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _full_size_script()
     out, work = tmp_path / "stages.json", tmp_path / "work"
     assert script.main(["--family", "flux1", "--size", "reduced", "--device", "cpu", "--out", str(out),
                         "--work", str(work), "--keep", "--stages", "build,e2e", "--e2e-warmup-steps", "1"]) == 0
@@ -293,11 +291,7 @@ def test_full_size_script_e2e_without_checkpoints_quantises_in_process(tmp_path,
 def test_full_size_script_e2e_one_expert_resident(tmp_path, one_thread):
     """A14B with --offload-idle: the e2e stage keeps one expert on the device at a time on both sides (what an 80 GB
     card needs for the BF16 baseline), and each side records the moves its generations made."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("full_size", Path(__file__).parents[1] / "scripts" / "full_size.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _full_size_script()
     out = tmp_path / "stages.json"
     assert script.main(["--family", "wan22", "--size", "reduced", "--device", "cpu", "--out", str(out),
                         "--work", str(tmp_path / "work"), "--stages", "build,e2e", "--offload-idle"]) == 0
